@@ -1,0 +1,1 @@
+"""Wire format edgeweave.v1 (the runtime issue)."""

@@ -1,0 +1,86 @@
+"""Calibration: text in, token windows out, and per-group activation statistics from hooks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import CalibConfig
+
+__all__ = ["read_text", "default_calibration_path", "calibration_windows", "ActStats"]
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def default_calibration_path() -> Path:
+    """The C4 sample beside the checkout (../shared/data/c4), the METHODS.md calibration set."""
+    return SHARED_DATA / "c4" / "validation_2k.jsonl"
+
+
+def read_text(path: str | Path, max_chars: int | None = None) -> str:
+    """Plain text, or JSONL with a "text" field per line (documents joined with blank lines)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file not found: {p}")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {p} as UTF-8 text: {e}") from e
+    if p.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' field") from e
+        raw = "\n\n".join(docs)
+    if not raw.strip():
+        raise ValueError(f"{p} contains no text")
+    return raw[:max_chars] if max_chars else raw
+
+
+def calibration_windows(tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    """Random windows of cfg.seq_len tokens from the calibration text -> LongTensor [N, L]."""
+    path = cfg.path or default_calibration_path()
+    # ~4 characters per token; read a margin more than needed, not the whole corpus.
+    text = read_text(path, max_chars=cfg.samples * cfg.seq_len * 12)
+    ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+    if ids.numel() < cfg.seq_len + 1:
+        raise ValueError(f"{path} has {ids.numel()} tokens, fewer than one {cfg.seq_len}-token window")
+    g = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, ids.numel() - cfg.seq_len, (cfg.samples,), generator=g)
+    return torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])  # [N, L]
+
+
+@dataclass
+class ActStats:
+    """Running statistics of one activation [*, K]: channel max |x|, X^T X, and a token sample."""
+
+    absmax: torch.Tensor | None = None  # [K]
+    xtx: torch.Tensor | None = None  # [K, K] float64
+    tokens: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)
+    keep_per_batch: int = 256
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, K]
+        amax = x.abs().amax(dim=0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        xd = x.double()
+        self.xtx = xd.t() @ xd if self.xtx is None else self.xtx + xd.t() @ xd
+        self.tokens += x.shape[0]
+        idx = torch.randperm(x.shape[0])[: self.keep_per_batch]
+        self.sample.append(x[idx])
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / T  [K, K]."""
+        assert self.xtx is not None, "no activations were recorded"
+        return 2.0 * self.xtx / max(self.tokens, 1)
+
+    def samples(self, limit: int) -> torch.Tensor:
+        x = torch.cat(self.sample)  # [S, K]
+        return x[:limit]

@@ -1,0 +1,163 @@
+"""Quantized checkpoints: safetensors tensors + a JSON manifest with checksums.
+
+Layout of a checkpoint directory:
+  edgeweave.json          manifest (format version, model config, method config, modules,
+                          per-tensor shape/dtype/scheme, sha256 + size of every other file)
+  model.safetensors       int8 weights, scales, static activation scales, float norms/router
+  tokenizer/...           the tokenizer, so the directory is self-contained
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .config import QuantConfig
+from .pipeline import QuantReport, set_module
+from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
+
+__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_manifest", "CheckpointError",
+           "MANIFEST", "FORMAT_VERSION"]
+
+MANIFEST = "edgeweave.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "edgeweave-quantized"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or does not match its manifest (the message names it)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _module_entry(mod) -> dict | None:
+    if isinstance(mod, QuantLinear):
+        return {"kind": "linear", "act_scheme": mod.act_scheme, "in": mod.in_features,
+                "out": mod.out_features, "bias": mod.bias is not None}
+    if isinstance(mod, QuantExperts):
+        e, two_i, d = mod.gate_up_qweight.shape
+        return {"kind": "experts", "act_scheme": mod.act_scheme, "experts": e, "hidden": d, "inter": two_i // 2}
+    if isinstance(mod, QuantEmbedding):
+        q, _ = mod._rows()
+        return {"kind": "embedding", "vocab": q.shape[0], "hidden": q.shape[1],
+                "padding_idx": mod.padding_idx, "tied_to": "lm_head" if mod._tied else None}
+    return None
+
+
+def _tensor_scheme(name: str) -> str:
+    if name.endswith("qweight"):
+        return "int8 symmetric per output channel"
+    if name.endswith("w_scale") or name.endswith("_scale") and "input" not in name:
+        return "float32 weight scale per output channel"
+    if "input_scale" in name:
+        return "float32 static per-tensor activation scale"
+    return "float32"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def save_checkpoint(model, tokenizer, cfg: QuantConfig, report: QuantReport, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    modules = {n: e for n, m in model.named_modules() if (e := _module_entry(m)) is not None}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(out / WEIGHTS)  # never leave a half-written weights file under the real name
+    tokenizer.save_pretrained(out / "tokenizer")
+    files = {str(p.relative_to(out)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "model_config": model.config.to_dict(),
+        "method": cfg.to_dict(),
+        "modules": modules,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                        "scheme": _tensor_scheme(k)} for k, v in state.items()},
+        "files": files,
+        "choices": report.choices,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{p}: not an edgeweave checkpoint (no manifest)") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: manifest is unreadable: {e}") from e
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
+                              f"is not {FORMAT} v{FORMAT_VERSION}; re-run edgeweave quantize")
+    return manifest
+
+
+def verify_files(path: str | Path, manifest: dict) -> None:
+    """Every file listed must exist with its recorded size and sha256."""
+    root = Path(path)
+    for name, meta in manifest["files"].items():
+        f = root / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: checksum mismatch (corrupt or modified); re-run edgeweave quantize")
+
+
+def _build_module(entry: dict, skeleton, model):
+    kind = entry["kind"]
+    if kind == "linear":
+        return QuantLinear(entry["in"], entry["out"], entry["bias"], entry["act_scheme"])
+    if kind == "experts":
+        return QuantExperts(entry["experts"], entry["hidden"], entry["inter"], skeleton.act_fn, entry["act_scheme"])
+    tied = model.get_submodule(entry["tied_to"]) if entry["tied_to"] else None
+    return QuantEmbedding(entry["vocab"], entry["hidden"], entry["padding_idx"], tied)
+
+
+def load_checkpoint(path: str | Path, verify: bool = True):
+    """-> (quantized model, tokenizer, manifest). No calibration is re-run."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(path)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    cfg_dict = dict(manifest["model_config"])
+    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Embeddings last: a tied embedding points at the already-swapped lm_head.
+    entries = sorted(manifest["modules"].items(), key=lambda kv: kv[1]["kind"] == "embedding")
+    for name, entry in entries:
+        set_module(model, name, _build_module(entry, model.get_submodule(name), model))
+    try:
+        state = load_file(str(root / WEIGHTS))
+    except (SafetensorsError, OSError) as e:
+        raise CheckpointError(f"{root / WEIGHTS}: cannot read tensors: {e}") from e
+    for name, meta in manifest["tensors"].items():
+        t = state.get(name)
+        if t is None or list(t.shape) != meta["shape"] or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
+            raise CheckpointError(f"{root / WEIGHTS}: tensor {name} does not match the manifest")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(f"{root / WEIGHTS}: does not fit {manifest['model_type']}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    return model, tokenizer, manifest

@@ -1,0 +1,70 @@
+"""Quantization configs: one frozen dataclass per method, serialized into every manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+__all__ = ["ActScheme", "CalibConfig", "QuantConfig", "METHODS"]
+
+ActScheme = Literal["token", "tensor"]
+METHODS = ("rtn", "haq")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Which text calibrates, and how much of it."""
+
+    path: str | None = None  # None: the C4 sample in ../shared/data when present
+    samples: int = 64  # sequences
+    seq_len: int = 512  # tokens per sequence
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized. `method` picks the algorithm; the rest are its knobs.
+
+    rtn: round-to-nearest int8 weights per output channel, no smoothing.
+    haq: smoothing with a per-layer migration strength chosen on calibration data, then
+         GPTQ-style Hessian-aware rounding (METHODS.md section 1).
+    """
+
+    method: str = "haq"
+    w_bits: int = 8
+    a_bits: int = 8
+    act_scheme: ActScheme = "token"
+    # HAQ smoothing: migration strengths tried per smoothing group (METHODS.md: grid in [0.3, 0.95]).
+    alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    # Static (per-tensor) activation scales: fractions of the calibration max tried as clip points.
+    clip_grid: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+    gptq_block: int = 128
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
+    quantize_lm_head: bool = True
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.w_bits != 8 or self.a_bits != 8:
+            raise ValueError(
+                f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --w-bits 8 --a-bits 8"
+            )
+        if self.act_scheme not in ("token", "tensor"):
+            raise ValueError(f"act scheme must be 'token' or 'tensor', got {self.act_scheme!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        d = dict(d)
+        calib = CalibConfig(**d.pop("calib", {}))
+        for key in ("alpha_grid", "clip_grid"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(calib=calib, **d)

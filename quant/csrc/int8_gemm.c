@@ -1,0 +1,184 @@
+/* edgeweave integer kernels: int8 x int8 -> int32, one float rescale.
+ *
+ * Why our own kernel: on AVX2 machines without VNNI, torch._int_mm on CPU is a reference loop,
+ * and the u8*s8 vpmaddubsw path of oneDNN/fbgemm saturates its int16 pair sums for full-range
+ * int8 inputs (wrong answers, not just slow ones). Here both operands are sign-extended to int16
+ * and multiplied with vpmaddwd, whose int32 pair sums cannot overflow (2 * 127 * 127 < 2^31), so
+ * the int32 accumulator equals the exact integer dot product for K < 2^31 / 16129 (~133k).
+ *
+ * Layouts (row-major, contiguous along K):
+ *   A  [M, K] int8   activations
+ *   B  [N, K] int8   weights, one row per output channel (nn.Linear layout)
+ *   C  [M, N] int32  or Y [M, N] float32 after rescale
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define EW_X86 1
+#endif
+
+#define NB 16 /* weight rows per parallel task */
+
+/* Portable reference micro-kernel: one activation row against rows [n0, n1) of B. */
+static void dot_rows_scalar(const int8_t* a, const int8_t* B, int64_t ldb, int64_t K,
+                            int64_t n0, int64_t n1, int32_t* c) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* b = B + n * ldb;
+    int32_t acc = 0;
+    for (int64_t k = 0; k < K; ++k) acc += (int32_t)a[k] * (int32_t)b[k];
+    c[n] = acc;
+  }
+}
+
+#ifdef EW_X86
+__attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((target("avx2"))) static inline __m256i load16_s8_as_s16(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
+}
+
+/* 2 activation rows x 4 weight rows, K a multiple of 16: 8 int32x8 accumulators. */
+__attribute__((target("avx2"))) static void tile_2x4(const int8_t* a0, const int8_t* a1,
+                                                     const int8_t* b, int64_t ldb, int64_t K,
+                                                     int32_t* c0, int32_t* c1) {
+  __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s03 = s00;
+  __m256i s10 = s00, s11 = s00, s12 = s00, s13 = s00;
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256i x0 = load16_s8_as_s16(a0 + k), x1 = load16_s8_as_s16(a1 + k);
+    __m256i w0 = load16_s8_as_s16(b + k), w1 = load16_s8_as_s16(b + ldb + k);
+    __m256i w2 = load16_s8_as_s16(b + 2 * ldb + k), w3 = load16_s8_as_s16(b + 3 * ldb + k);
+    s00 = _mm256_add_epi32(s00, _mm256_madd_epi16(x0, w0));
+    s01 = _mm256_add_epi32(s01, _mm256_madd_epi16(x0, w1));
+    s02 = _mm256_add_epi32(s02, _mm256_madd_epi16(x0, w2));
+    s03 = _mm256_add_epi32(s03, _mm256_madd_epi16(x0, w3));
+    s10 = _mm256_add_epi32(s10, _mm256_madd_epi16(x1, w0));
+    s11 = _mm256_add_epi32(s11, _mm256_madd_epi16(x1, w1));
+    s12 = _mm256_add_epi32(s12, _mm256_madd_epi16(x1, w2));
+    s13 = _mm256_add_epi32(s13, _mm256_madd_epi16(x1, w3));
+  }
+  c0[0] = hsum_epi32(s00); c0[1] = hsum_epi32(s01); c0[2] = hsum_epi32(s02); c0[3] = hsum_epi32(s03);
+  c1[0] = hsum_epi32(s10); c1[1] = hsum_epi32(s11); c1[2] = hsum_epi32(s12); c1[3] = hsum_epi32(s13);
+}
+
+/* 1 activation row x 4 weight rows (the decode case, M = 1). */
+__attribute__((target("avx2"))) static void tile_1x4(const int8_t* a0, const int8_t* b,
+                                                     int64_t ldb, int64_t K, int32_t* c0) {
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256i x0 = load16_s8_as_s16(a0 + k);
+    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(x0, load16_s8_as_s16(b + k)));
+    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(x0, load16_s8_as_s16(b + ldb + k)));
+    s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(x0, load16_s8_as_s16(b + 2 * ldb + k)));
+    s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(x0, load16_s8_as_s16(b + 3 * ldb + k)));
+  }
+  c0[0] = hsum_epi32(s0); c0[1] = hsum_epi32(s1); c0[2] = hsum_epi32(s2); c0[3] = hsum_epi32(s3);
+}
+
+/* Rows [m0, m1) of A against weight rows [n0, n1) of B. */
+__attribute__((target("avx2"))) static void block_avx2(const int8_t* A, int64_t lda,
+                                                       const int8_t* B, int64_t ldb, int32_t* C,
+                                                       int64_t ldc, int64_t K, int64_t m0,
+                                                       int64_t m1, int64_t n0, int64_t n1) {
+  int64_t n4 = n0 + ((n1 - n0) / 4) * 4;
+  int64_t m = m0;
+  for (; m + 1 < m1; m += 2) {
+    for (int64_t n = n0; n < n4; n += 4)
+      tile_2x4(A + m * lda, A + (m + 1) * lda, B + n * ldb, ldb, K, C + m * ldc + n,
+               C + (m + 1) * ldc + n);
+    dot_rows_scalar(A + m * lda, B, ldb, K, n4, n1, C + m * ldc);
+    dot_rows_scalar(A + (m + 1) * lda, B, ldb, K, n4, n1, C + (m + 1) * ldc);
+  }
+  for (; m < m1; ++m) {
+    for (int64_t n = n0; n < n4; n += 4) tile_1x4(A + m * lda, B + n * ldb, ldb, K, C + m * ldc + n);
+    dot_rows_scalar(A + m * lda, B, ldb, K, n4, n1, C + m * ldc);
+  }
+}
+#endif
+
+static int use_avx2(int64_t K) {
+#ifdef EW_X86
+  return (K % 16 == 0) && __builtin_cpu_supports("avx2");
+#else
+  (void)K;
+  return 0;
+#endif
+}
+
+/* C[M, N] = A[M, K] . B[N, K]^T, exact int32. Parallel over blocks of NB weight rows, and over
+ * row blocks of A when M is large, so both cores stream disjoint weights at M = 1. */
+void ew_gemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, const int8_t* B,
+                     int32_t* C) {
+  const int64_t MB = 64; /* activation rows per task: keeps a weight block hot in L1/L2 */
+  int64_t nblocks = (N + NB - 1) / NB, mblocks = (M + MB - 1) / MB;
+  int avx2 = use_avx2(K);
+#pragma omp parallel for schedule(static) collapse(2) if (M * N * K > 65536)
+  for (int64_t mb = 0; mb < mblocks; ++mb) {
+    for (int64_t nb = 0; nb < nblocks; ++nb) {
+      int64_t m0 = mb * MB, m1 = m0 + MB < M ? m0 + MB : M;
+      int64_t n0 = nb * NB, n1 = n0 + NB < N ? n0 + NB : N;
+#ifdef EW_X86
+      if (avx2) {
+        block_avx2(A, K, B, K, C, N, K, m0, m1, n0, n1);
+        continue;
+      }
+#endif
+      for (int64_t m = m0; m < m1; ++m) dot_rows_scalar(A + m * K, B, K, K, n0, n1, C + m * N);
+    }
+  }
+  (void)avx2;
+}
+
+/* Symmetric int8 quantization of activations, row by row.
+ * static_scale > 0: one per-tensor scale (integer-only pipeline); otherwise a per-token scale
+ * absmax / 127 per row (written to scales[m]). q = clamp(round_half_even(x / s), -127, 127):
+ * the same float ops, in the same order, as quant.kernels.quantize_activations_reference. */
+void ew_quantize_rows(int64_t M, int64_t K, const float* X, float static_scale, int8_t* Q,
+                      float* scales) {
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * K;
+    float s = static_scale;
+    if (!(s > 0.0f)) {
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(x[k]));
+      s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    }
+    scales[m] = s;
+    int8_t* q = Q + m * K;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = nearbyintf(x[k] / s);
+      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+      q[k] = (int8_t)v;
+    }
+  }
+}
+
+/* Y[M, N] = float(C[M, N]) * (sx[m] * sw[n]) (+ bias[n]): the single float rescale. */
+void ew_rescale(int64_t M, int64_t N, const int32_t* C, const float* sx, const float* sw,
+                const float* bias, float* Y) {
+#pragma omp parallel for schedule(static) if (M * N > 65536)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      float y = (float)C[m * N + n] * (sx[m] * sw[n]);
+      Y[m * N + n] = bias ? y + bias[n] : y;
+    }
+  }
+}
+
+/* The whole quantized linear in one call (fewer Python round trips on the decode path):
+ * quantize X, integer GEMM, rescale. Scratch: Q [M, K] int8, C [M, N] int32, sx [M] float. */
+void ew_linear_w8a8(int64_t M, int64_t N, int64_t K, const float* X, float static_scale,
+                    const int8_t* W, const float* sw, const float* bias, int8_t* Q, int32_t* C,
+                    float* sx, float* Y) {
+  ew_quantize_rows(M, K, X, static_scale, Q, sx);
+  ew_gemm_s8s8s32(M, N, K, Q, W, C);
+  ew_rescale(M, N, C, sx, sw, bias, Y);
+}

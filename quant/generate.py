@@ -1,0 +1,71 @@
+"""Token-by-token generation with a KV cache, yielding text pieces as they are decoded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingConfig", "generate_tokens", "stream_text"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> int:
+    """logits [V] -> next token id."""
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids: list[int], cfg: SamplingConfig, eos_ids: set[int]) -> Iterator[int]:
+    """Yields new token ids: one prefill of the prompt, then one decode step per token."""
+    from transformers import DynamicCache
+
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    cache = DynamicCache()
+    x = torch.tensor([prompt_ids])  # [1, T]
+    for _ in range(cfg.max_new_tokens):
+        out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        tok = _pick(out.logits[0, -1], cfg, gen)
+        yield tok
+        if tok in eos_ids:
+            return
+        x = torch.tensor([[tok]])
+
+
+def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
+    """Yields decoded text pieces; decoding the whole suffix keeps multi-byte characters intact."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    new: list[int] = []
+    shown = ""
+    for tok in generate_tokens(model, ids, cfg, eos):
+        if tok in eos:
+            break
+        new.append(tok)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+            yield text[len(shown):]
+            shown = text

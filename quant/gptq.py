@@ -1,0 +1,66 @@
+"""GPTQ-style Hessian-aware rounding (HAQ step 2): pure math, no hooks.
+
+Quantizes W [N, K] column by column in blocks, spreading each column's rounding error over the
+columns not yet quantized, weighted by the inverse Hessian of the layer input
+(H = 2 X^T X / T). Rows are independent, so linears sharing an input (q, k, v) are quantized
+in one call on their concatenated rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gptq_quantize"]
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after damping; raises more damping until it is positive definite."""
+    k = h.shape[0]
+    eye = torch.eye(k, dtype=h.dtype)
+    mean_diag = torch.diag(h).mean().clamp(min=1e-8)
+    for attempt in range(6):
+        try:
+            lower = torch.linalg.cholesky(h + damp * (10 ** attempt) * mean_diag * eye)
+            hinv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise RuntimeError("Hessian is not positive definite even with 10^5 x damping; calibration data is degenerate")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int = 8,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale [N]), w ~ q * scale."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().double().clone()  # [N, K]
+    h = h.detach().double().clone()  # [K, K]
+    n, k = w.shape
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
+    dead = torch.diag(h) == 0  # channels never active in calibration
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
+    q = torch.zeros_like(w)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()  # [N, B]
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qcol = torch.clamp(torch.round(col / scale), -qmax, qmax)  # [N]
+            q[:, i1 + i] = qcol
+            e = (col - qcol * scale) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return q[:, inv].to(torch.int8).contiguous(), scale.float()

@@ -1,0 +1,143 @@
+"""Integer kernels: int8 x int8 -> int32 with one float rescale, and their float references.
+
+Contract for every kernel here: activations float32 [M, K] are quantized symmetrically to int8
+(per token, or with one static per-tensor scale), weights are int8 [N, K] with one float32 scale
+per output channel, the product accumulates in int32, and the only float work after it is
+`acc * (s_x[m] * s_w[n]) (+ bias[n])`.
+
+On CPU the products run in edgeweave's C kernel (quant/csrc/int8_gemm.c); on CUDA in
+torch._int_mm. Nothing here dequantizes weights to float for a float matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .native import load_kernels
+
+__all__ = [
+    "quantize_activations",
+    "quantize_activations_reference",
+    "int8_matmul",
+    "int8_matmul_reference",
+    "int8_linear",
+    "int8_linear_reference",
+    "quantize_weight_per_channel",
+]
+
+QMAX = 127  # symmetric int8: [-127, 127], so negation never overflows
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check_linear_args(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> None:
+    if w.dtype != torch.int8 or w.dim() != 2:
+        raise TypeError(f"weight must be int8 [N, K], got {w.dtype} {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"activation has {x.shape[-1]} channels, weight expects {w.shape[1]}")
+    if w_scale.shape != (w.shape[0],):
+        raise ValueError(f"weight scale must be [{w.shape[0]}], got {tuple(w_scale.shape)}")
+
+
+def quantize_weight_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric weights per output channel: w [N, K] -> (int8 [N, K], scale [N])."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]
+    q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return q, scale.float()
+
+
+def quantize_activations_reference(
+    x: torch.Tensor, static_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (int8 [M, K], scales [M]); per token unless a static scale is given."""
+    if static_scale is not None and static_scale > 0:
+        scales = torch.full((x.shape[0],), static_scale, dtype=torch.float32, device=x.device)
+    else:
+        amax = x.abs().amax(dim=1)  # [M]
+        scales = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.clamp(torch.round(x / scales[:, None]), -QMAX, QMAX).to(torch.int8)
+    return q, scales
+
+
+def quantize_activations(
+    x: torch.Tensor, static_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as the reference; the C kernel on CPU (bit-identical results)."""
+    if x.device.type != "cpu":
+        return quantize_activations_reference(x, static_scale)
+    x = x.contiguous().float()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8)
+    scales = torch.empty((m,), dtype=torch.float32)
+    load_kernels().ew_quantize_rows(m, k, x.data_ptr(), float(static_scale or 0.0), q.data_ptr(), scales.data_ptr())
+    return q, scales
+
+
+def int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a int8 [M, K], b int8 [N, K] -> exact int32 [M, N] via int64 arithmetic."""
+    return (a.long() @ b.long().t()).to(torch.int32)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a int8 [M, K] . b int8 [N, K]^T -> int32 [M, N], exact (int32 accumulation)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_matmul takes int8 operands, got {a.dtype} and {b.dtype}")
+    if a.device.type == "cuda":
+        return torch._int_mm(a, b.t())
+    a, b = a.contiguous(), b.contiguous()
+    m, k = a.shape
+    out = torch.empty((m, b.shape[0]), dtype=torch.int32)
+    load_kernels().ew_gemm_s8s8s32(m, b.shape[0], k, a.data_ptr(), b.data_ptr(), out.data_ptr())
+    return out
+
+
+def int8_linear_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    static_scale: float | None = None,
+) -> torch.Tensor:
+    """Float reference of int8_linear: same quantization, int64 product, same rescale."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # [M, K]
+    q, sx = quantize_activations_reference(x2, static_scale)
+    y = int8_matmul_reference(q, w).float() * (sx[:, None] * w_scale[None, :])  # [M, N]
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    static_scale: float | None = None,
+) -> torch.Tensor:
+    """Quantized linear: x float [..., K], w int8 [N, K], w_scale [N] -> float32 [..., N].
+
+    static_scale: the per-tensor activation scale from calibration, or None for per-token
+    dynamic scales.
+    """
+    _check_linear_args(x, w, w_scale)
+    if x.device.type == "cuda":
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        q, sx = quantize_activations_reference(x2, static_scale)
+        y = torch._int_mm(q, w.t()).float() * (sx[:, None] * w_scale[None, :])
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], w.shape[0])
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]
+    m, k = x2.shape
+    n = w.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8)
+    acc = torch.empty((m, n), dtype=torch.int32)
+    sx = torch.empty((m,), dtype=torch.float32)
+    y = torch.empty((m, n), dtype=torch.float32)
+    load_kernels().ew_linear_w8a8(
+        m, n, k, x2.data_ptr(), float(static_scale or 0.0), w.data_ptr(), w_scale.data_ptr(),
+        _ptr(bias), q.data_ptr(), acc.data_ptr(), sx.data_ptr(), y.data_ptr(),
+    )
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,217 @@
+"""quantize(model, config, calib_ids): prepare -> calibrate -> convert, one decoder layer at a time.
+
+Each layer sees the outputs of the already-quantized layers before it (as GPTQ does), so errors
+are corrected where they arise. Per layer: record each smoothing group's input statistics with
+forward pre-hooks, choose smoothing (HAQ) and static activation ranges, fold the smoothing into
+the producing norm or linear, round the weights (GPTQ for HAQ, RTN for the baseline) and swap in
+QuantLinear / QuantExperts modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, Group, arch_spec
+from .calibration import ActStats
+from .config import QuantConfig
+from .gptq import gptq_quantize
+from .kernels import QMAX, quantize_weight_per_channel
+from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
+from .smoothing import search_smoothing
+
+__all__ = ["quantize", "QuantReport", "set_module", "CALIB_BATCH"]
+
+CALIB_BATCH = 4  # calibration sequences per forward pass
+
+
+@dataclass
+class QuantReport:
+    """What the pipeline chose, per layer and group; stored in the manifest."""
+
+    choices: dict[str, dict] = field(default_factory=dict)  # "layers.3.qkv" -> {alpha, clip, error}
+
+
+class _Stop(Exception):
+    pass
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _capture_first_layer_inputs(model, layers, calib_ids) -> list[tuple[torch.Tensor, dict]]:
+    """Hidden states and keyword arguments entering decoder layer 0, one entry per batch."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calib_ids.split(CALIB_BATCH):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    out = []
+    for hidden, kwargs in batches:
+        y = layer(hidden, **kwargs)
+        out.append((y[0] if isinstance(y, tuple) else y, kwargs))
+    return out
+
+
+def _collect_stats(layer, groups, batches, keep_per_batch: int) -> dict[str, ActStats]:
+    stats = {g.name: ActStats(keep_per_batch=keep_per_batch) for g in groups}
+    handles = [
+        layer.get_submodule(g.input_of).register_forward_pre_hook(
+            lambda _m, args, st=stats[g.name]: st.add(args[0])
+        )
+        for g in groups
+    ]
+    try:
+        _run_layer(layer, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _group_weights(layer, g: Group) -> torch.Tensor:
+    """All weights reading the group's input, rows concatenated: [sum N, K]."""
+    if g.experts is not None:
+        gu = layer.get_submodule(g.experts).gate_up_proj.data  # [E, 2I, D]
+        return gu.reshape(-1, gu.shape[-1])
+    return torch.cat([layer.get_submodule(p).weight.data for p in g.linears])
+
+
+def _fold_smoothing(layer, g: Group, s: torch.Tensor) -> None:
+    """X -> X / s at the producer, W -> W * s at every reader: the float model is unchanged."""
+    prev = layer.get_submodule(g.prev)
+    if isinstance(prev, nn.Linear):  # v -> o, up -> down, fc1 -> fc2: divide producer rows
+        s_rows = s.view(-1, g.heads_per_kv, g.head_dim)[:, 0, :].reshape(-1) if g.heads_per_kv > 1 else s
+        prev.weight.data /= s_rows[:, None]
+        if prev.bias is not None:
+            prev.bias.data /= s_rows
+    else:  # RMSNorm / LayerNorm
+        prev.weight.data /= s
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data /= s
+    for p in g.linears + g.float_readers:
+        layer.get_submodule(p).weight.data *= s
+    if g.experts is not None:
+        layer.get_submodule(g.experts).gate_up_proj.data *= s
+
+
+def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, static: float | None) -> None:
+    w = _group_weights(layer, g)
+    if cfg.method == "haq" and h is not None:
+        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
+    else:
+        q, scale = quantize_weight_per_channel(w, cfg.w_bits)
+    start = 0
+    for p in g.linears:
+        lin = layer.get_submodule(p)
+        n = lin.out_features
+        bias = None if lin.bias is None else lin.bias.data
+        set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
+                                                        bias, cfg.act_scheme, static))
+        start += n
+
+
+def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static: float | None) -> None:
+    """Mixtral experts: per-expert RTN int8 (GPTQ needs per-expert Hessians; see docs)."""
+    bank = layer.get_submodule(g.experts)
+    router = layer.get_submodule(g.float_readers[0])
+    e, two_i, d = bank.gate_up_proj.shape
+    q = QuantExperts(e, d, two_i // 2, bank.act_fn, cfg.act_scheme)
+    _, _, top = router(x)  # [T, k] experts of the search tokens (smoothed router, same routing)
+    for k in range(e):
+        q.gate_up_qweight[k], q.gate_up_scale[k] = quantize_weight_per_channel(bank.gate_up_proj.data[k])
+        q.down_qweight[k], q.down_scale[k] = quantize_weight_per_channel(bank.down_proj.data[k])
+        if cfg.act_scheme == "tensor":
+            q.gate_up_input_scale[k] = static
+            xe = x[(top == k).any(dim=-1)]  # tokens routed to expert k
+            gate, up = (xe @ bank.gate_up_proj.data[k].t()).chunk(2, dim=-1)
+            hmax = (bank.act_fn(gate) * up).abs().max().item() if xe.numel() else 1.0
+            q.down_input_scale[k] = max(hmax, 1e-8) / QMAX
+    set_module(layer, g.experts, q)
+
+
+def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, report: QuantReport):
+    """Choose and fold smoothing (float model unchanged); returns (s [K], static act scale or None)."""
+    x = st.samples(cfg.search_tokens)  # [T, K]
+    per_token = cfg.act_scheme == "token"
+    smooth = cfg.method == "haq" and g.prev is not None
+    clips = cfg.clip_grid if cfg.method == "haq" else (1.0,)
+    choice = search_smoothing(x, st.absmax, _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
+                              g.heads_per_kv, g.head_dim, allow_smoothing=smooth)
+    if choice.alpha is not None:
+        _fold_smoothing(layer, g, choice.scales)
+    static = None if per_token else max(choice.clip * (st.absmax / choice.scales).max().item(), 1e-8) / QMAX
+    report.choices[tag] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
+    return choice.scales, static
+
+
+def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig) -> None:
+    if g.experts is not None:
+        _quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
+    else:
+        h = st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
+        _quantize_linears(layer, g, h, cfg, static)
+
+
+def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport) -> None:
+    """lm_head: RTN int8 (tied to the embedding, so no smoothing); the embedding reads its rows."""
+    head = model.get_output_embeddings()
+    st = ActStats(keep_per_batch=keep)
+    norm = model.get_submodule(spec.final_norm_path)
+    for hidden, _ in batches:
+        st.add(norm(hidden))
+    x = st.samples(cfg.search_tokens)
+    choice = search_smoothing(x, st.absmax, head.weight.data, (), cfg.clip_grid if cfg.method == "haq" else (1.0,),
+                              cfg.act_scheme == "token", allow_smoothing=False)
+    static = None if cfg.act_scheme == "token" else max(choice.clip * st.absmax.max().item(), 1e-8) / QMAX
+    report.choices["lm_head"] = {"alpha": None, "clip": choice.clip, "mse": choice.error}
+    q, scale = quantize_weight_per_channel(head.weight.data, cfg.w_bits)
+    tied = model.get_input_embeddings().weight is head.weight
+    qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static)
+    set_module(model, "lm_head", qhead)
+    emb = model.get_submodule(spec.embed_path)
+    qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, qhead if tied else None)
+    if not tied:
+        qemb.qweight, qemb.w_scale = quantize_weight_per_channel(emb.weight.data, 8)
+    set_module(model, spec.embed_path, qemb)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> QuantReport:
+    """Quantize a transformers CausalLM in place. calib_ids: LongTensor [N, L] calibration windows."""
+    spec = arch_spec(model)
+    model.eval()
+    layers = model.get_submodule(spec.layers_path)
+    batches = _capture_first_layer_inputs(model, layers, calib_ids)
+    keep = max(1, -(-cfg.search_tokens // len(batches)))  # ceil: search tokens spread over batches
+    report = QuantReport()
+    for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} W8A8-{cfg.act_scheme}", disable=not progress)):
+        stats = _collect_stats(layer, spec.groups, batches, keep)
+        # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
+        chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report) for g in spec.groups]
+        for g, (s, static) in zip(spec.groups, chosen):
+            _convert_group(layer, g, stats[g.name], s, static, cfg)
+        batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
+    if cfg.quantize_lm_head:
+        _lm_head_group(model, spec, batches, cfg, keep, report)
+    return report

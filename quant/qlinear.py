@@ -1,0 +1,113 @@
+"""Runtime modules that hold int8 weights and run the integer kernels.
+
+QuantLinear    replaces nn.Linear: int8 weight [N, K] + per-channel scale [N].
+QuantExperts   replaces a Mixtral expert bank: int8 gate_up [E, 2I, D], down [E, D, I] + scales.
+QuantEmbedding token embedding that reads int8 rows (shares lm_head's tensors when tied).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kernels import int8_linear
+
+__all__ = ["QuantLinear", "QuantExperts", "QuantEmbedding"]
+
+
+class QuantLinear(nn.Module):
+    """y = int8_linear(x): activations quantized per token, or with a static per-tensor scale."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # Static per-tensor activation scale ("tensor" scheme); unused for "token".
+        self.register_buffer("input_scale", torch.ones(()) if act_scheme == "tensor" else None)
+        self._static: float | None = None
+
+    @classmethod
+    def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None) -> "QuantLinear":
+        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme)
+        m.qweight, m.w_scale = qweight.contiguous(), w_scale.float().contiguous()
+        if bias is not None:
+            m.bias = bias.float().contiguous()
+        if act_scheme == "tensor":
+            m.input_scale = torch.as_tensor(float(input_scale))
+        return m
+
+    def static_scale(self) -> float | None:
+        if self.act_scheme != "tensor":
+            return None
+        if self._static is None:  # cached: .item() per call would cost a sync on GPU
+            self._static = float(self.input_scale)
+        return self._static
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_linear(x, self.qweight, self.w_scale, self.bias, self.static_scale())
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w8a8 act={self.act_scheme}"
+
+
+class QuantExperts(nn.Module):
+    """Mixtral expert bank, each expert a separately quantized unit (gpt-fast's [E, I, D] layout)."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn, act_scheme: str) -> None:
+        super().__init__()
+        self.num_experts, self.act_scheme, self.act_fn = num_experts, act_scheme, act_fn
+        self.register_buffer("gate_up_qweight", torch.zeros(num_experts, 2 * inter, hidden, dtype=torch.int8))
+        self.register_buffer("gate_up_scale", torch.ones(num_experts, 2 * inter))
+        self.register_buffer("down_qweight", torch.zeros(num_experts, hidden, inter, dtype=torch.int8))
+        self.register_buffer("down_scale", torch.ones(num_experts, hidden))
+        static = act_scheme == "tensor"
+        self.register_buffer("gate_up_input_scale", torch.ones(num_experts) if static else None)
+        self.register_buffer("down_input_scale", torch.ones(num_experts) if static else None)
+
+    def _static(self, name: str, e: int) -> float | None:
+        t = getattr(self, name)
+        return None if t is None else float(t[e])
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)  # [T, D]
+        for e in torch.unique(top_k_index).tolist():
+            tok, slot = torch.where(top_k_index == e)  # tokens routed to expert e
+            x = hidden[tok]  # [t, D]
+            gu = int8_linear(x, self.gate_up_qweight[e], self.gate_up_scale[e], None, self._static("gate_up_input_scale", e))
+            gate, up = gu.chunk(2, dim=-1)  # [t, I] each
+            h = self.act_fn(gate) * up
+            y = int8_linear(h, self.down_qweight[e], self.down_scale[e], None, self._static("down_input_scale", e))
+            out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
+        return out
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup from int8 rows with per-row scales (a gather, not a matmul).
+
+    When the model ties input and output embeddings, the rows are lm_head's own int8 weight,
+    so the checkpoint stores them once.
+    """
+
+    def __init__(self, vocab: int, hidden: int, padding_idx: int | None, tied_to: QuantLinear | None) -> None:
+        super().__init__()
+        self.padding_idx = padding_idx
+        self._tied = [tied_to] if tied_to is not None else None  # list: not a registered submodule
+        if tied_to is None:
+            self.register_buffer("qweight", torch.zeros(vocab, hidden, dtype=torch.int8))
+            self.register_buffer("w_scale", torch.ones(vocab))
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tied is not None:
+            return self._tied[0].qweight, self._tied[0].w_scale
+        return self.qweight, self.w_scale
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers asks for .weight.dtype/device
+        return self._rows()[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, s = self._rows()
+        return q[ids].float() * s[ids].unsqueeze(-1)  # [..., D]

@@ -1,0 +1,1 @@
+"""Workers: per-node gRPC workers running layer ranges (the runtime issue)."""
