@@ -70,8 +70,8 @@ class ActStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, K]
         amax = x.abs().amax(dim=0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        xd = x.double()
-        self.xtx = xd.t() @ xd if self.xtx is None else self.xtx + xd.t() @ xd
+        xtx = (x.t() @ x).double()  # float32 product per batch, float64 running sum
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.tokens += x.shape[0]
         idx = torch.randperm(x.shape[0])[: self.keep_per_batch]
         self.sample.append(x[idx])

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import QuantConfig
@@ -149,7 +149,7 @@ def load_checkpoint(path: str | Path, verify: bool = True):
         set_module(model, name, _build_module(entry, model.get_submodule(name), model))
     try:
         state = load_file(str(root / WEIGHTS))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{root / WEIGHTS}: cannot read tensors: {e}") from e
     for name, meta in manifest["tensors"].items():
         t = state.get(name)

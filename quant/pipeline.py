@@ -174,25 +174,42 @@ def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float
 
 
 def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport) -> None:
-    """lm_head: RTN int8 (tied to the embedding, so no smoothing); the embedding reads its rows."""
+    """lm_head as one more group: smoothing folded into the final norm, then GPTQ (HAQ) or RTN.
+
+    A tied embedding reads lm_head's int8 rows and undoes the smoothing with a [D] column scale.
+    """
     head = model.get_output_embeddings()
-    st = ActStats(keep_per_batch=keep)
     norm = model.get_submodule(spec.final_norm_path)
+    st = ActStats(keep_per_batch=keep)
     for hidden, _ in batches:
         st.add(norm(hidden))
-    x = st.samples(cfg.search_tokens)
-    choice = search_smoothing(x, st.absmax, head.weight.data, (), cfg.clip_grid if cfg.method == "haq" else (1.0,),
-                              cfg.act_scheme == "token", allow_smoothing=False)
-    static = None if cfg.act_scheme == "token" else max(choice.clip * st.absmax.max().item(), 1e-8) / QMAX
-    report.choices["lm_head"] = {"alpha": None, "clip": choice.clip, "mse": choice.error}
-    q, scale = quantize_weight_per_channel(head.weight.data, cfg.w_bits)
+    per_token = cfg.act_scheme == "token"
+    haq = cfg.method == "haq"
+    choice = search_smoothing(st.samples(cfg.search_tokens), st.absmax, head.weight.data, cfg.alpha_grid,
+                              cfg.clip_grid if haq else (1.0,), per_token, allow_smoothing=haq)
+    s = choice.scales
     tied = model.get_input_embeddings().weight is head.weight
+    emb = model.get_submodule(spec.embed_path)
+    emb_weight = emb.weight.data.clone()
+    if choice.alpha is not None:
+        norm.weight.data /= s
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data /= s
+    w = head.weight.data * s  # a new tensor: the tied embedding keeps its float rows
+    static = None if per_token else max(choice.clip * (st.absmax / s).max().item(), 1e-8) / QMAX
+    report.choices["lm_head"] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
+    if haq:
+        h = st.hessian() / (s[:, None] * s[None, :]).double()
+        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
+    else:
+        q, scale = quantize_weight_per_channel(w, cfg.w_bits)
     qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static)
     set_module(model, "lm_head", qhead)
-    emb = model.get_submodule(spec.embed_path)
     qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, qhead if tied else None)
-    if not tied:
-        qemb.qweight, qemb.w_scale = quantize_weight_per_channel(emb.weight.data, 8)
+    if tied:
+        qemb.col_scale = (1.0 / s).float()  # rows of W * s, read back as W
+    else:
+        qemb.qweight, qemb.w_scale = quantize_weight_per_channel(emb_weight, 8)
     set_module(model, spec.embed_path, qemb)
 
 

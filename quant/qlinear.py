@@ -98,6 +98,8 @@ class QuantEmbedding(nn.Module):
         if tied_to is None:
             self.register_buffer("qweight", torch.zeros(vocab, hidden, dtype=torch.int8))
             self.register_buffer("w_scale", torch.ones(vocab))
+        # lm_head's rows carry its smoothing (W * s); a tied embedding multiplies by 1/s.
+        self.register_buffer("col_scale", torch.ones(hidden) if tied_to is not None else None)
 
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tied is not None:
@@ -110,4 +112,5 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q, s = self._rows()
-        return q[ids].float() * s[ids].unsqueeze(-1)  # [..., D]
+        rows = q[ids].float() * s[ids].unsqueeze(-1)  # [..., D]
+        return rows if self.col_scale is None else rows * self.col_scale

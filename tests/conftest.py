@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models built from transformers configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig,
+                          OPTForCausalLM)
+
+VOCAB = 256
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg).eval()
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        word_embed_proj_dim=64, max_position_embeddings=256)
+        return OPTForCausalLM(cfg).eval()
+    if arch == "mixtral":
+        cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                            tie_word_embeddings=False)
+        return MixtralForCausalLM(cfg).eval()
+    raise ValueError(arch)
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 20 log10(|x| / |x - y|)."""
+    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def test_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(2))

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
+from quant.config import QuantConfig
+from quant.pipeline import quantize
+from tests.conftest import VOCAB, tiny_model
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1")
+
+
+@pytest.fixture(params=["llama", "mixtral", "opt"])
+def saved(request, tmp_path, calib_ids):
+    model = tiny_model(request.param)
+    cfg = QuantConfig(method="haq", act_scheme="tensor", search_tokens=256)
+    report = quantize(model, cfg, calib_ids, progress=False)
+    out = save_checkpoint(model, _tokenizer(), cfg, report, tmp_path / "ckpt")
+    return model, out
+
+
+def test_round_trip_gives_identical_logits(saved, test_ids):
+    model, out = saved
+    loaded, tok, manifest = load_checkpoint(out)
+    with torch.no_grad():
+        assert torch.equal(model(test_ids).logits, loaded(test_ids).logits)
+    assert manifest["method"]["method"] == "haq"
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+    qweights = [k for k, v in manifest["tensors"].items() if k.endswith("qweight")]
+    assert qweights and all(manifest["tensors"][k]["dtype"] == "int8" for k in qweights)
+    assert QuantConfig.from_dict(manifest["method"]) == QuantConfig(method="haq", act_scheme="tensor", search_tokens=256)
+
+
+def test_corrupt_weights_are_refused_naming_the_file(saved):
+    _, out = saved
+    f = out / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors.*checksum"):
+        load_checkpoint(out)
+
+
+def test_missing_file_and_bad_manifest_are_refused(saved):
+    _, out = saved
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors.*missing"):
+        load_checkpoint(out)
+    manifest["format_version"] = 99
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="re-run edgeweave quantize"):
+        load_checkpoint(out)
+
+
+def test_tensor_that_does_not_match_manifest_is_refused(saved):
+    _, out = saved
+    manifest = json.loads((out / MANIFEST).read_text())
+    name = next(k for k in manifest["tensors"] if k.endswith("qweight"))
+    manifest["tensors"][name]["shape"][0] += 1
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=name):
+        load_checkpoint(out)

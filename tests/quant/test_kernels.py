@@ -1,0 +1,56 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant.kernels import (int8_linear, int8_linear_reference, int8_matmul, int8_matmul_reference,
+                           quantize_activations, quantize_activations_reference, quantize_weight_per_channel)
+from tests.conftest import sqnr_db
+
+SHAPES = [(1, 64, 576), (2, 70, 576), (5, 33, 100), (64, 130, 1536), (129, 257, 64)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_matmul_is_exact_on_full_range_inputs(m, n, k):
+    # Full-range operands are where int16-saturating kernels (vpmaddubsw) go wrong.
+    g = torch.Generator().manual_seed(m * n + k)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    assert torch.equal(int8_matmul(a, b), int8_matmul_reference(a, b))
+
+
+def test_int8_matmul_extremes_do_not_overflow():
+    a = torch.full((3, 4096), 127, dtype=torch.int8)
+    b = torch.full((8, 4096), -127, dtype=torch.int8)
+    assert int(int8_matmul(a, b)[0, 0]) == -127 * 127 * 4096
+
+
+@pytest.mark.parametrize("static", [None, 0.02])
+def test_activation_quantization_matches_reference_bit_for_bit(static):
+    x = torch.randn(37, 576) * 3
+    x[3, 10] = 80.0  # an outlier channel
+    q1, s1 = quantize_activations(x, static)
+    q2, s2 = quantize_activations_reference(x, static)
+    assert torch.equal(q1, q2) and torch.equal(s1, s2)
+    assert q1.dtype == torch.int8 and int(q1.abs().max()) <= 127
+
+
+@pytest.mark.parametrize("static", [None, 0.05])
+def test_int8_linear_matches_reference_and_float(static):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 576)
+    w = torch.randn(192, 576) * 0.05
+    bias = torch.randn(192)
+    q, s = quantize_weight_per_channel(w)
+    y = int8_linear(x, q, s, bias, static)
+    assert y.shape == (3, 7, 192)
+    assert torch.allclose(y, int8_linear_reference(x, q, s, bias, static), rtol=1e-5, atol=1e-5)
+    assert sqnr_db(F.linear(x, w, bias), y) > 30  # W8A8 vs float
+
+
+def test_zero_rows_and_shape_errors():
+    q, s = quantize_weight_per_channel(torch.randn(16, 32))
+    assert torch.count_nonzero(int8_linear(torch.zeros(2, 32), q, s)) == 0
+    with pytest.raises(ValueError, match="channels"):
+        int8_linear(torch.randn(2, 31), q, s)
+    with pytest.raises(TypeError, match="int8"):
+        int8_linear(torch.randn(2, 32), q.float(), s)

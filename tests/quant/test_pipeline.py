@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from quant.config import QuantConfig
+from quant.pipeline import quantize
+from quant.qlinear import QuantExperts, QuantLinear
+from tests.conftest import sqnr_db, tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "mixtral"])
+@pytest.mark.parametrize("method,scheme", [("rtn", "token"), ("haq", "token"), ("haq", "tensor")])
+def test_quantized_logits_stay_close_to_float(arch, method, scheme, calib_ids, test_ids):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        ref = model(test_ids).logits
+    quantize(model, QuantConfig(method=method, act_scheme=scheme, search_tokens=256), calib_ids, progress=False)
+    with torch.no_grad():
+        out = model(test_ids).logits
+    assert sqnr_db(ref, out) > 25
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.act_scheme == scheme for m in linears)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules()
+                   if not isinstance(m, QuantLinear)) or arch == "mixtral"
+    if arch == "mixtral":
+        assert any(isinstance(m, QuantExperts) for m in model.modules())
+
+
+def test_haq_smoothing_beats_rtn_on_outlier_activations(calib_ids, test_ids):
+    """Plant the channel outliers real LLMs have; HAQ's smoothing must recover what RTN loses."""
+    errs = {}
+    for method in ("rtn", "haq"):
+        model = tiny_model("llama")
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.data[[5, 17]] = 40.0
+            layer.post_attention_layernorm.weight.data[[9]] = 30.0
+        with torch.no_grad():
+            ref = model(test_ids).logits
+        quantize(model, QuantConfig(method=method, act_scheme="tensor", search_tokens=256), calib_ids, progress=False)
+        with torch.no_grad():
+            errs[method] = sqnr_db(ref, model(test_ids).logits)
+    assert errs["haq"] > errs["rtn"] + 3
+
+
+def test_unsupported_architecture_is_refused(calib_ids):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="not supported"):
+        quantize(model, QuantConfig(), calib_ids % 64, progress=False)
