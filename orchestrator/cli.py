@@ -76,6 +76,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The README's main job: quantize the default model if needed, then stream a reply."""
+    from quant.checkpoint import is_checkpoint
+
+    if not is_checkpoint(a.out):
+        print(f"quantizing {a.model} with HAQ W8A8 into {a.out} (once; about 5-10 minutes on 2 cores)", file=sys.stderr)
+        q = build_parser().parse_args(["quantize", a.model, "--method", "haq", "--out", a.out])
+        if cmd_quantize(q) != 0:
+            return 1
+    g = build_parser().parse_args(["generate", a.out, a.prompt, "--max-new-tokens", str(a.max_new_tokens)])
+    return cmd_generate(g)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeweave", description="Quantize, place and serve LLMs on edge clusters.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="quantize the default model if needed, then generate with it")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--out", default="checkpoints/smollm2-135m-haq-w8a8")
+    d.add_argument("--prompt", default="The three most useful things to know about edge computing are")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.set_defaults(fn=cmd_demo)
     return p
 
 

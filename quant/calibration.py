@@ -20,8 +20,10 @@ def default_calibration_path() -> Path:
     return SHARED_DATA / "c4" / "validation_2k.jsonl"
 
 
-def read_text(path: str | Path, max_chars: int | None = None) -> str:
-    """Plain text, or JSONL with a "text" field per line (documents joined with blank lines)."""
+def read_text(path: str | Path, max_chars: int | None = None, from_end: bool = False) -> str:
+    """Plain text, or JSONL with a "text" field per line (documents joined with blank lines).
+
+    max_chars keeps the first (or, with from_end, the last) characters only."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"text file not found: {p}")
@@ -40,14 +42,17 @@ def read_text(path: str | Path, max_chars: int | None = None) -> str:
         raw = "\n\n".join(docs)
     if not raw.strip():
         raise ValueError(f"{p} contains no text")
-    return raw[:max_chars] if max_chars else raw
+    if not max_chars:
+        return raw
+    return raw[-max_chars:] if from_end else raw[:max_chars]
 
 
 def calibration_windows(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     """Random windows of cfg.seq_len tokens from the calibration text -> LongTensor [N, L]."""
     path = cfg.path or default_calibration_path()
-    # ~4 characters per token; read a margin more than needed, not the whole corpus.
-    text = read_text(path, max_chars=cfg.samples * cfg.seq_len * 12)
+    # ~4 characters per token; read a margin more than needed, not the whole corpus. From the
+    # end of the text: the evaluation protocol scores the first windows, which stay unseen.
+    text = read_text(path, max_chars=cfg.samples * cfg.seq_len * 12, from_end=True)
     ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
     if ids.numel() < cfg.seq_len + 1:
         raise ValueError(f"{path} has {ids.numel()} tokens, fewer than one {cfg.seq_len}-token window")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "generate_tokens", "stream_text"]
+__all__ = ["SamplingConfig", "HFDecoder", "make_decoder", "generate_tokens", "stream_text"]
 
 
 @dataclass(frozen=True)
@@ -36,23 +36,45 @@ def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> in
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-@torch.inference_mode()
-def generate_tokens(model, prompt_ids: list[int], cfg: SamplingConfig, eos_ids: set[int]) -> Iterator[int]:
-    """Yields new token ids: one prefill of the prompt, then one decode step per token."""
-    from transformers import DynamicCache
+class HFDecoder:
+    """Any transformers CausalLM (float or quantized modules) behind the decoder interface."""
 
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """ids [T] -> logits [V] of the last position; the cache grows by T."""
+        return self.model(input_ids=ids[None], past_key_values=cache, use_cache=True).logits[0, -1]
+
+
+def make_decoder(model):
+    """The lean integer decoder where the architecture allows it, else transformers' forward."""
+    from workers.llama_stage import LocalLlama, supports
+
+    return LocalLlama(model) if supports(model) else HFDecoder(model)
+
+
+def generate_tokens(decoder, prompt_ids: list[int], cfg: SamplingConfig, eos_ids: set[int]) -> Iterator[int]:
+    """Yields new token ids: one prefill of the prompt, then one decode step per token.
+
+    decoder: from make_decoder (or anything with new_cache() and step(ids [T], cache) -> logits [V])."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     gen = torch.Generator().manual_seed(cfg.seed)
-    cache = DynamicCache()
-    x = torch.tensor([prompt_ids])  # [1, T]
+    cache = decoder.new_cache()
+    x = torch.tensor(prompt_ids)  # [T]
     for _ in range(cfg.max_new_tokens):
-        out = model(input_ids=x, past_key_values=cache, use_cache=True)
-        tok = _pick(out.logits[0, -1], cfg, gen)
+        tok = _pick(decoder.step(x, cache), cfg, gen)
         yield tok
         if tok in eos_ids:
             return
-        x = torch.tensor([[tok]])
+        x = torch.tensor([tok])
 
 
 def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
@@ -61,7 +83,7 @@ def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     new: list[int] = []
     shown = ""
-    for tok in generate_tokens(model, ids, cfg, eos):
+    for tok in generate_tokens(make_decoder(model), ids, cfg, eos):
         if tok in eos:
             break
         new.append(tok)

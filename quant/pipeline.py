@@ -185,7 +185,8 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
         st.add(norm(hidden))
     per_token = cfg.act_scheme == "token"
     haq = cfg.method == "haq"
-    choice = search_smoothing(st.samples(cfg.search_tokens), st.absmax, head.weight.data, cfg.alpha_grid,
+    # A vocabulary-wide output gives plenty of signal per token: search on fewer tokens.
+    choice = search_smoothing(st.samples(min(cfg.search_tokens, 512)), st.absmax, head.weight.data, cfg.alpha_grid,
                               cfg.clip_grid if haq else (1.0,), per_token, allow_smoothing=haq)
     s = choice.scales
     tied = model.get_input_embeddings().weight is head.weight

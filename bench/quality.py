@@ -1,0 +1,98 @@
+"""Perplexity and checkpoint bytes: FP vs RTN and HAQ W8A8 (per-token and per-tensor static).
+
+WikiText-2 test and the C4 sample, first N windows of 2048 tokens (METHODS.md section 6);
+calibration on C4 windows from the end of the file, so the scored windows stay unseen.
+Results are written after every configuration, so an interrupted run keeps what it measured.
+
+    python bench/quality.py [--windows 8] [--calib-samples 64] [--configs fp,rtn-token,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import RESULTS, table, update_section, write_results  # noqa: E402
+from quant.calibration import SHARED_DATA, calibration_windows, read_text  # noqa: E402
+from quant.checkpoint import save_checkpoint  # noqa: E402
+from quant.config import CalibConfig, QuantConfig  # noqa: E402
+from quant.evaluate import perplexity, tokenize_for_eval  # noqa: E402
+from quant.models import load_float_model  # noqa: E402
+from quant.pipeline import quantize  # noqa: E402
+
+CONFIGS = {
+    "fp": None,
+    "rtn-token": ("rtn", "token"),
+    "rtn-tensor": ("rtn", "tensor"),
+    "haq-token": ("haq", "token"),
+    "haq-tensor": ("haq", "tensor"),
+}
+TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
+
+
+def fp32_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * 4
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    a = ap.parse_args()
+    names = a.configs.split(",")
+    fmodel, tok = load_float_model("smollm2-135m")
+    # Only the first windows are scored: tokenize a prefix long enough for them.
+    ids = {k: tokenize_for_eval(tok, read_text(p, max_chars=a.windows * a.ctx * 8)) for k, p in TEXTS.items()}
+    calib_cfg = CalibConfig(samples=a.calib_samples)
+    calib = calibration_windows(tok, calib_cfg)
+    rows: dict[str, dict] = {}
+    for name in names:
+        t0 = time.time()
+        if CONFIGS[name] is None:
+            model, nbytes = fmodel, fp32_bytes(fmodel)
+        else:
+            method, scheme = CONFIGS[name]
+            model = copy.deepcopy(fmodel)
+            cfg = QuantConfig(method=method, act_scheme=scheme, calib=calib_cfg)
+            report = quantize(model, cfg, calib)
+            out = save_checkpoint(model, tok, cfg, report, RESULTS / "checkpoints" / name)
+            nbytes = (out / "model.safetensors").stat().st_size
+        ppl = {k: perplexity(model, v, a.ctx, a.windows).ppl for k, v in ids.items()}
+        rows[name] = {"ppl": ppl, "bytes": nbytes, "seconds": time.time() - t0}
+        print(name, rows[name], flush=True)
+        write_results("quality", {"windows": a.windows, "ctx": a.ctx, "calib_samples": a.calib_samples, "rows": rows})
+    fp = rows.get("fp")
+    targets = {"haq-token": 1.01, "haq-tensor": 1.03}
+    lines = []
+    for name, r in rows.items():
+        rel = {k: r["ppl"][k] / fp["ppl"][k] for k in TEXTS} if fp else {}
+        target = targets.get(name)
+        verdict = "" if target is None or not fp else ("met" if rel["wikitext2"] <= target else "**missed**")
+        lines.append([name, *(f"{r['ppl'][k]:.3f}" + (f" ({rel[k]:.3f}x)" if rel else "") for k in TEXTS),
+                      f"{r['bytes']:,}", f"<= {target}x: {verdict}" if target else ""])
+    update_section("quality", f"""## Quality (`bench/quality.py`)
+
+Command: `python bench/quality.py --windows {a.windows} --calib-samples {a.calib_samples}`. SmolLM2-135M-Instruct
+(GGUF dequantized to float32 = FP), first {a.windows} windows of {a.ctx} tokens, calibration on {a.calib_samples} x 512
+C4 tokens taken from the end of the sample. Bytes: the checkpoint's tensor file (FP: float32 parameters).
+
+{table(["config", "WikiText-2 PPL (x FP)", "C4 PPL (x FP)", "bytes", "target (WikiText-2)"], lines)}
+""")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
