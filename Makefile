@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/edgeweave demo --out $(CKPT)
 
 test: $(STAMP)
+	$(BIN)/mypy --ignore-missing-imports quant orchestrator workers
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

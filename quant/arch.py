@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from typing import Any
 
 __all__ = ["Group", "ArchSpec", "arch_spec", "SUPPORTED_ARCHS"]
 
@@ -47,10 +47,10 @@ def _attention_groups(cfg, q: str, k: str, v: str, o: str, norm: str) -> tuple[G
     return qkv, vo
 
 
-def arch_spec(model: nn.Module) -> ArchSpec:
+def arch_spec(model: Any) -> ArchSpec:
     """The adapter for a transformers CausalLM; a clear error for anything else."""
     cfg = model.config
-    t = cfg.model_type
+    t: str = cfg.model_type
     if t in ("llama", "mistral"):
         qkv, vo = _attention_groups(cfg, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                     "self_attn.o_proj", "input_layernorm")

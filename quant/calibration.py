@@ -81,6 +81,11 @@ class ActStats:
         idx = torch.randperm(x.shape[0])[: self.keep_per_batch]
         self.sample.append(x[idx])
 
+    def channel_max(self) -> torch.Tensor:
+        """max |x| per channel over every recorded token  [K]."""
+        assert self.absmax is not None, "no activations were recorded"
+        return self.absmax
+
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / T  [K, K]."""
         assert self.xtx is not None, "no activations were recorded"

@@ -81,12 +81,20 @@ def int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.long() @ b.long().t()).to(torch.int32)
 
 
+def _int_mm_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm on CUDA needs M > 16 (cuBLASLt int8): pad the rows, then drop the padding."""
+    m = a.shape[0]
+    if m <= 16:
+        a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+    return torch._int_mm(a, b.t())[:m]
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a int8 [M, K] . b int8 [N, K]^T -> int32 [M, N], exact (int32 accumulation)."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul takes int8 operands, got {a.dtype} and {b.dtype}")
     if a.device.type == "cuda":
-        return torch._int_mm(a, b.t())
+        return _int_mm_cuda(a, b)
     a, b = a.contiguous(), b.contiguous()
     m, k = a.shape
     out = torch.empty((m, b.shape[0]), dtype=torch.int32)
@@ -126,7 +134,7 @@ def int8_linear(
     if x.device.type == "cuda":
         x2 = x.reshape(-1, x.shape[-1]).float()
         q, sx = quantize_activations_reference(x2, static_scale)
-        y = torch._int_mm(q, w.t()).float() * (sx[:, None] * w_scale[None, :])
+        y = _int_mm_cuda(q, w).float() * (sx[:, None] * w_scale[None, :])
         y = y if bias is None else y + bias
         return y.reshape(*x.shape[:-1], w.shape[0])
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]

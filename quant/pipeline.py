@@ -133,20 +133,23 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
 
 def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static: float | None) -> None:
     """Mixtral experts: per-expert RTN int8 (GPTQ needs per-expert Hessians; see docs)."""
+    assert g.experts is not None
     bank = layer.get_submodule(g.experts)
     router = layer.get_submodule(g.float_readers[0])
     e, two_i, d = bank.gate_up_proj.shape
     q = QuantExperts(e, d, two_i // 2, bank.act_fn, cfg.act_scheme)
     _, _, top = router(x)  # [T, k] experts of the search tokens (smoothed router, same routing)
+    down_static = []
     for k in range(e):
         q.gate_up_qweight[k], q.gate_up_scale[k] = quantize_weight_per_channel(bank.gate_up_proj.data[k])
         q.down_qweight[k], q.down_scale[k] = quantize_weight_per_channel(bank.down_proj.data[k])
-        if cfg.act_scheme == "tensor":
-            q.gate_up_input_scale[k] = static
-            xe = x[(top == k).any(dim=-1)]  # tokens routed to expert k
-            gate, up = (xe @ bank.gate_up_proj.data[k].t()).chunk(2, dim=-1)
-            hmax = (bank.act_fn(gate) * up).abs().max().item() if xe.numel() else 1.0
-            q.down_input_scale[k] = max(hmax, 1e-8) / QMAX
+        xe = x[(top == k).any(dim=-1)]  # tokens routed to expert k
+        gate, up = (xe @ bank.gate_up_proj.data[k].t()).chunk(2, dim=-1)
+        hmax = (bank.act_fn(gate) * up).abs().max().item() if xe.numel() else 1.0
+        down_static.append(max(hmax, 1e-8) / QMAX)
+    if static is not None:
+        q.gate_up_input_scale = torch.full((e,), static)
+        q.down_input_scale = torch.tensor(down_static)
     set_module(layer, g.experts, q)
 
 
@@ -156,11 +159,11 @@ def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, rep
     per_token = cfg.act_scheme == "token"
     smooth = cfg.method == "haq" and g.prev is not None
     clips = cfg.clip_grid if cfg.method == "haq" else (1.0,)
-    choice = search_smoothing(x, st.absmax, _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
+    choice = search_smoothing(x, st.channel_max(), _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
                               g.heads_per_kv, g.head_dim, allow_smoothing=smooth)
     if choice.alpha is not None:
         _fold_smoothing(layer, g, choice.scales)
-    static = None if per_token else max(choice.clip * (st.absmax / choice.scales).max().item(), 1e-8) / QMAX
+    static = None if per_token else max(choice.clip * (st.channel_max() / choice.scales).max().item(), 1e-8) / QMAX
     report.choices[tag] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
     return choice.scales, static
 
@@ -186,7 +189,7 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
     per_token = cfg.act_scheme == "token"
     haq = cfg.method == "haq"
     # A vocabulary-wide output gives plenty of signal per token: search on fewer tokens.
-    choice = search_smoothing(st.samples(min(cfg.search_tokens, 512)), st.absmax, head.weight.data, cfg.alpha_grid,
+    choice = search_smoothing(st.samples(min(cfg.search_tokens, 512)), st.channel_max(), head.weight.data, cfg.alpha_grid,
                               cfg.clip_grid if haq else (1.0,), per_token, allow_smoothing=haq)
     s = choice.scales
     tied = model.get_input_embeddings().weight is head.weight
@@ -197,7 +200,7 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
         if getattr(norm, "bias", None) is not None:
             norm.bias.data /= s
     w = head.weight.data * s  # a new tensor: the tied embedding keeps its float rows
-    static = None if per_token else max(choice.clip * (st.absmax / s).max().item(), 1e-8) / QMAX
+    static = None if per_token else max(choice.clip * (st.channel_max() / s).max().item(), 1e-8) / QMAX
     report.choices["lm_head"] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
     if haq:
         h = st.hessian() / (s[:, None] * s[None, :]).double()

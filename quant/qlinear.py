@@ -18,6 +18,11 @@ __all__ = ["QuantLinear", "QuantExperts", "QuantEmbedding"]
 class QuantLinear(nn.Module):
     """y = int8_linear(x): activations quantized per token, or with a static per-tensor scale."""
 
+    qweight: torch.Tensor  # [N, K] int8
+    w_scale: torch.Tensor  # [N]
+    bias: torch.Tensor | None  # [N]
+    input_scale: torch.Tensor | None  # [] static activation scale
+
     def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
@@ -39,7 +44,7 @@ class QuantLinear(nn.Module):
         return m
 
     def static_scale(self) -> float | None:
-        if self.act_scheme != "tensor":
+        if self.input_scale is None:
             return None
         if self._static is None:  # cached: .item() per call would cost a sync on GPU
             self._static = float(self.input_scale)
@@ -55,6 +60,13 @@ class QuantLinear(nn.Module):
 
 class QuantExperts(nn.Module):
     """Mixtral expert bank, each expert a separately quantized unit (gpt-fast's [E, I, D] layout)."""
+
+    gate_up_qweight: torch.Tensor  # [E, 2I, D] int8
+    gate_up_scale: torch.Tensor  # [E, 2I]
+    down_qweight: torch.Tensor  # [E, D, I] int8
+    down_scale: torch.Tensor  # [E, D]
+    gate_up_input_scale: torch.Tensor | None  # [E]
+    down_input_scale: torch.Tensor | None  # [E]
 
     def __init__(self, num_experts: int, hidden: int, inter: int, act_fn, act_scheme: str) -> None:
         super().__init__()
@@ -90,6 +102,10 @@ class QuantEmbedding(nn.Module):
     When the model ties input and output embeddings, the rows are lm_head's own int8 weight,
     so the checkpoint stores them once.
     """
+
+    qweight: torch.Tensor  # [V, D] int8 (untied only)
+    w_scale: torch.Tensor  # [V]
+    col_scale: torch.Tensor | None  # [D]
 
     def __init__(self, vocab: int, hidden: int, padding_idx: int | None, tied_to: QuantLinear | None) -> None:
         super().__init__()
