@@ -30,7 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/quality.py
-	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/decode.py bench/results/checkpoints/haq-token
 
 clean:
 	rm -rf $(VENV) checkpoints
