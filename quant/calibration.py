@@ -69,9 +69,7 @@ class ActStats:
     xtx: torch.Tensor | None = None  # [K, K] float64
     tokens: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
-    outliers: list[torch.Tensor] = field(default_factory=list)
     keep_per_batch: int = 256
-    keep_outliers: int = 8  # highest-|x| tokens per batch, always searched (massive activations)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, K]
@@ -82,11 +80,6 @@ class ActStats:
         self.tokens += x.shape[0]
         idx = torch.randperm(x.shape[0])[: self.keep_per_batch]
         self.sample.append(x[idx])
-        if self.keep_outliers:
-            # Rare tokens with massive activations dominate the quantization error but would
-            # almost never land in a random sample; keep the largest of every batch.
-            top = x.abs().amax(dim=1).topk(min(self.keep_outliers, x.shape[0])).indices
-            self.outliers.append(x[top])
 
     def channel_max(self) -> torch.Tensor:
         """max |x| per channel over every recorded token  [K]."""
@@ -99,5 +92,5 @@ class ActStats:
         return 2.0 * self.xtx / max(self.tokens, 1)
 
     def samples(self, limit: int) -> torch.Tensor:
-        """The outlier tokens plus up to `limit` random ones  [S, K]."""
-        return torch.cat(self.outliers + [torch.cat(self.sample)[:limit]])
+        """Up to `limit` of the randomly kept tokens  [S, K]."""
+        return torch.cat(self.sample)[:limit]
