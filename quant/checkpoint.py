@@ -59,10 +59,10 @@ def _module_entry(mod) -> dict | None:
 def _tensor_scheme(name: str) -> str:
     if name.endswith("qweight"):
         return "int8 symmetric per output channel"
-    if name.endswith("w_scale") or name.endswith("_scale") and "input" not in name:
-        return "float32 weight scale per output channel"
-    if "input_scale" in name:
+    if name.endswith("input_scale"):
         return "float32 static per-tensor activation scale"
+    if name.endswith("_scale"):  # w_scale, gate_up_scale, down_scale
+        return "float32 weight scale per output channel"
     return "float32"
 
 

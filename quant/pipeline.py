@@ -230,7 +230,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
         stats = _collect_stats(layer, spec.groups, batches, keep)
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
         chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report) for g in spec.groups]
-        for g, (s, static) in zip(spec.groups, chosen):
+        for g, (s, static) in zip(spec.groups, chosen, strict=True):
             _convert_group(layer, g, stats[g.name], s, static, cfg)
         batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
