@@ -1,4 +1,4 @@
-"""The `edgeweave` command: quantize, eval, generate."""
+"""The `edgeweave` command: quantize, eval, generate, plan, serve, up, demo."""
 
 from __future__ import annotations
 
@@ -64,8 +64,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from quant.generate import SamplingConfig, stream_text
 
-    if a.model is None:
-        raise SystemExit("edgeweave generate: give a model or checkpoint directory")
+    if a.server:
+        if a.prompt is not None:
+            raise ValueError("with --server give only the prompt (the server already holds the model)")
+        return _generate_remote(a.server, a.model, a)
+    if a.model is None or a.prompt is None:
+        raise ValueError("give a model or checkpoint directory and a prompt, or --server HOST:PORT and a prompt")
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
     model, tok, _ = _load_any(a.model)
     sys.stdout.write(a.prompt)
@@ -76,8 +80,121 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(address: str, prompt: str | None, a: argparse.Namespace) -> int:
+    import grpc
+
+    from orchestrator.client import stream_generate
+
+    if not prompt:
+        raise ValueError("give the prompt")
+    sys.stdout.write(prompt)
+    try:
+        for r in stream_generate(address, prompt, a.max_new_tokens, tuple(a.stop), a.temperature, a.top_p, a.seed,
+                                 timeout_s=a.timeout):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+    except grpc.RpcError as e:
+        sys.stdout.write("\n")
+        raise ValueError(f"server {address}: {e.code().name}: {e.details()}") from e
+    sys.stdout.write("\n")
+    return 0
+
+
+def _serve_options(a: argparse.Namespace):
+    from orchestrator.controller import ServeOptions
+    from quant.checkpoint import read_manifest
+
+    read_manifest(a.checkpoint)  # a clear error before any process starts
+    return ServeOptions(checkpoint=str(Path(a.checkpoint).resolve()), host=a.host, port=a.port, context=a.context,
+                        batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire)
+
+
+def _report_and_wait(actor, address: str) -> None:
+    import signal
+    import threading
+
+    import ray
+
+    from orchestrator.planner import Placement, format_placement
+
+    print(format_placement(Placement.from_dict(ray.get(actor.placement_dict.remote()))), file=sys.stderr)
+    print(f"edgeweave: serving on {address}; stream with: edgeweave generate --server {address} \"Hello\"",
+          file=sys.stderr)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("edgeweave: shutting down", file=sys.stderr)
+    ray.get(actor.shutdown.remote(), timeout=30)
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from orchestrator.planner import PlanOptions, format_placement, plan
+    from orchestrator.profile import load_profiles
+    from quant.checkpoint import is_checkpoint, read_manifest
+    from workers.shard import check_servable
+
+    if not is_checkpoint(a.model):
+        raise ValueError(f"{a.model} is not a quantized checkpoint; plan places quantized checkpoints "
+                         f"(run `edgeweave quantize {a.model} --out DIR` first)")
+    manifest = read_manifest(a.model)
+    check_servable(manifest)
+    p = plan(manifest, load_profiles(a.nodes), PlanOptions(a.context, a.batch, a.prefill_chunk, a.hop_ms), a.model)
+    print(format_placement(p))
+    if a.json:
+        Path(a.json).write_text(json.dumps(p.to_dict(), indent=1))
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import ray
+
+    from orchestrator.controller import start_controller
+
+    opts = _serve_options(a)
+    ray.init(address=a.address, logging_level="WARNING")
+    try:
+        actor, address = start_controller(opts)
+        _report_and_wait(actor, address)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def _local_nodes(a: argparse.Namespace):
+    from orchestrator.local import LocalNode
+    from orchestrator.profile import parse_bytes
+
+    mems = [parse_bytes(m) for m in a.node_memory.split(",")] if a.node_memory else []
+    if mems and len(mems) != a.nodes:
+        raise ValueError(f"--node-memory lists {len(mems)} sizes for --nodes {a.nodes}")
+    if a.nodes < 1:
+        raise ValueError("--nodes must be at least 1")
+    return [LocalNode(mems[i] if mems else parse_bytes("1GB")) for i in range(a.nodes)]
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from orchestrator.controller import start_controller
+    from orchestrator.local import LocalCluster
+
+    if not a.local:
+        raise ValueError("`up` starts a local cluster (--local); for machines use `ray up cluster.yaml`, "
+                         "then `edgeweave serve DIR --address auto` on the head")
+    opts, nodes = _serve_options(a), _local_nodes(a)
+    print(f"edgeweave: starting a local Ray cluster of {len(nodes)} nodes", file=sys.stderr)
+    with LocalCluster(nodes):
+        actor, address = start_controller(opts)
+        _report_and_wait(actor, address)
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
-    """The README's main job: quantize the default model if needed, then stream a reply."""
+    """The README's main job: quantize the default model if needed, serve it on a local 3-node
+    cluster, stream a reply through the service, shut down."""
+    from orchestrator.client import stream_generate
+    from orchestrator.controller import start_controller
+    from orchestrator.local import LocalCluster
+    from orchestrator.planner import Placement, format_placement
     from quant.checkpoint import is_checkpoint
 
     if not is_checkpoint(a.out):
@@ -85,8 +202,33 @@ def cmd_demo(a: argparse.Namespace) -> int:
         q = build_parser().parse_args(["quantize", a.model, "--method", "haq", "--out", a.out])
         if cmd_quantize(q) != 0:
             return 1
-    g = build_parser().parse_args(["generate", a.out, a.prompt, "--max-new-tokens", str(a.max_new_tokens)])
-    return cmd_generate(g)
+    import ray
+
+    a.checkpoint = a.out
+    opts, nodes = _serve_options(a), _local_nodes(a)
+    print(f"edgeweave: starting a local Ray cluster of {len(nodes)} nodes ({a.node_memory})", file=sys.stderr)
+    with LocalCluster(nodes):
+        actor, address = start_controller(opts)
+        print(format_placement(Placement.from_dict(ray.get(actor.placement_dict.remote()))), file=sys.stderr)
+        print(f"edgeweave: serving on {address}; streaming a reply:", file=sys.stderr)
+        sys.stdout.write(a.prompt)
+        for r in stream_generate(address, a.prompt, a.max_new_tokens):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        ray.get(actor.shutdown.remote(), timeout=30)
+    print("edgeweave: cluster stopped", file=sys.stderr)
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address the inference service binds (default: loopback only)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--context", type=int, default=1024, help="most tokens per session (prompt + generated)")
+    p.add_argument("--batch", type=int, default=8, help="concurrent sessions (KV cache reserved for each)")
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--int8-wire", action="store_true",
+                   help="send hidden states between nodes as per-token int8 (4x fewer bytes, not bit-exact)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,21 +256,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write {ppl, windows, ctx, tokens, ...} here")
     e.set_defaults(fn=cmd_eval)
 
-    g = sub.add_parser("generate", help="stream text from a model or checkpoint")
-    g.add_argument("model", nargs="?")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="stream text from a model, a checkpoint, or a server (--server)")
+    g.add_argument("model", nargs="?", help="model or checkpoint directory (with --server: the prompt)")
+    g.add_argument("prompt", nargs="?")
+    g.add_argument("--server", default=None, help="HOST:PORT of an edgeweave inference service")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable; --server only)")
+    g.add_argument("--timeout", type=float, default=300.0, help="deadline of the whole stream in seconds (--server)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
 
-    d = sub.add_parser("demo", help="quantize the default model if needed, then generate with it")
+    pl = sub.add_parser("plan", help="print the placement of a checkpoint on nodes, starting nothing")
+    pl.add_argument("model", help="quantized checkpoint directory")
+    pl.add_argument("--nodes", required=True,
+                    help='JSON list of nodes: [{"node_id": "a", "tier": "cpu", "budget_bytes": "300MB", "int8_gops": 4.0}]')
+    pl.add_argument("--context", type=int, default=1024)
+    pl.add_argument("--batch", type=int, default=8)
+    pl.add_argument("--prefill-chunk", type=int, default=256)
+    pl.add_argument("--hop-ms", type=float, default=1.0, help="estimated cost of one more stage per token")
+    pl.add_argument("--json", default=None, help="also write the placement here")
+    pl.set_defaults(fn=cmd_plan)
+
+    sv = sub.add_parser("serve", help="serve a checkpoint on an existing Ray cluster")
+    sv.add_argument("checkpoint")
+    sv.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    _serve_args(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    up = sub.add_parser("up", help="start a local Ray cluster of N nodes and serve a checkpoint on it")
+    up.add_argument("checkpoint")
+    up.add_argument("--local", action="store_true", help="nodes are processes on this machine")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--node-memory", default=None, help="budget of each node, e.g. 300MB,200MB,120MB (default 1GB each)")
+    _serve_args(up)
+    up.set_defaults(fn=cmd_up)
+
+    d = sub.add_parser("demo", help="quantize the default model if needed, serve it on a local 3-node cluster, "
+                                    "stream a reply, shut down")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--out", default="checkpoints/smollm2-135m-haq-w8a8")
     d.add_argument("--prompt", default="The three most useful things to know about edge computing are")
     d.add_argument("--max-new-tokens", type=int, default=48)
-    d.set_defaults(fn=cmd_demo)
+    d.add_argument("--nodes", type=int, default=3)
+    d.add_argument("--node-memory", default="300MB,200MB,120MB")
+    _serve_args(d)
+    d.set_defaults(fn=cmd_demo, port=0)
     return p
 
 
@@ -136,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:  # ModelNotFound, CheckpointError, bad text, bad options
+    except (FileNotFoundError, ValueError) as e:  # ModelNotFound, CheckpointError, PlacementError, bad options
         print(f"edgeweave {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,7 @@ from .config import QuantConfig
 from .pipeline import QuantReport, set_module
 from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
 
-__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_manifest", "CheckpointError",
+__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_manifest", "verify_files", "CheckpointError", "WEIGHTS",
            "MANIFEST", "FORMAT_VERSION"]
 
 MANIFEST = "edgeweave.json"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "HFDecoder", "make_decoder", "generate_tokens", "stream_text"]
+__all__ = ["SamplingConfig", "pick_token", "HFDecoder", "make_decoder", "generate_tokens", "stream_text"]
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,16 @@ class SamplingConfig:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
 
 
-def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> int:
-    """logits [V] -> next token id."""
-    if cfg.temperature == 0:
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, seed: int, step: int) -> int:
+    """logits [V] -> next token id. Token `step` of a seeded run draws from a generator seeded by
+    (seed, step), so a pipeline that samples on another process gives the same tokens."""
+    if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-    if cfg.top_p < 1:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (1 << 63))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
 
@@ -66,11 +68,10 @@ def generate_tokens(decoder, prompt_ids: list[int], cfg: SamplingConfig, eos_ids
     decoder: from make_decoder (or anything with new_cache() and step(ids [T], cache) -> logits [V])."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    gen = torch.Generator().manual_seed(cfg.seed)
     cache = decoder.new_cache()
     x = torch.tensor(prompt_ids)  # [T]
-    for _ in range(cfg.max_new_tokens):
-        tok = _pick(decoder.step(x, cache), cfg, gen)
+    for step in range(cfg.max_new_tokens):
+        tok = pick_token(decoder.step(x, cache), cfg.temperature, cfg.top_p, cfg.seed, step)
         yield tok
         if tok in eos_ids:
             return

@@ -10,18 +10,41 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralF
 VOCAB = 256
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_tokenizer():
+    """Word-level: "t0 t1 ..." <-> ids; t0 is unknown, t1 end of sequence."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1")
+
+
+def tiny_checkpoint(out, arch: str = "llama", layers: int = 2, act_scheme: str = "token", seed: int = 0):
+    """A quantized (HAQ W8A8) tiny random model saved as a checkpoint directory -> its path."""
+    from quant.checkpoint import save_checkpoint
+    from quant.config import QuantConfig
+    from quant.pipeline import quantize
+
+    model = tiny_model(arch, seed, layers)
+    calib = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(method="haq", act_scheme=act_scheme, search_tokens=256)
+    report = quantize(model, cfg, calib, progress=False)
+    return save_checkpoint(model, tiny_tokenizer(), cfg, report, out)
+
+
+def tiny_model(arch: str, seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg).eval()
     if arch == "opt":
-        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
                         word_embed_proj_dim=64, max_position_embeddings=256)
         return OPTForCausalLM(cfg).eval()
     if arch == "mixtral":
-        cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                             tie_word_embeddings=False)
         return MixtralForCausalLM(cfg).eval()

@@ -10,15 +10,17 @@ Greedy output equals the transformers path on the same checkpoint (tests/workers
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from quant.kernels import int8_linear
-from quant.qlinear import QuantEmbedding, QuantLinear
+from quant.qlinear import QuantLinear
 
-__all__ = ["LlamaDims", "KVCache", "LlamaStage", "LocalLlama", "supports"]
+__all__ = ["LlamaDims", "KVCache", "LlamaStage", "LocalLlama", "Embedder", "Head", "supports", "supports_config",
+           "layer_prefix"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,19 @@ class LlamaDims:
                    getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.rms_norm_eps, float(theta))
 
 
-def supports(model) -> bool:
-    """Llama/Mistral with default RoPE, no attention/MLP bias, every linear quantized."""
-    cfg = model.config
+def supports_config(cfg) -> bool:
+    """Llama/Mistral with default RoPE and no attention/MLP bias (what this stage implements)."""
     rope = getattr(cfg, "rope_parameters", None) or {}
     if cfg.model_type not in ("llama", "mistral") or rope.get("rope_type", "default") != "default":
         return False
-    if getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return False
-    return all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
+    return not (getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_bias", False)
+                or getattr(cfg, "mlp_bias", False))
+
+
+def supports(model) -> bool:
+    """supports_config, and every linear quantized."""
+    return supports_config(model.config) and all(
+        isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,13 @@ class FusedLinear:
     static: float | None
 
     @classmethod
-    def of(cls, *mods: QuantLinear) -> "FusedLinear":
-        statics = {m.static_scale() for m in mods}
-        assert len(statics) == 1, "fused linears must share their activation scale"
-        return cls(torch.cat([m.qweight for m in mods]).contiguous(), torch.cat([m.w_scale for m in mods]), statics.pop())
+    def of(cls, tensors: Mapping[str, torch.Tensor], *prefixes: str) -> "FusedLinear":
+        """From checkpoint tensors `{prefix}.qweight`, `.w_scale` and (static scheme) `.input_scale`."""
+        statics = {float(t) if (t := tensors.get(f"{p}.input_scale")) is not None else None for p in prefixes}
+        if len(statics) != 1:
+            raise ValueError(f"fused linears {prefixes} do not share their activation scale")
+        return cls(torch.cat([tensors[f"{p}.qweight"] for p in prefixes]).contiguous(),
+                   torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.qweight, self.w_scale, None, self.static)
@@ -101,36 +110,48 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-class LlamaStage:
-    """Decoder layers [first, last) of a quantized Llama-family model, run on hidden states."""
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
 
-    def __init__(self, model, first: int = 0, last: int | None = None, max_positions: int = 8192) -> None:
-        if not supports(model):
-            raise ValueError("LlamaStage needs a quantized Llama/Mistral checkpoint with default RoPE")
-        self.dims = d = LlamaDims.from_config(model.config)
-        layers = model.model.layers
-        last = len(layers) if last is None else last
+
+class LlamaStage:
+    """Decoder layers [first, last) of a quantized Llama-family checkpoint, run on hidden states.
+
+    tensors: checkpoint tensor names -> tensors; only the layers in range are read, so a worker
+    can hold just its shard (workers/shard.py)."""
+
+    def __init__(self, dims: LlamaDims, tensors: Mapping[str, torch.Tensor], first: int, last: int,
+                 max_positions: int = 8192) -> None:
+        self.dims = d = dims
         self.first, self.last = first, last
-        self.layers = [self._extract(layers[i]) for i in range(first, last)]
+        self.layers = [self._extract(tensors, layer_prefix(i)) for i in range(first, last)]
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float) / d.head_dim))
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]  # [P, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
         self.cos, self.sin = emb.cos(), emb.sin()
+        self.max_positions = max_positions
+
+    @classmethod
+    def of_model(cls, model, first: int = 0, last: int | None = None, max_positions: int = 8192) -> "LlamaStage":
+        if not supports(model):
+            raise ValueError("LlamaStage needs a quantized Llama/Mistral checkpoint with default RoPE")
+        last = model.config.num_hidden_layers if last is None else last
+        return cls(LlamaDims.from_config(model.config), model.state_dict(), first, last, max_positions)
 
     @staticmethod
-    def _extract(layer) -> LayerWeights:
-        a, m = layer.self_attn, layer.mlp
-        return LayerWeights(layer.input_layernorm.weight.data, FusedLinear.of(a.q_proj, a.k_proj, a.v_proj),
-                            FusedLinear.of(a.o_proj), layer.post_attention_layernorm.weight.data,
-                            FusedLinear.of(m.gate_proj, m.up_proj), FusedLinear.of(m.down_proj))
+    def _extract(t: Mapping[str, torch.Tensor], p: str) -> LayerWeights:
+        a, m = p + "self_attn.", p + "mlp."
+        return LayerWeights(t[p + "input_layernorm.weight"].float(),
+                            FusedLinear.of(t, a + "q_proj", a + "k_proj", a + "v_proj"), FusedLinear.of(t, a + "o_proj"),
+                            t[p + "post_attention_layernorm.weight"].float(),
+                            FusedLinear.of(t, m + "gate_proj", m + "up_proj"), FusedLinear.of(t, m + "down_proj"))
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(len(self.layers), self.dims, max_len)
 
-    def _attention(self, i: int, lw: LayerWeights, h: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        d, t = self.dims, h.shape[0]
-        qkv = lw.qkv(_rms_norm(h, lw.ln1, d.eps))  # [T, (H + 2KV) hd]
-        q, k, v = qkv.split([d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], dim=-1)
+    def _attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """q [T, H hd], k/v [T, KV hd] of one session at positions cache.length.. -> [T, H hd]."""
+        d, t, pos = self.dims, q.shape[0], cache.length
         cos, sin = self.cos[pos:pos + t], self.sin[pos:pos + t]  # [T, hd]
         q = _rotate(q.view(t, d.heads, d.head_dim).transpose(0, 1), cos, sin)  # [H, T, hd]
         k = _rotate(k.view(t, d.kv_heads, d.head_dim).transpose(0, 1), cos, sin)  # [KV, T, hd]
@@ -141,31 +162,75 @@ class LlamaStage:
         if t > 1:  # prefill: token j sees cache positions <= pos + j
             mask = torch.ones(t, pos + t, dtype=torch.bool).tril(diagonal=pos)
         out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
-        return lw.o(out[0].transpose(0, 1).reshape(t, d.heads * d.head_dim))  # [T, D]
+        return out[0].transpose(0, 1).reshape(t, d.heads * d.head_dim)
+
+    def forward_batch(self, hs: list[torch.Tensor], caches: list[KVCache]) -> list[torch.Tensor]:
+        """Several sessions in one step: hs[j] [T_j, D] at positions caches[j].length.. -> [T_j, D] each.
+
+        The linears run once on all rows stacked (activation scales are per row, int32 accumulation
+        is exact, so a row's result does not depend on its batch); attention runs per session."""
+        for h, c in zip(hs, caches, strict=True):
+            if c.length + h.shape[0] > c.max_len:
+                raise ValueError(f"session would reach {c.length + h.shape[0]} tokens, over its cache of {c.max_len}")
+            if c.length + h.shape[0] > self.max_positions:
+                raise ValueError(f"session would reach {c.length + h.shape[0]} tokens, over the {self.max_positions} positions served")
+        d = self.dims
+        rows = [h.shape[0] for h in hs]
+        h = torch.cat(hs) if len(hs) > 1 else hs[0]  # [sum T, D]
+        for i, lw in enumerate(self.layers):
+            qkv = lw.qkv(_rms_norm(h, lw.ln1, d.eps))  # [sum T, (H + 2KV) hd]
+            q, k, v = qkv.split([d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], dim=-1)
+            parts = [self._attention(i, qj, kj, vj, c) for qj, kj, vj, c in
+                     zip(q.split(rows), k.split(rows), v.split(rows), caches)]
+            h = h + lw.o(torch.cat(parts) if len(parts) > 1 else parts[0])
+            gate, up = lw.gate_up(_rms_norm(h, lw.ln2, d.eps)).chunk(2, dim=-1)  # [sum T, I] each
+            h = h + lw.down(F.silu(gate) * up)
+        for c, t in zip(caches, rows):
+            c.length += t
+        return list(h.split(rows))
 
     def forward(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """h [T, D] hidden states at positions cache.length .. +T -> [T, D]; appends to the cache."""
-        pos, t = cache.length, h.shape[0]
-        if pos + t > cache.max_len:
-            raise ValueError(f"session would reach {pos + t} tokens, over its cache of {cache.max_len}")
-        for i, lw in enumerate(self.layers):
-            h = h + self._attention(i, lw, h, cache, pos)
-            gate, up = lw.gate_up(_rms_norm(h, lw.ln2, self.dims.eps)).chunk(2, dim=-1)  # [T, I] each
-            h = h + lw.down(F.silu(gate) * up)
-        cache.length = pos + t
-        return h
+        return self.forward_batch([h], [cache])[0]
+
+
+class Embedder:
+    """Token ids -> hidden states from int8 rows: the embedding, or lm_head's rows when tied."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if "model.embed_tokens.qweight" in tensors:
+            self.q, self.s = tensors["model.embed_tokens.qweight"], tensors["model.embed_tokens.w_scale"].float()
+        else:  # tied: lm_head's rows carry its smoothing (W * s); col_scale is 1 / s
+            self.q, self.s = tensors["lm_head.qweight"], tensors["lm_head.w_scale"].float()
+        col = tensors.get("model.embed_tokens.col_scale")
+        self.col = None if col is None else col.float()
+        self.vocab = self.q.shape[0]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> [T, D]"""
+        rows = self.q[ids].float() * self.s[ids].unsqueeze(-1)
+        return rows if self.col is None else rows * self.col
+
+
+class Head:
+    """Final norm + int8 lm_head on the last position of each session."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], eps: float) -> None:
+        self.norm_w, self.eps = tensors["model.norm.weight"].float(), eps
+        self.lin = FusedLinear.of(tensors, "lm_head")
+
+    def __call__(self, last: torch.Tensor) -> torch.Tensor:
+        """last [B, D] hidden states of each session's last position -> logits [B, V]"""
+        return self.lin(_rms_norm(last, self.norm_w, self.eps))
 
 
 class LocalLlama:
     """Embedding + one stage holding every layer + final norm + lm_head: single-process decoding."""
 
     def __init__(self, model, max_positions: int = 8192) -> None:
-        self.stage = LlamaStage(model, max_positions=max_positions)
-        emb = model.model.embed_tokens
-        assert isinstance(emb, QuantEmbedding), "the checkpoint's embedding must be quantized"
-        self.embed, self.norm_w, self.eps = emb, model.model.norm.weight.data, self.stage.dims.eps
-        head = model.lm_head
-        self.head = FusedLinear.of(head)
+        self.stage = LlamaStage.of_model(model, max_positions=max_positions)
+        tensors = model.state_dict()
+        self.embed, self.head = Embedder(tensors), Head(tensors, self.stage.dims.eps)
         self.max_positions = max_positions
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
@@ -175,4 +240,4 @@ class LocalLlama:
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """ids [T] -> logits [V] of the last position."""
         h = self.stage.forward(self.embed(ids), cache)  # [T, D]
-        return self.head(_rms_norm(h[-1:], self.norm_w, self.eps))[0]
+        return self.head(h[-1:])[0]

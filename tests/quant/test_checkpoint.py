@@ -2,20 +2,11 @@ import json
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
 from quant.config import QuantConfig
 from quant.pipeline import quantize
-from tests.conftest import VOCAB, tiny_model
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1")
+from tests.conftest import tiny_model, tiny_tokenizer as _tokenizer
 
 
 @pytest.fixture(params=["llama", "mixtral", "opt"])

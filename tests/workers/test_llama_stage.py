@@ -25,7 +25,7 @@ def test_greedy_tokens_identical_to_transformers_path(qmodel):
 
 def test_prefill_in_chunks_equals_one_prefill(qmodel):
     """A stage fed a prompt in pieces (as a pipeline would) keeps one consistent KV cache."""
-    stage = LlamaStage(qmodel, max_positions=128)
+    stage = LlamaStage.of_model(qmodel, max_positions=128)
     x = torch.randn(12, qmodel.config.hidden_size)
     one = stage.forward(x, stage.new_cache(64))
     cache = stage.new_cache(64)
@@ -34,14 +34,14 @@ def test_prefill_in_chunks_equals_one_prefill(qmodel):
 
 
 def test_stages_compose_to_the_whole_model(qmodel):
-    whole = LlamaStage(qmodel, max_positions=64)
-    a, b = LlamaStage(qmodel, 0, 1, max_positions=64), LlamaStage(qmodel, 1, 2, max_positions=64)
+    whole = LlamaStage.of_model(qmodel, max_positions=64)
+    a, b = LlamaStage.of_model(qmodel, 0, 1, max_positions=64), LlamaStage.of_model(qmodel, 1, 2, max_positions=64)
     x = torch.randn(6, qmodel.config.hidden_size)
     assert torch.equal(whole.forward(x, whole.new_cache(16)), b.forward(a.forward(x, a.new_cache(16)), b.new_cache(16)))
 
 
 def test_cache_overflow_is_refused(qmodel):
-    stage = LlamaStage(qmodel, max_positions=64)
+    stage = LlamaStage.of_model(qmodel, max_positions=64)
     cache = stage.new_cache(4)
     with pytest.raises(ValueError, match="over its cache of 4"):
         stage.forward(torch.randn(5, qmodel.config.hidden_size), cache)

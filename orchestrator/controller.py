@@ -1,0 +1,176 @@
+"""The controller: a Ray actor that discovers nodes, places the model, starts and loads one worker
+per chosen node, watches their health and serves InferenceService.
+
+Ray is used to find nodes and to start processes on them (node affinity); the data path is gRPC.
+A node publishes its budget as Ray's `memory` resource and its tier as the `edgeweave-tier` label
+(`ray start --memory ... --labels edgeweave-tier=cpu`); nodes without them get 80% of their
+available memory and tier "cpu" ("gpu" when Ray sees a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from protos import edgeweave_v1_pb2 as pb
+from protos import edgeweave_v1_pb2_grpc as pb_grpc
+from quant.checkpoint import read_manifest
+from workers.shard import check_servable
+from workers.wire import GRPC_OPTIONS
+
+from .engine import Engine, EngineOptions
+from .planner import Placement, PlanOptions, plan
+from .profile import TIER_LABEL, NodeProfile
+from .service import InferenceServicer, start_inference_server
+
+__all__ = ["ServeOptions", "Controller", "start_controller", "node_offers"]
+
+log = logging.getLogger("edgeweave.controller")
+
+NODE_RESOURCE = "edgeweave_node"  # nodes started by `edgeweave up --local` carry it; others are used too
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    checkpoint: str
+    host: str = "127.0.0.1"  # where InferenceService listens
+    port: int = 0  # 0: any free port
+    context: int = 2048
+    batch: int = 4
+    prefill_chunk: int = 256
+    hop_ms: float = 1.0
+    quantize_wire: bool = False
+    step_timeout_s: float = 30.0
+    load_timeout_s: float = 600.0
+    health_interval_s: float = 2.0
+
+
+def node_offers(node: dict) -> tuple[str, str, int | None, int]:
+    """A ray.nodes() entry -> (node id, tier, budget bytes or None, cores)."""
+    res, labels = node.get("Resources", {}), node.get("Labels", {}) or {}
+    tier = labels.get(TIER_LABEL) or ("gpu" if res.get("GPU", 0) > 0 else "cpu")
+    budget = int(res["memory"]) if res.get("memory") else None
+    return node["NodeID"], tier, budget, max(int(res.get("CPU", 1)), 1)
+
+
+class Controller:
+    """Wrapped with ray.remote by start_controller."""
+
+    def __init__(self, options: dict) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from transformers import AutoTokenizer
+
+        from workers.actor import WorkerActor
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.opts = opts = ServeOptions(**options)
+        root = Path(opts.checkpoint).resolve()
+        self.manifest = read_manifest(root)
+        check_servable(self.manifest)
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        my_ip = ray.util.get_node_ip_address()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(NODE_RESOURCE in n.get("Resources", {}) for n in nodes):
+            nodes = [n for n in nodes if NODE_RESOURCE in n.get("Resources", {})]
+        remote_worker = ray.remote(num_cpus=0, max_restarts=0)(WorkerActor)
+        self.workers, self.cores = {}, {}
+        for n in nodes:
+            node_id, tier, budget, cores = node_offers(n)
+            host = "127.0.0.1" if n["NodeManagerAddress"] == my_ip else n["NodeManagerAddress"]
+            self.workers[node_id] = remote_worker.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(node_id, tier, budget, host)
+            self.cores[node_id] = cores
+        ids = list(self.workers)
+        self.addresses = dict(zip(ids, ray.get([self.workers[i].address.remote() for i in ids])))
+        self.profiles = [NodeProfile(**d) for d in ray.get([self.workers[i].node_profile.remote() for i in ids])]
+        popts = PlanOptions(context=opts.context, batch=opts.batch, prefill_chunk=opts.prefill_chunk, hop_ms=opts.hop_ms)
+        self.placement = plan(self.manifest, self.profiles, popts, model=str(root))
+        log.info("placement %s: %s", self.placement.placement_id,
+                 [(s.node_id[:8], s.first, s.last) for s in self.placement.stages])
+        self._load(self.placement, root)
+        self.engine = Engine(self.placement, [self.addresses[s.node_id] for s in self.placement.stages],
+                             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set(),
+                             EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire))
+        self.server, self.port = start_inference_server(InferenceServicer(lambda: self.engine, self.tokenizer, root.name),
+                                                        opts.host, opts.port)
+        self.health: dict[str, str] = {}
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="edgeweave-health", daemon=True).start()
+
+    def _load(self, placement: Placement, root: Path) -> None:
+        def load(s) -> pb.LoadShardResponse:
+            spec = pb.ShardSpec(checkpoint=str(root), first_layer=s.first, last_layer=s.last, embed=s.embed,
+                                head=s.head, placement_id=placement.placement_id, kv_budget_bytes=s.kv_bytes,
+                                max_context=placement.context, threads=self.cores[s.node_id])
+            with grpc.insecure_channel(self.addresses[s.node_id], options=GRPC_OPTIONS) as ch:
+                return pb_grpc.WorkerServiceStub(ch).LoadShard(pb.LoadShardRequest(shard=spec),
+                                                               timeout=self.opts.load_timeout_s)
+
+        with ThreadPoolExecutor(len(placement.stages)) as ex:
+            for s, r in zip(placement.stages, ex.map(load, placement.stages)):
+                log.info("node %s loaded layers [%d, %d): %d bytes in %.1fs", s.node_id[:8], s.first, s.last,
+                         r.weight_bytes, r.load_seconds)
+
+    def _watch(self) -> None:
+        """Health of every stage's worker, by RPC with a deadline."""
+        while not self._stop.wait(self.opts.health_interval_s):
+            for s in self.placement.stages:
+                try:
+                    with grpc.insecure_channel(self.addresses[s.node_id], options=GRPC_OPTIONS) as ch:
+                        pb_grpc.WorkerServiceStub(ch).Health(pb.WorkerHealthRequest(), timeout=2.0)
+                    state = "ok"
+                except grpc.RpcError as e:
+                    state = f"unreachable ({e.code().name})"
+                if self.health.get(s.node_id) != state:
+                    log.info("node %s: %s", s.node_id[:8], state)
+                self.health[s.node_id] = state
+
+    # ------------------------------------------------------------------ queried by drivers
+    def address(self) -> str:
+        return f"{self.opts.host}:{self.port}"
+
+    def placement_dict(self) -> dict:
+        return self.placement.to_dict()
+
+    def worker_addresses(self) -> list[str]:
+        return [self.addresses[s.node_id] for s in self.placement.stages]
+
+    def stats(self) -> dict:
+        st = self.engine.stats
+        med = [statistics.median(x) if x else None for x in st.hop_overhead_ms]
+        comp = [statistics.median(x) if x else None for x in st.compute_ms]
+        return {"steps": st.steps, "tokens": st.tokens, "wire_bytes": st.wire_bytes,
+                "hop_overhead_ms_median": med, "compute_ms_median": comp, "health": dict(self.health)}
+
+    def reset_stats(self) -> None:
+        st = self.engine.stats
+        st.steps = st.tokens = st.wire_bytes = 0
+        for x in (*st.hop_overhead_ms, *st.compute_ms):
+            x.clear()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.server.stop(grace=2.0)
+        self.engine.close()
+
+
+def start_controller(opts: ServeOptions):
+    """Starts the controller actor on this driver's node and waits until it serves -> (handle, address)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_concurrency=8)(Controller).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(asdict(opts))
+    t0 = time.time()
+    address = ray.get(actor.address.remote())
+    log.info("serving on %s (ready in %.1fs)", address, time.time() - t0)
+    return actor, address

@@ -1,0 +1,249 @@
+"""The front end's decode loop: batches the steps of concurrent sessions and drives the stages.
+
+Hop pattern: the front end calls each stage in turn (a star), rather than stages forwarding to one
+another (a chain). On loopback both cost one round trip per stage per step; the star keeps each
+stage's inputs at the front end, which is what a replay after a node failure needs, lets the front
+end batch sessions and see each stage's latency, and keeps workers free of peer addresses
+(docs/runtime.md has the measurement).
+
+Each loop iteration takes every active session's next input (a prompt chunk of at most
+prefill_chunk tokens, or the last generated token), sends them as one ForwardRequest through the
+stages, and hands each session its next token. Sessions beyond the placement's batch wait, so the
+workers' KV budgets (sized for context x batch) always hold the admitted sessions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from protos import edgeweave_v1_pb2 as pb
+from protos import edgeweave_v1_pb2_grpc as pb_grpc
+from workers.wire import GRPC_OPTIONS, encode_tensor
+
+from .planner import Placement
+
+__all__ = ["EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats"]
+
+log = logging.getLogger("edgeweave.engine")
+
+
+class StageError(RuntimeError):
+    """A stage failed a step (dead node, deadline, refused input); the message names the stage."""
+
+    def __init__(self, stage: int, address: str, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(f"stage {stage} at {address}: {code.name if code else 'error'}: {details}")
+        self.stage, self.address, self.code, self.details = stage, address, code, details
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    step_timeout_s: float = 30.0  # deadline of one stage's forward step
+    prefill_chunk: int = 256  # prompt tokens per step and session
+    quantize_wire: bool = False  # hidden states as per-token int8 between stages (not bit-exact)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What the engine hands a session: a token, or the end (reason) or an error."""
+
+    token: int | None = None
+    finish: str = ""  # "length", "eos", "cancelled", "error"
+    error: str = ""
+
+
+@dataclass
+class _Session:
+    sid: str
+    req: GenerationRequest
+    out: "queue.Queue[Piece]"
+    pending: list[int]  # inputs not yet fed
+    pos: int = 0  # tokens the stages hold
+    generated: int = 0
+    cancelled: bool = False
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0
+    wire_bytes: int = 0
+    # per stage: round trip ms minus the worker's compute ms, per step (decode steps only)
+    hop_overhead_ms: list[list[float]] = field(default_factory=list)
+    compute_ms: list[list[float]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, placement: Placement, addresses: list[str], eos_ids: set[int],
+                 opts: EngineOptions = EngineOptions()) -> None:
+        if len(addresses) != len(placement.stages):
+            raise ValueError(f"{len(placement.stages)} stages but {len(addresses)} addresses")
+        self.placement, self.addresses, self.eos, self.opts = placement, addresses, eos_ids, opts
+        self.channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in addresses]
+        self.stubs = [pb_grpc.WorkerServiceStub(c) for c in self.channels]
+        self.waiting: deque[_Session] = deque()
+        self.active: list[_Session] = []
+        self.cv = threading.Condition()
+        self.stats = EngineStats(hop_overhead_ms=[[] for _ in addresses], compute_ms=[[] for _ in addresses])
+        self._stop = False
+        self._ids = itertools.count()
+        self.thread = threading.Thread(target=self._loop, name="edgeweave-engine", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, req: GenerationRequest) -> Iterator[Piece]:
+        """Yields Pieces for one request until a finish Piece. Closing the iterator cancels it."""
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if req.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        total = len(req.prompt_ids) + req.max_tokens
+        if total > self.placement.context:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} "
+                             f"is over the served context of {self.placement.context}")
+        s = _Session(f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}", req, queue.Queue(), list(req.prompt_ids))
+        with self.cv:
+            if self._stop:
+                raise RuntimeError("the engine is shut down")
+            self.waiting.append(s)
+            self.cv.notify()
+        return self._drain(s)
+
+    def _drain(self, s: _Session) -> Iterator[Piece]:
+        try:
+            while True:
+                p = s.out.get()
+                yield p
+                if p.finish:
+                    return
+        finally:
+            s.cancelled = True  # no-op when finished; stops a session whose client went away
+
+    def active_sessions(self) -> int:
+        with self.cv:
+            return len(self.active) + len(self.waiting)
+
+    def close(self) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify()
+        self.thread.join(timeout=10)
+        for c in self.channels:
+            c.close()
+
+    # ------------------------------------------------------------------ loop
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.placement.batch:
+            self.active.append(self.waiting.popleft())
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self._stop and not self.waiting and not self.active:
+                    self.cv.wait()
+                if self._stop:
+                    for s in [*self.active, *self.waiting]:
+                        s.out.put(Piece(finish="error", error="the server is shutting down"))
+                    return
+                gone = [s for s in self.active if s.cancelled]
+                self.active = [s for s in self.active if not s.cancelled]
+                self._admit()
+                batch = list(self.active)
+            if gone:
+                self._release(gone)
+            if not batch:
+                continue
+            try:
+                self._step(batch)
+            except StageError as e:
+                log.warning("step failed: %s", e)
+                for s in batch:
+                    s.out.put(Piece(finish="error", error=str(e)))
+                with self.cv:
+                    self.active = [s for s in self.active if s not in batch]
+                self._release(batch)
+
+    def _step(self, batch: list[_Session]) -> None:
+        fed = {}
+        items = []
+        for s in batch:
+            chunk = s.pending[: self.opts.prefill_chunk]
+            fed[s.sid] = chunk
+            items.append(pb.StepItem(
+                session_id=s.sid, position=s.pos, max_tokens=len(s.req.prompt_ids) + s.req.max_tokens,
+                token_ids=encode_tensor(torch.tensor(chunk, dtype=torch.int64)), step=s.generated,
+                sampling=pb.SamplingParams(temperature=s.req.temperature, top_p=s.req.top_p, seed=s.req.seed)))
+        decode = all(len(c) == 1 for c in fed.values())
+        results = self._through_stages(items, decode)
+        finished = []
+        for s, r in zip(batch, results):
+            chunk = fed[s.sid]
+            s.pos += len(chunk)
+            del s.pending[: len(chunk)]
+            if s.pending:  # more of the prompt to feed; this step's token is not an output
+                continue
+            tok = int(r.token)
+            s.generated += 1
+            s.out.put(Piece(token=tok))
+            self.stats.tokens += 1
+            reason = "eos" if tok in self.eos else "length" if s.generated >= s.req.max_tokens else ""
+            if reason:
+                s.out.put(Piece(finish=reason))
+                finished.append(s)
+            else:
+                s.pending = [tok]
+        self.stats.steps += 1
+        if finished:
+            with self.cv:
+                self.active = [s for s in self.active if s not in finished]
+            self._release(finished)
+
+    def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
+        hidden: list[pb.Activation] | None = None
+        for k, stub in enumerate(self.stubs):
+            if hidden is not None:
+                items = [pb.StepItem(session_id=it.session_id, position=it.position, max_tokens=it.max_tokens,
+                                     hidden=h, step=it.step, sampling=it.sampling) for it, h in zip(items, hidden)]
+            req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
+                                    quantize_output=self.opts.quantize_wire)
+            t0 = time.perf_counter()
+            try:
+                resp = stub.Forward(req, timeout=self.opts.step_timeout_s)
+            except grpc.RpcError as e:
+                raise StageError(k, self.addresses[k], e.code(), e.details() or "") from e
+            rtt = (time.perf_counter() - t0) * 1e3
+            if decode:
+                self.stats.hop_overhead_ms[k].append(rtt - resp.compute_ms)
+                self.stats.compute_ms[k].append(resp.compute_ms)
+                self.stats.wire_bytes += req.ByteSize() + resp.ByteSize()
+            if len(resp.results) != len(items):
+                raise StageError(k, self.addresses[k], None, f"{len(resp.results)} results for {len(items)} items")
+            hidden = [r.hidden for r in resp.results]
+        return list(resp.results)
+
+    def _release(self, sessions: list[_Session]) -> None:
+        ids = [s.sid for s in sessions]
+        for k, stub in enumerate(self.stubs):
+            try:
+                stub.Release(pb.ReleaseRequest(session_ids=ids), timeout=5.0)
+            except grpc.RpcError as e:  # a dead stage holds no cache worth freeing
+                log.warning("release on stage %d failed: %s", k, e.code())

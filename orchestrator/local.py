@@ -1,0 +1,57 @@
+"""A real local Ray cluster of several nodes on one machine (separate raylet processes).
+
+Each node gets its own memory budget (Ray's `memory` resource), a tier label and the
+`edgeweave_node` resource, exactly what `ray start` publishes on a real edge machine
+(cluster.yaml), so the controller treats both the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .controller import NODE_RESOURCE
+from .profile import TIER_LABEL
+
+__all__ = ["LocalNode", "LocalCluster"]
+
+
+@dataclass(frozen=True)
+class LocalNode:
+    memory_bytes: int
+    tier: str = "cpu"
+    cpus: int = 0  # 0: this machine's core count
+
+
+class LocalCluster:
+    """Context manager: starts the head and N-1 more raylets, connects this process, tears down."""
+
+    def __init__(self, nodes: list[LocalNode]) -> None:
+        if not nodes:
+            raise ValueError("a local cluster needs at least one node")
+        self.nodes = nodes
+        self.cluster = None
+
+    def _args(self, n: LocalNode) -> dict:
+        return {"num_cpus": n.cpus or os.cpu_count() or 1, "memory": n.memory_bytes,
+                "resources": {NODE_RESOURCE: 1}, "labels": {TIER_LABEL: n.tier}}
+
+    def __enter__(self) -> "LocalCluster":
+        import ray
+        from ray.cluster_utils import Cluster
+
+        head = {**self._args(self.nodes[0]), "include_dashboard": False}
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        for n in self.nodes[1:]:
+            self.cluster.add_node(**self._args(n))
+        ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=False)
+        self.cluster.wait_for_nodes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
