@@ -20,31 +20,34 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1")
 
 
-def tiny_checkpoint(out, arch: str = "llama", layers: int = 2, act_scheme: str = "token", seed: int = 0):
+def tiny_checkpoint(out, arch: str = "llama", layers: int = 2, act_scheme: str = "token", seed: int = 0,
+                    init_range: float | None = None):
     """A quantized (HAQ W8A8) tiny random model saved as a checkpoint directory -> its path."""
     from quant.checkpoint import save_checkpoint
     from quant.config import QuantConfig
     from quant.pipeline import quantize
 
-    model = tiny_model(arch, seed, layers)
+    model = tiny_model(arch, seed, layers, init_range)
     calib = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(1))
     cfg = QuantConfig(method="haq", act_scheme=act_scheme, search_tokens=256)
     report = quantize(model, cfg, calib, progress=False)
     return save_checkpoint(model, tiny_tokenizer(), cfg, report, out)
 
 
-def tiny_model(arch: str, seed: int = 0, layers: int = 2):
+def tiny_model(arch: str, seed: int = 0, layers: int = 2, init_range: float | None = None):
+    """A random model; init_range (e.g. 0.2) gives less degenerate greedy output than the default 0.02."""
+    extra = {} if init_range is None else {"initializer_range": init_range}
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, **extra,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg).eval()
     if arch == "opt":
-        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, **extra, num_attention_heads=4,
                         word_embed_proj_dim=64, max_position_embeddings=256)
         return OPTForCausalLM(cfg).eval()
     if arch == "mixtral":
-        cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, **extra,
                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                             tie_word_embeddings=False)
         return MixtralForCausalLM(cfg).eval()

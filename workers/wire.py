@@ -79,6 +79,11 @@ def encode_activation(h: torch.Tensor, quantize: bool) -> pb.Activation:
 def decode_activation(msg: pb.Activation, what: str, hidden: int, max_rows: int) -> torch.Tensor:
     """-> float32 [T, hidden] with 1 <= T <= max_rows."""
     kind = msg.WhichOneof("kind")
+    shape = msg.dense.shape if kind == "dense" else msg.quantized.shape if kind == "quantized" else None
+    if shape is not None:
+        dims = _check_shape(shape, what, 2, MAX_MESSAGE_BYTES)
+        if dims[1] != hidden or not 1 <= dims[0] <= max_rows:
+            raise WireError(f"{what}: shape {list(dims)} where [1..{max_rows}, {hidden}] is required")
     if kind == "dense":
         h = decode_tensor(msg.dense, what, pb.FLOAT32, rank=2, max_elems=max_rows * hidden)
     elif kind == "quantized":

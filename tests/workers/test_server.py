@@ -1,0 +1,153 @@
+"""WorkerService over real gRPC on 127.0.0.1: shards compose to the whole model; bad input is refused
+with the right status and the server keeps serving."""
+
+import grpc
+import pytest
+import torch
+
+from orchestrator.profile import NodeProfile
+from protos import edgeweave_v1_pb2 as pb
+from protos import edgeweave_v1_pb2_grpc as pb_grpc
+from quant.checkpoint import load_checkpoint
+from quant.generate import SamplingConfig, generate_tokens, make_decoder
+from tests.conftest import tiny_checkpoint
+from workers.server import start_worker_server
+from workers.wire import GRPC_OPTIONS, MAX_MESSAGE_BYTES, decode_activation, encode_activation, encode_tensor
+
+PID = "v1-test"
+D = 64  # tiny model hidden size
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", layers=4)
+
+
+@pytest.fixture(scope="module")
+def workers(ckpt):
+    """Two workers: layers [0, 2) with the embedding, [2, 4) with the head."""
+    out = []
+    for first, last in ((0, 2), (2, 4)):
+        server, port, _ = start_worker_server(NodeProfile(f"n{first}", "cpu", 10**9, 1.0))
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        stub = pb_grpc.WorkerServiceStub(ch)
+        spec = pb.ShardSpec(checkpoint=str(ckpt), first_layer=first, last_layer=last, embed=first == 0, head=last == 4,
+                            placement_id=PID, kv_budget_bytes=4 * 2 * 2 * 2 * 16 * 4 * 64, max_context=64)
+        stub.LoadShard(pb.LoadShardRequest(shard=spec), timeout=60)
+        out.append((server, stub))
+    yield [s for _, s in out]
+    for server, _ in out:
+        server.stop(0)
+
+
+def _step(workers, sid, pos, ids, max_tokens=32, quantize=False, step=0):
+    first = pb.StepItem(session_id=sid, position=pos, max_tokens=max_tokens,
+                        token_ids=encode_tensor(torch.tensor(ids, dtype=torch.int64)))
+    r = workers[0].Forward(pb.ForwardRequest(placement_id=PID, items=[first], quantize_output=quantize), timeout=10)
+    second = pb.StepItem(session_id=sid, position=pos, max_tokens=max_tokens, hidden=r.results[0].hidden, step=step)
+    return workers[1].Forward(pb.ForwardRequest(placement_id=PID, items=[second]), timeout=10).results[0].token
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_two_shards_generate_what_the_single_process_model_does(ckpt, workers):
+    model, _, _ = load_checkpoint(ckpt)
+    prompt = [5, 9, 33, 100, 7]
+    ref = list(generate_tokens(make_decoder(model), prompt, SamplingConfig(max_new_tokens=12), set()))
+    got, x, pos = [], prompt, 0
+    for step in range(12):
+        tok = _step(workers, "greedy", pos, x, step=step)
+        got.append(tok)
+        pos, x = pos + len(x), [tok]
+    assert got == ref
+    assert workers[0].Release(pb.ReleaseRequest(session_ids=["greedy"]), timeout=5).released == 1
+
+
+def test_int8_wire_activation_is_close_and_four_times_smaller():
+    h = torch.randn(3, 576) * 4
+    dense, quant = encode_activation(h, False), encode_activation(h, True)
+    back = decode_activation(quant, "h", 576, 8)
+    assert quant.ByteSize() < dense.ByteSize() / 3.5
+    assert float((back - h).abs().max()) <= float(h.abs().amax(-1).max()) / 127 * 0.51
+
+
+def _item(sid="s", pos=0, **kw):
+    return pb.StepItem(session_id=sid, position=pos, max_tokens=8, **kw)
+
+
+def _fwd(stub, *items, pid=PID):
+    return lambda: stub.Forward(pb.ForwardRequest(placement_id=pid, items=list(items)), timeout=10)
+
+
+def test_bad_input_gets_a_clear_status(workers):
+    first, second = workers
+    ids = torch.tensor([1, 2, 3], dtype=torch.int64)
+    cases = [
+        (_fwd(first, _item(token_ids=encode_tensor(ids.to(torch.int32)))), grpc.StatusCode.INVALID_ARGUMENT, "dtype INT32"),
+        (_fwd(first, _item(token_ids=pb.Tensor(dtype=pb.INT64, shape=[3], data=b"\0" * 20))),
+         grpc.StatusCode.INVALID_ARGUMENT, "20 bytes of data"),
+        (_fwd(first, _item(token_ids=encode_tensor(torch.tensor([1, 999])))), grpc.StatusCode.INVALID_ARGUMENT, "token_ids must be in"),
+        (_fwd(first, _item(pos=4, token_ids=encode_tensor(ids))), grpc.StatusCode.NOT_FOUND, "unknown session"),
+        (_fwd(first, _item(token_ids=encode_tensor(ids)), pid="v0-old"), grpc.StatusCode.FAILED_PRECONDITION, "not the loaded one"),
+        (_fwd(first, _item(hidden=encode_activation(torch.randn(1, D), False))), grpc.StatusCode.INVALID_ARGUMENT, "takes token_ids"),
+        (_fwd(second, _item(hidden=encode_activation(torch.randn(2, D + 1), False))), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        (_fwd(second, _item(hidden=encode_activation(torch.full((1, D), float("nan")), False))),
+         grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+        (_fwd(second, _item(hidden=pb.Activation(quantized=pb.QuantizedTensor(shape=[1, D], values=b"\1" * D, scales=b"\0" * 4)))),
+         grpc.StatusCode.INVALID_ARGUMENT, "scales must be finite and > 0"),
+        (_fwd(second, _item(hidden=encode_activation(torch.randn(9, D), False))), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        (_fwd(first, _item(token_ids=encode_tensor(ids)), _item(token_ids=encode_tensor(ids))),
+         grpc.StatusCode.INVALID_ARGUMENT, "appears twice"),
+        (_fwd(first, _item(sid="", token_ids=encode_tensor(ids))), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+        (lambda: first.Forward(pb.ForwardRequest(placement_id=PID), timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "items"),
+    ]
+    for call, code, text in cases:
+        got, details = _code(call)
+        assert got == code and text in details, (got, details)
+    assert first.Health(pb.WorkerHealthRequest(), timeout=5).sessions == 0, "refused steps must not leave sessions"
+
+
+def test_oversized_message_is_refused_and_server_lives(workers):
+    huge = pb.Tensor(dtype=pb.INT64, shape=[MAX_MESSAGE_BYTES // 8 + 16], data=b"\0" * (MAX_MESSAGE_BYTES + 128))
+    code, _ = _code(_fwd(workers[0], _item(token_ids=huge)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert workers[0].Health(pb.WorkerHealthRequest(), timeout=5).placement_id == PID
+
+
+def test_kv_budget_is_enforced_and_freed_by_release(workers):
+    first = workers[0]
+    ids = encode_tensor(torch.tensor([1, 2], dtype=torch.int64))
+    # budget: 4 sessions of 64 tokens (2 layers here); 64-token sessions fill it
+    big = [pb.StepItem(session_id=f"kv{i}", position=0, max_tokens=64, token_ids=ids) for i in range(4)]
+    first.Forward(pb.ForwardRequest(placement_id=PID, items=big), timeout=10)
+    code, details = _code(_fwd(first, pb.StepItem(session_id="kv-extra", position=0, max_tokens=64, token_ids=ids)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV cache full" in details
+    first.Release(pb.ReleaseRequest(session_ids=[f"kv{i}" for i in range(4)]), timeout=5)
+    first.Forward(pb.ForwardRequest(placement_id=PID, items=[pb.StepItem(
+        session_id="kv-extra", position=0, max_tokens=64, token_ids=ids)]), timeout=10)
+    first.Release(pb.ReleaseRequest(session_ids=["kv-extra"]), timeout=5)
+
+
+def test_standard_health_and_reflection_are_served(workers, ckpt):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    server, port, _ = start_worker_server(NodeProfile("h", "cpu", 10**9, 1.0))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="edgeweave.v1.WorkerService"), timeout=5)
+            assert h.status == health_pb2.HealthCheckResponse.SERVING
+            services = ProtoReflectionDescriptorDatabase(ch).get_services()
+            assert "edgeweave.v1.WorkerService" in services
+            stub = pb_grpc.WorkerServiceStub(ch)
+            code, details = _code(lambda: stub.Forward(pb.ForwardRequest(placement_id=PID, items=[_item()]), timeout=5))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "LoadShard" in details
+            code, details = _code(lambda: stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
+                checkpoint=str(ckpt) + "-missing", placement_id="p", max_context=8, last_layer=1)), timeout=30))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "missing" in details
+    finally:
+        server.stop(0)
