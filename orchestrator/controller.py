@@ -85,11 +85,15 @@ class Controller:
         for n in nodes:
             node_id, tier, budget, cores = node_offers(n)
             host = "127.0.0.1" if n["NodeManagerAddress"] == my_ip else n["NodeManagerAddress"]
+            # Ray gives actors OMP_NUM_THREADS=1; the kernels should use the node's cores, and idle
+            # OpenMP threads should not spin long (a machine may run several stages' processes).
+            env = {"OMP_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": "10000"}
             self.workers[node_id] = remote_worker.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(node_id, tier, budget, host)
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                runtime_env={"env_vars": env}).remote(node_id, tier, budget, host)
             self.cores[node_id] = cores
         ids = list(self.workers)
-        self.addresses = dict(zip(ids, ray.get([self.workers[i].address.remote() for i in ids])))
+        self.addresses = {i: ray.get(self.workers[i].start.remote()) for i in ids}  # one at a time
         self.profiles = [NodeProfile(**d) for d in ray.get([self.workers[i].node_profile.remote() for i in ids])]
         popts = PlanOptions(context=opts.context, batch=opts.batch, prefill_chunk=opts.prefill_chunk, hop_ms=opts.hop_ms)
         self.placement = plan(self.manifest, self.profiles, popts, model=str(root))

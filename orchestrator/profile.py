@@ -53,7 +53,7 @@ def parse_bytes(text: str | int) -> int:
     return int(float(num) * _UNITS[unit])
 
 
-def measure_int8_gops(k: int = 2048, n: int = 4096, reps: int = 5) -> float:
+def measure_int8_gops(k: int = 2048, n: int = 4096, reps: int = 9) -> float:
     """Median throughput of the int8 linear at M = 1 on a weight larger than typical caches."""
     import torch
 

@@ -20,11 +20,14 @@ class WorkerActor:
 
     def __init__(self, node_id: str, tier: str, budget_bytes: int | None, host: str) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.profile = measure_profile(node_id, tier, budget_bytes)
-        self.server, self.port, _ = start_worker_server(self.profile, host)
+        self.args = (node_id, tier, budget_bytes)
         self.host = host
 
-    def address(self) -> str:
+    def start(self) -> str:
+        """Measures the node (the controller calls the workers one at a time, so nodes sharing a
+        machine do not disturb each other's measurement), starts the gRPC server -> its address."""
+        self.profile = measure_profile(*self.args)
+        self.server, self.port, _ = start_worker_server(self.profile, self.host)
         return f"{self.host}:{self.port}"
 
     def node_profile(self) -> dict:

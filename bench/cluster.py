@@ -1,0 +1,120 @@
+"""Serving SmolLM2 W8A8 on a local Ray cluster: 1 node vs 3 nodes (separate raylets, this machine).
+
+For each cluster: single-stream decode tokens/s (greedy, 128 tokens, median of --reps), time to
+first token, per-hop overhead (a stage's round trip minus its compute, median over decode steps),
+bytes on the wire per token, and the throughput of 8 concurrent streams (batched decode steps)
+against one stream.
+
+    python bench/cluster.py [CHECKPOINT_DIR] [--reps 5] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import machine, table, update_section, write_results  # noqa: E402
+from orchestrator.client import stream_generate  # noqa: E402
+from orchestrator.controller import ServeOptions, start_controller  # noqa: E402
+from orchestrator.local import LocalCluster, LocalNode  # noqa: E402
+from orchestrator.planner import Placement  # noqa: E402
+
+PROMPT = "The history of the city begins in the early middle ages, when"
+CLUSTERS = {"1 node": [1_000_000_000], "3 nodes": [170_000_000, 140_000_000, 140_000_000]}
+CONTEXT, BATCH = 512, 8
+
+
+def one_stream(address: str, tokens: int) -> tuple[float, float, int]:
+    """-> (decode tokens/s after the first token, seconds to first token, tokens)."""
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    for m in stream_generate(address, PROMPT, tokens, timeout_s=600):
+        stamps.extend([time.perf_counter()] * len(m.token_ids))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0, len(stamps)
+
+
+def concurrent(address: str, streams: int, tokens: int) -> float:
+    """Total generated tokens/s of `streams` simultaneous requests (different prompts)."""
+    counts = [0] * streams
+
+    def run(i: int) -> None:
+        for m in stream_generate(address, f"{PROMPT} ({i})", tokens, timeout_s=600):
+            counts[i] += len(m.token_ids)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int) -> dict:
+    import ray
+
+    with LocalCluster([LocalNode(b) for b in budgets]):
+        actor, address = start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH))
+        placement = Placement.from_dict(ray.get(actor.placement_dict.remote()))
+        one_stream(address, 8)  # warm-up
+        ray.get(actor.reset_stats.remote())
+        runs = [one_stream(address, tokens) for _ in range(reps)]
+        stats = ray.get(actor.stats.remote())
+        conc = [concurrent(address, 8, tokens) for _ in range(max(reps // 2, 1))]
+        ray.get(actor.shutdown.remote(), timeout=60)
+    rate = statistics.median(r[0] for r in runs)
+    decode_steps = max(stats["steps"] - reps, 1)  # one prefill step per run
+    return {"cluster": name, "budgets": budgets, "stages": [[s.first, s.last] for s in placement.stages],
+            "decode_tok_s": rate, "runs_tok_s": [r[0] for r in runs], "ttft_s": statistics.median(r[1] for r in runs),
+            "hop_overhead_ms": stats["hop_overhead_ms_median"], "compute_ms": stats["compute_ms_median"],
+            "wire_bytes_per_token": stats["wire_bytes"] / decode_steps,
+            "concurrent8_tok_s": statistics.median(conc), "concurrent8_runs": conc}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    a = ap.parse_args()
+    ckpt = str(Path(a.checkpoint).resolve())
+    res = {name: measure(name, b, ckpt, a.reps, a.tokens) for name, b in CLUSTERS.items()}
+    one, three = res["1 node"], res["3 nodes"]
+    ratios = {"three_vs_one_decode": three["decode_tok_s"] / one["decode_tok_s"],
+              "concurrent8_vs_one_stream_3nodes": three["concurrent8_tok_s"] / three["decode_tok_s"],
+              "concurrent8_vs_one_stream_1node": one["concurrent8_tok_s"] / one["decode_tok_s"],
+              "max_hop_overhead_ms_3nodes": max(x for x in three["hop_overhead_ms"] if x is not None)}
+    write_results("cluster", {"results": res, "ratios": ratios, "context": CONTEXT, "batch": BATCH,
+                              "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint})
+    rows = []
+    for r in res.values():
+        rows.append([r["cluster"], " ".join(f"{f}-{l - 1}" for f, l in r["stages"]), f"{r['decode_tok_s']:.1f}",
+                     f"{r['ttft_s'] * 1e3:.0f}", " / ".join(f"{x:.2f}" for x in r["hop_overhead_ms"]),
+                     " / ".join(f"{x:.1f}" for x in r["compute_ms"]), f"{r['wire_bytes_per_token']:,.0f}",
+                     f"{r['concurrent8_tok_s']:.1f}"])
+    md = table(["cluster", "layers per stage", "decode tok/s", "TTFT ms", "hop overhead ms (per stage)",
+                "stage compute ms", "wire bytes/token", "8 streams tok/s"], rows)
+    update_section("cluster", f"""## Serving on a local Ray cluster (`bench/cluster.py`)
+
+Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens}`
+(SmolLM2-135M HAQ W8A8 per-token; context {CONTEXT} x batch {BATCH}; each node a separate raylet on this
+{machine()['cores']}-core machine; budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; median of {a.reps}).
+
+{md}
+
+- 3-node decode / 1-node decode: **{ratios['three_vs_one_decode']:.2f}x** (target >= 0.8)
+- largest per-hop overhead, 3 nodes: **{ratios['max_hop_overhead_ms_3nodes']:.2f} ms** (target <= 1 ms)
+- 8 concurrent streams / 1 stream, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
+  (1 node: {ratios['concurrent8_vs_one_stream_1node']:.2f}x; target >= 3x)
+""")
+    print(md)
+    print(ratios)
+
+
+if __name__ == "__main__":
+    main()
