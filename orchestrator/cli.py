@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -152,7 +153,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from orchestrator.controller import start_controller
 
     opts = _serve_options(a)
-    ray.init(address=a.address, logging_level="WARNING")
+    ray.init(address=a.address, logging_level=logging.WARNING)
     try:
         actor, address = start_controller(opts)
         _report_and_wait(actor, address)

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -80,8 +81,9 @@ class Controller:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if any(NODE_RESOURCE in n.get("Resources", {}) for n in nodes):
             nodes = [n for n in nodes if NODE_RESOURCE in n.get("Resources", {})]
-        remote_worker = ray.remote(num_cpus=0, max_restarts=0)(WorkerActor)
-        self.workers, self.cores = {}, {}
+        remote_worker: Any = ray.remote(num_cpus=0, max_restarts=0)(WorkerActor)
+        self.workers: dict[str, Any] = {}
+        self.cores: dict[str, int] = {}
         for n in nodes:
             node_id, tier, budget, cores = node_offers(n)
             host = "127.0.0.1" if n["NodeManagerAddress"] == my_ip else n["NodeManagerAddress"]
@@ -93,7 +95,7 @@ class Controller:
                 runtime_env={"env_vars": env}).remote(node_id, tier, budget, host)
             self.cores[node_id] = cores
         ids = list(self.workers)
-        self.addresses = {i: ray.get(self.workers[i].start.remote()) for i in ids}  # one at a time
+        self.addresses: dict[str, str] = {i: ray.get(self.workers[i].start.remote()) for i in ids}  # one at a time
         self.profiles = [NodeProfile(**d) for d in ray.get([self.workers[i].node_profile.remote() for i in ids])]
         popts = PlanOptions(context=opts.context, batch=opts.batch, prefill_chunk=opts.prefill_chunk, hop_ms=opts.hop_ms)
         self.placement = plan(self.manifest, self.profiles, popts, model=str(root))
@@ -172,7 +174,8 @@ def start_controller(opts: ServeOptions):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    actor = ray.remote(num_cpus=0, max_concurrency=8)(Controller).options(
+    remote_controller: Any = ray.remote(num_cpus=0, max_concurrency=8)(Controller)  # type: ignore[call-overload]
+    actor = remote_controller.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(asdict(opts))
     t0 = time.time()
     address = ray.get(actor.address.remote())

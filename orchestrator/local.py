@@ -7,8 +7,10 @@ Each node gets its own memory budget (Ray's `memory` resource), a tier label and
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from .controller import NODE_RESOURCE
 from .profile import TIER_LABEL
@@ -20,7 +22,7 @@ __all__ = ["LocalNode", "LocalCluster"]
 class LocalNode:
     memory_bytes: int
     tier: str = "cpu"
-    cpus: int = 0  # 0: this machine's core count
+    cpus: int = 0  # 0: this machine's cores shared out among the nodes (at least 1 each)
 
 
 class LocalCluster:
@@ -30,10 +32,11 @@ class LocalCluster:
         if not nodes:
             raise ValueError("a local cluster needs at least one node")
         self.nodes = nodes
-        self.cluster = None
+        self.cluster: Any = None
 
     def _args(self, n: LocalNode) -> dict:
-        return {"num_cpus": n.cpus or os.cpu_count() or 1, "memory": n.memory_bytes,
+        share = max((os.cpu_count() or 1) // len(self.nodes), 1)  # nodes on one machine share its cores
+        return {"num_cpus": n.cpus or share, "memory": n.memory_bytes,
                 "resources": {NODE_RESOURCE: 1}, "labels": {TIER_LABEL: n.tier}}
 
     def __enter__(self) -> "LocalCluster":
@@ -44,7 +47,7 @@ class LocalCluster:
         self.cluster = Cluster(initialize_head=True, head_node_args=head)
         for n in self.nodes[1:]:
             self.cluster.add_node(**self._args(n))
-        ray.init(address=self.cluster.address, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=self.cluster.address, logging_level=logging.WARNING, log_to_driver=False)
         self.cluster.wait_for_nodes()
         return self
 

@@ -21,7 +21,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
-_TO_NP = {pb.FLOAT32: np.dtype("<f4"), pb.INT8: np.dtype("i1"), pb.INT32: np.dtype("<i4"), pb.INT64: np.dtype("<i8")}
+_TO_NP: dict[int, np.dtype] = {pb.FLOAT32: np.dtype("<f4"), pb.INT8: np.dtype("i1"), pb.INT32: np.dtype("<i4"), pb.INT64: np.dtype("<i8")}
 _FROM_TORCH = {torch.float32: pb.FLOAT32, torch.int8: pb.INT8, torch.int32: pb.INT32, torch.int64: pb.INT64}
 
 

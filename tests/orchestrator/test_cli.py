@@ -61,3 +61,26 @@ def test_generate_streams_from_checkpoint(ckpt, capsys):
     assert main(["generate", str(ckpt), "t5 t6 t7", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("t5 t6 t7") and len(out.split()) > 3
+
+
+def test_plan_prints_a_table_and_refuses_with_missing_bytes(tmp_path):
+    from tests.conftest import tiny_checkpoint
+
+    ck = tiny_checkpoint(tmp_path / "ck", layers=4)
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps([{"node_id": "edge-a", "budget_bytes": "2MB", "int8_gops": 2.0},
+                                 {"node_id": "edge-b", "tier": "slow-cpu", "budget_bytes": "1MB", "int8_gops": 0.5}]))
+    r = run_cli("plan", str(ck), "--nodes", str(nodes), "--context", "128", "--batch", "2", "--json", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    assert "edge-a" in r.stdout and "bytes used / budget" in r.stdout and "est ms/token" in r.stdout
+    assert json.loads((tmp_path / "p.json").read_text())["stages"][0]["node_id"] == "edge-a"
+    nodes.write_text(json.dumps([{"node_id": "tiny", "budget_bytes": "100KB"}]))
+    r = run_cli("plan", str(ck), "--nodes", str(nodes))
+    assert r.returncode == 2 and "bytes are missing" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("plan", str(tmp_path), "--nodes", str(nodes))
+    assert r.returncode == 2 and "not a quantized checkpoint" in r.stderr
+
+
+def test_generate_from_an_unreachable_server_fails_cleanly():
+    r = run_cli("generate", "--server", "127.0.0.1:9", "hello", "--timeout", "3")
+    assert r.returncode == 2 and "server 127.0.0.1:9: UNAVAILABLE" in r.stderr and "Traceback" not in r.stderr
