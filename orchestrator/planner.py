@@ -233,7 +233,7 @@ def format_placement(p: Placement) -> str:
     rows = [("node", "tier", "layers", "embed/head", "bytes used / budget", "est ms/token")]
     for s in p.stages:
         eh = "/".join(x for x, on in (("embed", s.embed), ("head", s.head)) if on) or "-"
-        rows.append((s.node_id, s.tier, f"{s.first}-{s.last - 1}", eh,
+        rows.append((s.node_id if len(s.node_id) <= 16 else s.node_id[:12] + "...", s.tier, f"{s.first}-{s.last - 1}", eh,
                      f"{s.used_bytes:,} / {s.budget_bytes:,} ({100 * s.used_bytes / max(s.budget_bytes, 1):.0f}%)",
                      f"{s.est_ms_per_token:.2f}"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
