@@ -174,8 +174,8 @@ class Engine:
                 continue
             try:
                 self._step(batch)
-            except StageError as e:
-                log.warning("step failed: %s", e)
+            except Exception as e:  # StageError, or a bug: fail these requests, keep serving the rest
+                log.warning("step failed: %s", e, exc_info=not isinstance(e, StageError))
                 for s in batch:
                     s.out.put(Piece(finish="error", error=str(e)))
                 with self.cv:

@@ -116,3 +116,21 @@ def test_stop_strings_end_generation(served):
     _, msgs = _generate(address, PROMPTS[0], 12, stop=(word,))
     text = "".join(m.text for m in msgs)
     assert msgs[-1].finish_reason == "stop" and word not in text
+
+
+def test_a_dead_stage_fails_the_request_cleanly_and_the_engine_keeps_serving(served):
+    """An engine pointed at a stage that does not answer: UNAVAILABLE-style error, no hang."""
+    import ray
+
+    from orchestrator.engine import Engine, EngineOptions, GenerationRequest
+
+    _, actor, _ = served
+    p = Placement.from_dict(ray.get(actor.placement_dict.remote()))
+    addrs = ray.get(actor.worker_addresses.remote())
+    engine = Engine(p, [addrs[0], "127.0.0.1:9", addrs[2]], set(), EngineOptions(step_timeout_s=3.0))
+    try:
+        for _ in range(2):  # the loop survives the first failure
+            pieces = list(engine.submit(GenerationRequest((5, 9, 33), 4)))
+            assert pieces[-1].finish == "error" and "stage 1 at 127.0.0.1:9" in pieces[-1].error
+    finally:
+        engine.close()
