@@ -222,12 +222,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=int, default=1024, help="most tokens per session (prompt + generated)")
+    p.add_argument("--batch", type=int, default=8, help="concurrent sessions (KV cache reserved for each)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens per step and session")
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the inference service binds (default: loopback only)")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--context", type=int, default=1024, help="most tokens per session (prompt + generated)")
-    p.add_argument("--batch", type=int, default=8, help="concurrent sessions (KV cache reserved for each)")
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    _placement_args(p)
     p.add_argument("--int8-wire", action="store_true",
                    help="send hidden states between nodes as per-token int8 (4x fewer bytes, not bit-exact)")
 
@@ -273,9 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", help="quantized checkpoint directory")
     pl.add_argument("--nodes", required=True,
                     help='JSON list of nodes: [{"node_id": "a", "tier": "cpu", "budget_bytes": "300MB", "int8_gops": 4.0}]')
-    pl.add_argument("--context", type=int, default=1024)
-    pl.add_argument("--batch", type=int, default=8)
-    pl.add_argument("--prefill-chunk", type=int, default=256)
+    _placement_args(pl)
     pl.add_argument("--hop-ms", type=float, default=1.0, help="estimated cost of one more stage per token")
     pl.add_argument("--json", default=None, help="also write the placement here")
     pl.set_defaults(fn=cmd_plan)

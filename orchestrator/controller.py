@@ -101,6 +101,8 @@ class Controller:
         self.placement = plan(self.manifest, self.profiles, popts, model=str(root))
         log.info("placement %s: %s", self.placement.placement_id,
                  [(s.node_id[:8], s.first, s.last) for s in self.placement.stages])
+        self.channels = {s.node_id: grpc.insecure_channel(self.addresses[s.node_id], options=GRPC_OPTIONS)
+                         for s in self.placement.stages}
         self._load(self.placement, root)
         self.engine = Engine(self.placement, [self.addresses[s.node_id] for s in self.placement.stages],
                              {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set(),
@@ -116,9 +118,8 @@ class Controller:
             spec = pb.ShardSpec(checkpoint=str(root), first_layer=s.first, last_layer=s.last, embed=s.embed,
                                 head=s.head, placement_id=placement.placement_id, kv_budget_bytes=s.kv_bytes,
                                 max_context=placement.context, threads=self.cores[s.node_id])
-            with grpc.insecure_channel(self.addresses[s.node_id], options=GRPC_OPTIONS) as ch:
-                return pb_grpc.WorkerServiceStub(ch).LoadShard(pb.LoadShardRequest(shard=spec),
-                                                               timeout=self.opts.load_timeout_s)
+            return pb_grpc.WorkerServiceStub(self.channels[s.node_id]).LoadShard(
+                pb.LoadShardRequest(shard=spec), timeout=self.opts.load_timeout_s)
 
         with ThreadPoolExecutor(len(placement.stages)) as ex:
             for s, r in zip(placement.stages, ex.map(load, placement.stages)):
@@ -130,8 +131,7 @@ class Controller:
         while not self._stop.wait(self.opts.health_interval_s):
             for s in self.placement.stages:
                 try:
-                    with grpc.insecure_channel(self.addresses[s.node_id], options=GRPC_OPTIONS) as ch:
-                        pb_grpc.WorkerServiceStub(ch).Health(pb.WorkerHealthRequest(), timeout=2.0)
+                    pb_grpc.WorkerServiceStub(self.channels[s.node_id]).Health(pb.WorkerHealthRequest(), timeout=2.0)
                     state = "ok"
                 except grpc.RpcError as e:
                     state = f"unreachable ({e.code().name})"
@@ -166,6 +166,8 @@ class Controller:
         self._stop.set()
         self.server.stop(grace=2.0)
         self.engine.close()
+        for ch in self.channels.values():
+            ch.close()
 
 
 def start_controller(opts: ServeOptions):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent import futures
 
 import grpc
 
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
-from workers.server import add_standard_services
-from workers.wire import GRPC_OPTIONS
+from protos.serving import start_server
+from quant.textstream import TextStreamer
 
 from .engine import Engine, GenerationRequest
-from .textstream import TextStreamer
 
 __all__ = ["InferenceServicer", "start_inference_server", "MAX_PROMPT_CHARS", "MAX_STOP_STRINGS"]
 
@@ -97,11 +95,5 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
 def start_inference_server(servicer: InferenceServicer, host: str = "127.0.0.1", port: int = 0,
                            max_workers: int = 64) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    add_standard_services(server, [pb.DESCRIPTOR.services_by_name["InferenceService"].full_name])
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the inference service to {host}:{port} (in use?)")
-    server.start()
-    return server, bound
+    return start_server(pb_grpc.add_InferenceServiceServicer_to_server, servicer, "InferenceService", host, port,
+                        max_workers)

@@ -79,16 +79,16 @@ def generate_tokens(decoder, prompt_ids: list[int], cfg: SamplingConfig, eos_ids
 
 
 def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
-    """Yields decoded text pieces; decoding the whole suffix keeps multi-byte characters intact."""
+    """Yields decoded text pieces (never half a UTF-8 character; see quant.textstream)."""
+    from .textstream import TextStreamer
+
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    new: list[int] = []
-    shown = ""
+    streamer = TextStreamer(tokenizer)
     for tok in generate_tokens(make_decoder(model), ids, cfg, eos):
         if tok in eos:
             break
-        new.append(tok)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-            yield text[len(shown):]
-            shown = text
+        if piece := streamer.push(tok):
+            yield piece
+    if rest := streamer.finish():
+        yield rest

@@ -99,6 +99,11 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    @staticmethod
+    def size_bytes(layers: int, dims: LlamaDims, max_len: int) -> int:
+        """nbytes of a cache not yet allocated."""
+        return 2 * layers * dims.kv_heads * max_len * dims.head_dim * 4
+
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))

@@ -11,23 +11,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from orchestrator.profile import NodeProfile
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
+from protos.serving import start_server
 from quant.checkpoint import CheckpointError
 from quant.generate import pick_token
 
 from .llama_stage import KVCache
 from .shard import LoadedShard, ShardRange, load_shard
-from .wire import GRPC_OPTIONS, WireError, decode_activation, decode_tensor, encode_activation
+from .wire import WireError, decode_activation, decode_tensor, encode_activation
 
 __all__ = ["WorkerServicer", "start_worker_server", "MAX_ITEMS", "MAX_SESSION_ID"]
 
@@ -147,7 +145,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if shard.head is not None and (not sp.temperature >= 0 or not 0 <= sp.top_p <= 1):
                 raise WireError(f"{what}.sampling: temperature must be >= 0 and top_p in [0, 1]")
             if cache is None:
-                new_bytes += _cache_bytes(shard, it.max_tokens)
+                new_bytes += KVCache.size_bytes(len(shard.stage.layers), shard.dims, it.max_tokens)
             items.append(_Item(sid, x, it.max_tokens, float(sp.temperature), float(sp.top_p) or 1.0, int(sp.seed),
                                int(it.step)))
         used = self._kv_used()
@@ -209,29 +207,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                                            kv_bytes_used=self._kv_used(), kv_budget_bytes=spec.kv_budget_bytes if spec else 0)
 
 
-def _cache_bytes(shard: LoadedShard, max_tokens: int) -> int:
-    d = shard.dims
-    return 2 * len(shard.stage.layers) * d.kv_heads * max_tokens * d.head_dim * 4
-
-
-def add_standard_services(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
-    """grpc.health.v1 (SERVING for "" and each service) and reflection, so generic tools see the server."""
-    hs = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    for name in ["", *service_names]:
-        hs.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    return hs
-
-
 def start_worker_server(profile: NodeProfile, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int, WorkerServicer]:
     """Starts a WorkerService on host:port (0: any free port) -> (server, port, servicer)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_OPTIONS)
     servicer = WorkerServicer(profile)
-    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    add_standard_services(server, [pb.DESCRIPTOR.services_by_name["WorkerService"].full_name])
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the worker to {host}:{port}")
-    server.start()
+    server, bound = start_server(pb_grpc.add_WorkerServiceServicer_to_server, servicer, "WorkerService", host, port, 8)
     return server, bound, servicer

@@ -12,14 +12,10 @@ import numpy as np
 import torch
 
 from protos import edgeweave_v1_pb2 as pb
+from protos.serving import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 
 __all__ = ["WireError", "encode_tensor", "decode_tensor", "encode_activation", "decode_activation",
            "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
-
-# Set explicitly on every server and channel (gRPC's default receive limit is 4 MiB).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 _TO_NP: dict[int, np.dtype] = {pb.FLOAT32: np.dtype("<f4"), pb.INT8: np.dtype("i1"), pb.INT32: np.dtype("<i4"), pb.INT64: np.dtype("<i8")}
 _FROM_TORCH = {torch.float32: pb.FLOAT32, torch.int8: pb.INT8, torch.int32: pb.INT32, torch.int64: pb.INT64}
@@ -100,6 +96,4 @@ def decode_activation(msg: pb.Activation, what: str, hidden: int, max_rows: int)
         h = torch.from_numpy(q * scales[:, None])
     else:
         raise WireError(f"{what}: empty activation (neither dense nor quantized)")
-    if h.shape[1] != hidden or not 1 <= h.shape[0] <= max_rows:
-        raise WireError(f"{what}: shape {list(h.shape)} where [1..{max_rows}, {hidden}] is required")
     return h

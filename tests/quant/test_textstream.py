@@ -1,4 +1,4 @@
-from orchestrator.textstream import TextStreamer
+from quant.textstream import TextStreamer
 from tests.conftest import tiny_tokenizer
 
 

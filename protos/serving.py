@@ -1,0 +1,40 @@
+"""gRPC server set-up shared by WorkerService and InferenceService: message limits, standard
+health checking (grpc.health.v1) and reflection, so generic gRPC tools can see every server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+
+from . import edgeweave_v1_pb2 as pb
+
+__all__ = ["MAX_MESSAGE_BYTES", "GRPC_OPTIONS", "start_server"]
+
+# Set explicitly on every server and channel (gRPC's default receive limit is 4 MiB).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+def start_server(add_servicer: Callable, servicer, service: str, host: str, port: int,
+                 max_workers: int) -> tuple[grpc.Server, int]:
+    """Serves `servicer` (added with its generated add_*_to_server) as edgeweave.v1.{service}, plus
+    health (SERVING for "" and the service) and reflection, on host:port (0: any free port)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    add_servicer(servicer, server)
+    name = pb.DESCRIPTOR.services_by_name[service].full_name
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    for n in ("", name):
+        hs.set(n, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {service} to {host}:{port} (address in use, or not this machine's)")
+    server.start()
+    return server, bound
