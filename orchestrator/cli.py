@@ -1,4 +1,4 @@
-"""The `edgeweave` command: quantize, eval, generate, plan, serve, up, demo."""
+"""The `edgeweave` command: quantize, eval, generate, plan, serve, up, demo, moe-sim."""
 
 from __future__ import annotations
 
@@ -222,6 +222,26 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe_sim(a: argparse.Namespace) -> int:
+    from .experts import load_trace, token_routes
+    from .moesim import SimConfig, format_sim, run_sim
+
+    tokens = token_routes(load_trace(a.trace))
+    pick = lambda ids: [t for t in tokens if t.sequence in ids]  # noqa: E731
+    evaluate = pick(set(a.sequences)) if a.sequences else tokens
+    warm = pick(set(a.warm_sequences)) if a.warm_sequences else []
+    if set(a.sequences or ()) & set(a.warm_sequences or ()):
+        raise ValueError("--warm-sequences and --sequences overlap: the report would be fitted to its answer")
+    policies = tuple(p for x in a.policy for p in x.split(",") if p) or ("lru", "lfu", "stats", "belady")
+    rep = run_sim(evaluate, SimConfig(slots=a.slots, policies=policies, hidden=a.hidden, inter=a.inter), warm)
+    rep["trace"] = str(a.trace)
+    print(format_sim(rep))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rep, indent=1))
+    return 0
+
+
 def _placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=1024, help="most tokens per session (prompt + generated)")
     p.add_argument("--batch", type=int, default=8, help="concurrent sessions (KV cache reserved for each)")
@@ -306,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--node-memory", default="300MB,200MB,120MB")
     _serve_args(d)
     d.set_defaults(fn=cmd_demo, port=0)
+
+    ms = sub.add_parser("moe-sim", help="replay an MoE routing trace through the fast-tier policies")
+    ms.add_argument("--trace", required=True, help="JSONL: layer, token_idx, experts (and problem_id) per line")
+    ms.add_argument("--slots", type=int, default=4, help="experts per layer in the fast tier")
+    ms.add_argument("--policy", action="append", default=[], help="lru,lfu,stats,belady (default: all)")
+    ms.add_argument("--sequences", type=int, nargs="*", default=None, help="problem ids to report (default: all)")
+    ms.add_argument("--warm-sequences", type=int, nargs="*", default=None,
+                    help="problem ids whose statistics the stats policy has before the run (earlier traffic)")
+    ms.add_argument("--hidden", type=int, default=4096, help="expert input size, for bytes (default: Mixtral-8x7B)")
+    ms.add_argument("--inter", type=int, default=14336, help="expert intermediate size (default: Mixtral-8x7B)")
+    ms.add_argument("--json", default=None, help="also write the report here")
+    ms.set_defaults(fn=cmd_moe_sim)
     return p
 
 
