@@ -218,11 +218,12 @@ class Engine:
             self._release(finished)
 
     def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
-        hidden: list[pb.Activation] | None = None
+        prev: list[pb.StepResult] | None = None
         for k, stub in enumerate(self.stubs):
-            if hidden is not None:
+            if prev is not None:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
                 items = [pb.StepItem(session_id=it.session_id, position=it.position, max_tokens=it.max_tokens,
-                                     hidden=h, step=it.step, sampling=it.sampling) for it, h in zip(items, hidden)]
+                                     hidden=r.hidden, step=it.step, sampling=it.sampling,
+                                     route=r.route if r.HasField("route") else None) for it, r in zip(items, prev)]
             req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
                                     quantize_output=self.opts.quantize_wire)
             t0 = time.perf_counter()
@@ -237,7 +238,7 @@ class Engine:
                 self.stats.wire_bytes += req.ByteSize() + resp.ByteSize()
             if len(resp.results) != len(items):
                 raise StageError(k, self.addresses[k], None, f"{len(resp.results)} results for {len(items)} items")
-            hidden = [r.hidden for r in resp.results]
+            prev = list(resp.results)
         return list(resp.results)
 
     def _release(self, sessions: list[_Session]) -> None:

@@ -135,6 +135,11 @@ class PathStats:
         for t in self.trans.values():
             t *= factor
 
+    def copy(self) -> "PathStats":
+        c = PathStats(self.layers, self.experts)
+        c.merge(self)
+        return c
+
     def merge(self, other: "PathStats") -> None:
         self.act += other.act
         for k in self.KINDS:

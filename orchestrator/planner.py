@@ -21,11 +21,12 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from workers.shard import ShardRange, kv_bytes_per_token, layer_count, shard_weight_bytes
+from workers.moe import is_expert_tensor
+from workers.shard import ShardRange, expert_unit_bytes, kv_bytes_per_token, layer_count, moe_shape, shard_weight_bytes
 
 from .profile import NodeProfile
 
-__all__ = ["PlanOptions", "Stage", "Placement", "PlacementError", "plan", "activation_bytes", "format_placement"]
+__all__ = ["PlanOptions", "Stage", "ExpertHost", "Placement", "PlacementError", "plan", "activation_bytes", "format_placement"]
 
 MAX_SEARCH_NODES = 10
 
@@ -41,10 +42,17 @@ class PlanOptions:
     prefill_chunk: int = 256  # most prompt tokens a stage processes in one step
     hop_ms: float = 1.0  # cost of one more stage per token (loopback gRPC round trip + (de)serialization)
     version: int = 1
+    fast_slots: int = 0  # MoE: experts per layer in a node's fast tier (0: half of them)
+    remote_experts: int = 0  # MoE: experts per layer placed on another node (served by ExpertForward)
 
     def __post_init__(self) -> None:
         if self.context < 1 or self.batch < 1 or self.prefill_chunk < 1 or self.hop_ms < 0:
             raise ValueError("context, batch and prefill_chunk must be >= 1 and hop_ms >= 0")
+        if self.fast_slots < 0 or self.remote_experts < 0:
+            raise ValueError("fast_slots and remote_experts must be >= 0")
+
+    def slots(self, experts: int) -> int:
+        return min(self.fast_slots or max(experts // 2, 1), experts)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,15 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class ExpertHost:
+    """MoE expert units held by a node for layers another node runs (all in its fast tier)."""
+
+    node_id: str
+    units: tuple[tuple[int, int], ...]  # (layer, expert)
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Placement:
     version: int
     placement_id: str  # content hash + version: a shard loaded for one placement never serves another
@@ -80,13 +97,21 @@ class Placement:
     batch: int
     stages: tuple[Stage, ...]
     est_ms_per_token: float
+    fast_slots: int = 0  # MoE: experts per layer in each fast tier
+    expert_hosts: tuple[ExpertHost, ...] = ()  # MoE: experts living on another node than their layer
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Placement":
-        return cls(**{**d, "stages": tuple(Stage(**s) for s in d["stages"])})
+        hosts = tuple(ExpertHost(h["node_id"], tuple(tuple(u) for u in h["units"]), h["bytes"])
+                      for h in d.get("expert_hosts", ()))
+        return cls(**{**d, "stages": tuple(Stage(**s) for s in d["stages"]), "expert_hosts": hosts})
+
+    def remote_units(self) -> dict[tuple[int, int], str]:
+        """(layer, expert) -> node id, for experts living away from their layer's stage."""
+        return {u: h.node_id for h in self.expert_hosts for u in h.units}
 
 
 def activation_bytes(manifest: dict, opts: PlanOptions, head: bool) -> int:
@@ -101,14 +126,17 @@ def activation_bytes(manifest: dict, opts: PlanOptions, head: bool) -> int:
 
 
 def _int8_macs(manifest: dict, r: ShardRange) -> int:
-    """int8 multiply-accumulates per token of a shard: its int8 weights, less a tied embedding's gather."""
+    """int8 multiply-accumulates per token of a shard: its int8 weights, less a tied embedding's gather
+    (MoE: k of E experts run per token)."""
     t = manifest["tensors"]
     names = [n for n in t if t[n]["dtype"] == "int8" and n.endswith("qweight")]
+    e, k = moe_shape(manifest) or (1, 1)
     total = 0
     for n in names:
         if n.startswith("model.layers."):
             li = int(n.split(".")[2])
-            total += math.prod(t[n]["shape"]) if r.first <= li < r.last else 0
+            macs = math.prod(t[n]["shape"]) * k // e if is_expert_tensor(n) else math.prod(t[n]["shape"])
+            total += macs if r.first <= li < r.last else 0
         elif n.startswith("lm_head.") and r.head:
             total += math.prod(t[n]["shape"])
     return total
@@ -117,9 +145,14 @@ def _int8_macs(manifest: dict, r: ShardRange) -> int:
 class _Sizes:
     """Per-layer weight bytes and int8 MACs, precomputed once from the manifest."""
 
-    def __init__(self, manifest: dict) -> None:
+    def __init__(self, manifest: dict, opts: PlanOptions) -> None:
         n = layer_count(manifest)
         self.layer_bytes = [shard_weight_bytes(manifest, ShardRange(i, i + 1, False, False)) for i in range(n)]
+        moe = moe_shape(manifest)
+        self.unit_bytes = [expert_unit_bytes(manifest, i) for i in range(n)] if moe else [0] * n
+        if moe:  # the fast tier of the experts that stay with their layer; the slow tier is the checkpoint file
+            local = min(opts.slots(moe[0]), moe[0] - opts.remote_experts)
+            self.layer_bytes = [b + local * u for b, u in zip(self.layer_bytes, self.unit_bytes)]
         self.prefix = [0]
         for b in self.layer_bytes:
             self.prefix.append(self.prefix[-1] + b)
@@ -143,7 +176,11 @@ def plan(manifest: dict, profiles: list[NodeProfile], opts: PlanOptions = PlanOp
     ids = [p.node_id for p in profiles]
     if len(set(ids)) != len(ids):
         raise PlacementError(f"node ids must be distinct: {ids}")
-    sizes = _Sizes(manifest)
+    moe = moe_shape(manifest)
+    if moe and opts.remote_experts >= moe[0]:
+        raise PlacementError(f"--remote-experts {opts.remote_experts} must leave at least one of the {moe[0]} experts "
+                             f"per layer with its layer")
+    sizes = _Sizes(manifest, opts)
     found = _search(manifest, sizes, profiles, opts)
     if found is None:
         raise PlacementError(_missing_message(manifest, sizes, profiles, opts))
@@ -155,10 +192,40 @@ def plan(manifest: dict, profiles: list[NodeProfile], opts: PlanOptions = PlanOp
                             kv_tok * (end - start), activation_bytes(manifest, opts, r.head), p.budget_bytes,
                             round(sizes.macs(r) / (p.int8_gops * 1e9) * 1e3 + opts.hop_ms, 3)))
         start = end
+    hosts = _place_remote_experts(manifest, sizes, profiles, stages, opts) if moe else ()
+    slots = opts.slots(moe[0]) if moe else 0
     body = json.dumps({"files": manifest.get("files"), "stages": [asdict(s) for s in stages],
+                       "hosts": [asdict(h) for h in hosts], "slots": slots,
                        "context": opts.context, "batch": opts.batch}, sort_keys=True)
     pid = f"v{opts.version}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
-    return Placement(opts.version, pid, model, n_layers, opts.context, opts.batch, tuple(stages), round(found[0], 3))
+    return Placement(opts.version, pid, model, n_layers, opts.context, opts.batch, tuple(stages), round(found[0], 3),
+                     slots, hosts)
+
+
+def _place_remote_experts(manifest: dict, sizes: _Sizes, profiles: list[NodeProfile], stages: list[Stage],
+                          opts: PlanOptions) -> tuple[ExpertHost, ...]:
+    """The last `remote_experts` experts of each layer go to other nodes, each to the node (not the
+    layer's own) with the most budget left; they are resident there."""
+    if not opts.remote_experts:
+        return ()
+    n_experts = (moe_shape(manifest) or (0, 0))[0]
+    free = {p.node_id: p.budget_bytes for p in profiles}
+    for s in stages:
+        free[s.node_id] -= s.used_bytes
+    units: dict[str, list[tuple[int, int]]] = {}
+    for s in stages:
+        for layer in range(s.first, s.last):
+            for e in range(n_experts - opts.remote_experts, n_experts):
+                need = sizes.unit_bytes[layer]
+                cands = [n for n in free if n != s.node_id and free[n] >= need]
+                if not cands:
+                    short = need - max((v for n, v in free.items() if n != s.node_id), default=0)
+                    raise PlacementError(f"expert {e} of layer {layer} ({need:,} bytes) fits on no node other than "
+                                         f"{s.node_id}: {short:,} bytes are missing. Lower --remote-experts or add memory")
+                best = max(cands, key=lambda n: (free[n], n))
+                free[best] -= need
+                units.setdefault(best, []).append((layer, e))
+    return tuple(ExpertHost(n, tuple(u), sum(sizes.unit_bytes[l] for l, _ in u)) for n, u in sorted(units.items()))
 
 
 def _search(manifest: dict, sizes: _Sizes, profiles: list[NodeProfile], opts: PlanOptions):
@@ -239,6 +306,12 @@ def format_placement(p: Placement) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for h in p.expert_hosts:
+        lines.append(f"node {h.node_id[:12]} also holds {len(h.units)} expert(s) of other stages' layers "
+                     f"({h.bytes:,} bytes): " + ", ".join(f"L{l}E{e}" for l, e in h.units[:12])
+                     + (" ..." if len(h.units) > 12 else ""))
+    if p.fast_slots:
+        lines.append(f"MoE: {p.fast_slots} experts per layer in each fast tier; the others read from the checkpoint")
     lines.append(f"placement {p.placement_id}: {len(p.stages)} stage(s), {p.layers} layers, context {p.context} x "
                  f"batch {p.batch}, estimated {p.est_ms_per_token:.2f} ms per token")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ Key schema, version 1 (docs/moe.md). {model} is the checkpoint's name, {w} a tim
 (unix time // window_s), {l} a layer:
   edgeweave:v1:{model}:meta            HASH  layers, experts, window_s, schema
   edgeweave:v1:{model}:windows         ZSET  window numbers that hold counts (score = window)
-  edgeweave:v1:{model}:tokens:{w}      STRING tokens counted in window w
+  edgeweave:v1:{model}:tokens:{w}      STRING tokens counted in window w (by the holder of layer 0)
   edgeweave:v1:{model}:act:{l}:{w}     HASH  expert -> tokens that took it at layer l
   edgeweave:v1:{model}:l1:{l}:{w}      HASH  "e,f" -> tokens with e at layer l-1 and f at layer l
   edgeweave:v1:{model}:l2:{l}:{w}      HASH  "e,f" -> tokens with e at layer l-2 and f at layer l
@@ -58,8 +58,9 @@ Deltas = dict[tuple[str, str | None], int]  # (key, hash field or None for a pla
 
 def route_deltas(model: str, window: int, route: Sequence[tuple[int, ...] | None],
                  prev_token: Sequence[tuple[int, ...] | None] | None, layers: Sequence[int]) -> Deltas:
-    """The counts one token adds (pure). route[l]: its experts at layer l (None: not known here)."""
-    d: Deltas = {(key(model, "tokens", window), None): 1}
+    """The counts one token adds at `layers` (pure). route[l]: its experts at layer l (None: not known
+    here). The token itself is counted by the writer of layer 0 only."""
+    d: Deltas = {(key(model, "tokens", window), None): 1} if 0 in layers else {}
     for l in layers:
         now = route[l]
         if now is None:

@@ -59,7 +59,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ShardSpec(_message.Message):
-    __slots__ = ("checkpoint", "first_layer", "last_layer", "embed", "head", "placement_id", "kv_budget_bytes", "max_context", "threads")
+    __slots__ = ("checkpoint", "first_layer", "last_layer", "embed", "head", "placement_id", "kv_budget_bytes", "max_context", "threads", "experts", "hosted", "fast_slots", "redis_url", "model_name", "prefetch")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,12 @@ class ShardSpec(_message.Message):
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_FIELD_NUMBER: _ClassVar[int]
+    FAST_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    REDIS_URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     first_layer: int
     last_layer: int
@@ -78,7 +84,23 @@ class ShardSpec(_message.Message):
     kv_budget_bytes: int
     max_context: int
     threads: int
-    def __init__(self, checkpoint: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., placement_id: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertUnit]
+    hosted: _containers.RepeatedCompositeFieldContainer[ExpertUnit]
+    fast_slots: int
+    redis_url: str
+    model_name: str
+    prefetch: bool
+    def __init__(self, checkpoint: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., placement_id: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., threads: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., hosted: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., fast_slots: _Optional[int] = ..., redis_url: _Optional[str] = ..., model_name: _Optional[str] = ..., prefetch: _Optional[bool] = ...) -> None: ...
+
+class ExpertUnit(_message.Message):
+    __slots__ = ("layer", "expert", "address")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    address: str
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("shard",)
@@ -95,7 +117,7 @@ class LoadShardResponse(_message.Message):
     def __init__(self, weight_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class StepItem(_message.Message):
-    __slots__ = ("session_id", "position", "token_ids", "hidden", "max_tokens", "sampling", "step")
+    __slots__ = ("session_id", "position", "token_ids", "hidden", "max_tokens", "sampling", "step", "route")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +125,7 @@ class StepItem(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     token_ids: Tensor
@@ -110,7 +133,8 @@ class StepItem(_message.Message):
     max_tokens: int
     sampling: SamplingParams
     step: int
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Activation, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
+    route: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Activation, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., route: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("placement_id", "items", "quantize_output")
@@ -123,14 +147,16 @@ class ForwardRequest(_message.Message):
     def __init__(self, placement_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[StepItem, _Mapping]]] = ..., quantize_output: _Optional[bool] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("session_id", "hidden", "token")
+    __slots__ = ("session_id", "hidden", "token", "route")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     hidden: Activation
     token: int
-    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[Activation, _Mapping]] = ..., token: _Optional[int] = ...) -> None: ...
+    route: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[Activation, _Mapping]] = ..., token: _Optional[int] = ..., route: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("results", "compute_ms")
@@ -183,16 +209,82 @@ class WorkerHealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerHealthResponse(_message.Message):
-    __slots__ = ("placement_id", "sessions", "kv_bytes_used", "kv_budget_bytes")
+    __slots__ = ("placement_id", "sessions", "kv_bytes_used", "kv_budget_bytes", "expert_map_version", "fast", "expert_hits", "expert_misses", "expert_moves", "expert_bytes_moved", "stats_recorded", "stats_flushed", "stats_buffered", "stats_lost")
     PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAST_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HITS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_MISSES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_MOVES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    STATS_RECORDED_FIELD_NUMBER: _ClassVar[int]
+    STATS_FLUSHED_FIELD_NUMBER: _ClassVar[int]
+    STATS_BUFFERED_FIELD_NUMBER: _ClassVar[int]
+    STATS_LOST_FIELD_NUMBER: _ClassVar[int]
     placement_id: str
     sessions: int
     kv_bytes_used: int
     kv_budget_bytes: int
-    def __init__(self, placement_id: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...
+    expert_map_version: int
+    fast: _containers.RepeatedCompositeFieldContainer[LayerExperts]
+    expert_hits: int
+    expert_misses: int
+    expert_moves: int
+    expert_bytes_moved: int
+    stats_recorded: int
+    stats_flushed: int
+    stats_buffered: int
+    stats_lost: int
+    def __init__(self, placement_id: _Optional[str] = ..., sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., expert_map_version: _Optional[int] = ..., fast: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., expert_hits: _Optional[int] = ..., expert_misses: _Optional[int] = ..., expert_moves: _Optional[int] = ..., expert_bytes_moved: _Optional[int] = ..., stats_recorded: _Optional[int] = ..., stats_flushed: _Optional[int] = ..., stats_buffered: _Optional[int] = ..., stats_lost: _Optional[int] = ...) -> None: ...
+
+class LayerExperts(_message.Message):
+    __slots__ = ("layer", "experts")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExpertRequest(_message.Message):
+    __slots__ = ("placement_id", "layer", "expert", "hidden")
+    PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    placement_id: str
+    layer: int
+    expert: int
+    hidden: Tensor
+    def __init__(self, placement_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ExpertResponse(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ExpertTierMap(_message.Message):
+    __slots__ = ("placement_id", "version", "fast")
+    PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAST_FIELD_NUMBER: _ClassVar[int]
+    placement_id: str
+    version: int
+    fast: _containers.RepeatedCompositeFieldContainer[LayerExperts]
+    def __init__(self, placement_id: _Optional[str] = ..., version: _Optional[int] = ..., fast: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ...) -> None: ...
+
+class ExpertTierResponse(_message.Message):
+    __slots__ = ("version", "moved", "bytes_moved")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    moved: int
+    bytes_moved: int
+    def __init__(self, version: _Optional[int] = ..., moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "max_tokens", "stop", "sampling")

@@ -59,6 +59,16 @@ class WorkerServiceStub:
                 request_serializer=protos_dot_edgeweave__v1__pb2.WorkerHealthRequest.SerializeToString,
                 response_deserializer=protos_dot_edgeweave__v1__pb2.WorkerHealthResponse.FromString,
                 _registered_method=True)
+        self.ExpertForward = channel.unary_unary(
+                '/edgeweave.v1.WorkerService/ExpertForward',
+                request_serializer=protos_dot_edgeweave__v1__pb2.ExpertRequest.SerializeToString,
+                response_deserializer=protos_dot_edgeweave__v1__pb2.ExpertResponse.FromString,
+                _registered_method=True)
+        self.SetExpertTiers = channel.unary_unary(
+                '/edgeweave.v1.WorkerService/SetExpertTiers',
+                request_serializer=protos_dot_edgeweave__v1__pb2.ExpertTierMap.SerializeToString,
+                response_deserializer=protos_dot_edgeweave__v1__pb2.ExpertTierResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -94,6 +104,18 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExpertForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetExpertTiers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +143,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=protos_dot_edgeweave__v1__pb2.WorkerHealthRequest.FromString,
                     response_serializer=protos_dot_edgeweave__v1__pb2.WorkerHealthResponse.SerializeToString,
+            ),
+            'ExpertForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpertForward,
+                    request_deserializer=protos_dot_edgeweave__v1__pb2.ExpertRequest.FromString,
+                    response_serializer=protos_dot_edgeweave__v1__pb2.ExpertResponse.SerializeToString,
+            ),
+            'SetExpertTiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetExpertTiers,
+                    request_deserializer=protos_dot_edgeweave__v1__pb2.ExpertTierMap.FromString,
+                    response_serializer=protos_dot_edgeweave__v1__pb2.ExpertTierResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +290,60 @@ class WorkerService:
             '/edgeweave.v1.WorkerService/Health',
             protos_dot_edgeweave__v1__pb2.WorkerHealthRequest.SerializeToString,
             protos_dot_edgeweave__v1__pb2.WorkerHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpertForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeweave.v1.WorkerService/ExpertForward',
+            protos_dot_edgeweave__v1__pb2.ExpertRequest.SerializeToString,
+            protos_dot_edgeweave__v1__pb2.ExpertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetExpertTiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeweave.v1.WorkerService/SetExpertTiers',
+            protos_dot_edgeweave__v1__pb2.ExpertTierMap.SerializeToString,
+            protos_dot_edgeweave__v1__pb2.ExpertTierResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,7 @@ Greedy output equals the transformers path on the same checkpoint (tests/workers
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,17 +42,18 @@ class LlamaDims:
 
 
 def supports_config(cfg) -> bool:
-    """Llama/Mistral with default RoPE and no attention/MLP bias (what this stage implements)."""
+    """Llama/Mistral/Mixtral with default RoPE, full attention and no attention/MLP bias (what this
+    stage implements; Mixtral's experts run through the `moe` hook, workers/moe.py)."""
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if cfg.model_type not in ("llama", "mistral") or rope.get("rope_type", "default") != "default":
+    if cfg.model_type not in ("llama", "mistral", "mixtral") or rope.get("rope_type", "default") != "default":
         return False
     return not (getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_bias", False)
                 or getattr(cfg, "mlp_bias", False))
 
 
 def supports(model) -> bool:
-    """supports_config, and every linear quantized."""
-    return supports_config(model.config) and all(
+    """A dense model LocalLlama runs in one process: supports_config, not MoE, every linear quantized."""
+    return supports_config(model.config) and model.config.model_type != "mixtral" and all(
         isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
 
 
@@ -83,8 +84,13 @@ class LayerWeights:
     qkv: FusedLinear  # -> [(H + 2 KV) * hd]
     o: FusedLinear
     ln2: torch.Tensor
-    gate_up: FusedLinear  # -> [2 I]
-    down: FusedLinear
+    gate_up: FusedLinear | None  # -> [2 I] (dense MLP)
+    down: FusedLinear | None
+    router: torch.Tensor | None = None  # [E, D] float (MoE layer: experts run through the stage's moe hook)
+
+
+# (global layer, normalized hidden [T, D], router [E, D]) -> (output [T, D], experts [T, k])
+MoEHook = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class KVCache:
@@ -126,10 +132,14 @@ class LlamaStage:
     can hold just its shard (workers/shard.py)."""
 
     def __init__(self, dims: LlamaDims, tensors: Mapping[str, torch.Tensor], first: int, last: int,
-                 max_positions: int = 8192) -> None:
+                 max_positions: int = 8192, moe: MoEHook | None = None) -> None:
         self.dims = d = dims
         self.first, self.last = first, last
         self.layers = [self._extract(tensors, layer_prefix(i)) for i in range(first, last)]
+        if moe is None and any(lw.router is not None for lw in self.layers):
+            raise ValueError("MoE layers need an expert hook (workers/moe.py)")
+        self.moe = moe
+        self.routes: dict[int, torch.Tensor] = {}  # MoE: layer -> experts [sum T, k] of the last step
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float) / d.head_dim))
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]  # [P, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
@@ -146,10 +156,11 @@ class LlamaStage:
     @staticmethod
     def _extract(t: Mapping[str, torch.Tensor], p: str) -> LayerWeights:
         a, m = p + "self_attn.", p + "mlp."
-        return LayerWeights(t[p + "input_layernorm.weight"].float(),
-                            FusedLinear.of(t, a + "q_proj", a + "k_proj", a + "v_proj"), FusedLinear.of(t, a + "o_proj"),
-                            t[p + "post_attention_layernorm.weight"].float(),
-                            FusedLinear.of(t, m + "gate_proj", m + "up_proj"), FusedLinear.of(t, m + "down_proj"))
+        attn = (t[p + "input_layernorm.weight"].float(), FusedLinear.of(t, a + "q_proj", a + "k_proj", a + "v_proj"),
+                FusedLinear.of(t, a + "o_proj"), t[p + "post_attention_layernorm.weight"].float())
+        if m + "gate.weight" in t:  # Mixtral: router here, experts through the hook
+            return LayerWeights(*attn, None, None, t[m + "gate.weight"].float())
+        return LayerWeights(*attn, FusedLinear.of(t, m + "gate_proj", m + "up_proj"), FusedLinear.of(t, m + "down_proj"))
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(len(self.layers), self.dims, max_len)
@@ -188,8 +199,15 @@ class LlamaStage:
             parts = [self._attention(i, qj, kj, vj, c) for qj, kj, vj, c in
                      zip(q.split(rows), k.split(rows), v.split(rows), caches)]
             h = h + lw.o(torch.cat(parts) if len(parts) > 1 else parts[0])
-            gate, up = lw.gate_up(_rms_norm(h, lw.ln2, d.eps)).chunk(2, dim=-1)  # [sum T, I] each
-            h = h + lw.down(F.silu(gate) * up)
+            x = _rms_norm(h, lw.ln2, d.eps)
+            if lw.router is not None:
+                assert self.moe is not None
+                out, self.routes[self.first + i] = self.moe(self.first + i, x, lw.router)
+                h = h + out
+            else:
+                assert lw.gate_up is not None and lw.down is not None
+                gate, up = lw.gate_up(x).chunk(2, dim=-1)  # [sum T, I] each
+                h = h + lw.down(F.silu(gate) * up)
         for c, t in zip(caches, rows):
             c.length += t
         return list(h.split(rows))

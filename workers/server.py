@@ -24,8 +24,9 @@ from quant.checkpoint import CheckpointError
 from quant.generate import pick_token
 
 from .llama_stage import KVCache
-from .shard import LoadedShard, ShardRange, load_shard
-from .wire import WireError, decode_activation, decode_tensor, encode_activation
+from .moe import ExpertStore, MoERunner, expert_forward
+from .shard import LoadedShard, ShardRange, layer_count, load_shard, moe_shape
+from .wire import GRPC_OPTIONS, WireError, decode_activation, decode_tensor, encode_activation, encode_tensor
 
 __all__ = ["WorkerServicer", "start_worker_server", "MAX_ITEMS", "MAX_SESSION_ID"]
 
@@ -50,6 +51,7 @@ class _Item:
     top_p: float
     seed: int
     step: int
+    route: torch.Tensor | None = None  # MoE: int32 [T, R, k] experts at the R layers before this stage
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -59,6 +61,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.spec: pb.ShardSpec | None = None
         self.sessions: dict[str, KVCache] = {}
         self.lock = threading.Lock()  # guards shard, sessions and the compute
+        # MoE (docs/moe.md)
+        self.store: ExpertStore | None = None
+        self.runner: MoERunner | None = None
+        self.recorder = None
+        self.map_version = 0
+        self.last_route: dict[str, list] = {}  # session -> its last token's route (t1 statistics, prefetch)
+        self._peers: dict[str, pb_grpc.WorkerServiceStub] = {}
+        self._refresh_stop = threading.Event()
 
     # ------------------------------------------------------------------ helpers
     def _run(self, context: grpc.ServicerContext, fn):
@@ -87,12 +97,138 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             t0 = time.perf_counter()
             if s.threads:
                 torch.set_num_threads(int(s.threads))
-            shard = load_shard(s.checkpoint, ShardRange(s.first_layer, s.last_layer, s.embed, s.head), s.max_context)
+            from quant.checkpoint import read_manifest
+
+            manifest = read_manifest(s.checkpoint)
+            moe = moe_shape(manifest)
+            runner = store = None
+            if moe:
+                store, runner = self._moe_state(s, manifest, moe)
+            shard = load_shard(s.checkpoint, ShardRange(s.first_layer, s.last_layer, s.embed, s.head), s.max_context,
+                               moe=runner.hook if runner else None)
             with self.lock:
+                self._stop_moe()
                 self.shard, self.spec, self.sessions = shard, s, {}
+                self.store, self.runner, self.map_version, self.last_route = store, runner, 0, {}
+                self.recorder = runner.recorder if runner else None
+                if runner is not None and runner.recorder is not None:
+                    self._refresh_stop = threading.Event()
+                    threading.Thread(target=self._refresh_stats, args=(runner, s, manifest, self._refresh_stop),
+                                     name="edgeweave-stats-read", daemon=True).start()
             log.info("loaded layers [%d, %d) embed=%s head=%s for %s (%d bytes)", s.first_layer, s.last_layer,
                      s.embed, s.head, s.placement_id, shard.weight_bytes)
             return pb.LoadShardResponse(weight_bytes=shard.weight_bytes, load_seconds=time.perf_counter() - t0)
+        return self._run(context, run)
+
+    # ------------------------------------------------------------------ MoE
+    def _moe_state(self, s: pb.ShardSpec, manifest: dict, moe: tuple[int, int]) -> tuple[ExpertStore, MoERunner]:
+        n_experts, k = moe
+        n_layers = layer_count(manifest)
+        remote: dict[tuple[int, int], str] = {}
+        for u in s.experts:
+            if not (s.first_layer <= u.layer < s.last_layer and u.expert < n_experts):
+                raise ValueError(f"shard.experts: layer {u.layer} expert {u.expert} is not in this shard")
+            if u.address:
+                remote[(u.layer, u.expert)] = u.address
+        for u in s.hosted:
+            if not (u.layer < n_layers and u.expert < n_experts):
+                raise ValueError(f"shard.hosted: layer {u.layer} expert {u.expert} is not in the model")
+        own = [(l, e) for l in range(s.first_layer, s.last_layer) for e in range(n_experts) if (l, e) not in remote]
+        units = own + [(u.layer, u.expert) for u in s.hosted]
+        slots = int(s.fast_slots) or max(n_experts // 2, 1)
+        device = torch.device("cuda") if torch.cuda.is_available() else None
+        store = ExpertStore(s.checkpoint, units, slots, device)
+        recorder = None
+        if s.redis_url:
+            from orchestrator.redis_stats import StatsRecorder
+
+            recorder = StatsRecorder(s.redis_url, s.model_name or "model", n_layers, n_experts)
+        runner = MoERunner(store, k, range(s.first_layer, s.last_layer), n_layers, n_experts, remote,
+                           self._call_remote(s.placement_id), s.prefetch, recorder)
+        return store, runner
+
+    def _call_remote(self, placement_id: str):
+        def call(layer: int, expert: int, x: torch.Tensor):
+            assert self.runner is not None
+            addr = self.runner.remote[(layer, expert)]
+            stub = self._peers.get(addr)
+            if stub is None:
+                stub = self._peers[addr] = pb_grpc.WorkerServiceStub(grpc.insecure_channel(addr, options=GRPC_OPTIONS))
+            fut = stub.ExpertForward.future(pb.ExpertRequest(placement_id=placement_id, layer=layer, expert=expert,
+                                                             hidden=encode_tensor(x.float())), timeout=30.0)
+
+            def result() -> torch.Tensor:
+                try:
+                    resp = fut.result()
+                except grpc.RpcError as e:
+                    raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                                 f"expert {expert} of layer {layer} at {addr}: {e.code().name}: {e.details()}") from e
+                return decode_tensor(resp.output, "output", pb.FLOAT32, rank=2, max_elems=x.numel()).view_as(x)
+            return result
+        return call
+
+    def _refresh_stats(self, runner: MoERunner, s: pb.ShardSpec, manifest: dict, stop: threading.Event) -> None:
+        """Reads the statistics from Redis every few seconds (prefetch uses them); Redis may be away."""
+        from orchestrator.redis_stats import connect, read_stats
+
+        client = connect(s.redis_url)
+        n_experts = (moe_shape(manifest) or (1, 1))[0]
+        while not stop.wait(3.0):
+            try:
+                runner.set_snapshot(read_stats(client, s.model_name or "model", layer_count(manifest), n_experts))
+            except Exception as e:  # Redis away: keep predicting from what is known
+                log.debug("statistics refresh failed: %s", e)
+
+    def _stop_moe(self) -> None:
+        self._refresh_stop.set()
+        if self.recorder is not None:
+            self.recorder.close(timeout_s=2.0)
+            self.recorder = None
+
+    def ExpertForward(self, request: pb.ExpertRequest, context):
+        def run():
+            store, spec = self.store, self.spec
+            if store is None or spec is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no experts")
+            if request.placement_id != spec.placement_id:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"placement {request.placement_id!r} is not the loaded one ({spec.placement_id!r})")
+            if (request.layer, request.expert) not in store.units:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"expert {request.expert} of layer {request.layer} is not held here")
+            assert self.shard is not None
+            d = self.shard.dims.hidden
+            x = decode_tensor(request.hidden, "hidden", pb.FLOAT32, rank=2, max_elems=MAX_ITEMS * spec.max_context * d)
+            if x.shape[1] != d or x.shape[0] < 1:
+                raise WireError(f"hidden must be [t >= 1, {d}], got {list(x.shape)}")
+            w = store.weights(request.layer, request.expert, x.shape[0])
+            with torch.inference_mode():
+                y = expert_forward(w, x.to(w.gate_up.device)).to("cpu").float()
+            return pb.ExpertResponse(output=encode_tensor(y))
+        return self._run(context, run)
+
+    def SetExpertTiers(self, request: pb.ExpertTierMap, context):
+        def run():
+            with self.lock:  # between steps: a step never sees its experts change tier
+                store, spec = self.store, self.spec
+                if store is None or spec is None:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no experts")
+                if request.placement_id != spec.placement_id:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"placement {request.placement_id!r} is not the loaded one ({spec.placement_id!r})")
+                if request.version <= self.map_version:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"expert map version {request.version} is not newer than {self.map_version}")
+                for lx in request.fast:
+                    bad = [e for e in lx.experts if (lx.layer, e) not in store.units]
+                    if bad or len(lx.experts) > store.slots:
+                        raise WireError(f"layer {lx.layer}: experts {bad or list(lx.experts)} are not held here "
+                                        f"or exceed the {store.slots} fast slots")
+                moved = nbytes = 0
+                for lx in request.fast:
+                    m, b = store.set_resident(lx.layer, list(lx.experts))
+                    moved, nbytes = moved + m, nbytes + b
+                self.map_version = request.version
+                return pb.ExpertTierResponse(version=self.map_version, moved=moved, bytes_moved=nbytes)
         return self._run(context, run)
 
     def _parse(self, request: pb.ForwardRequest, shard: LoadedShard, spec: pb.ShardSpec) -> list[_Item]:
@@ -146,8 +282,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 raise WireError(f"{what}.sampling: temperature must be >= 0 and top_p in [0, 1]")
             if cache is None:
                 new_bytes += KVCache.size_bytes(len(shard.stage.layers), shard.dims, it.max_tokens)
+            route = None
+            if it.HasField("route") and self.runner is not None:
+                route = decode_tensor(it.route, f"{what}.route", pb.INT32, rank=3, max_elems=x.shape[0] * 2 * 64)
+                n_exp = self.runner.local.experts
+                if route.shape[0] != x.shape[0] or route.shape[1] > 2 or route.shape[2] != self.runner.k or (
+                        route.numel() and (int(route.min()) < 0 or int(route.max()) >= n_exp)):
+                    raise WireError(f"{what}.route must be [{x.shape[0]}, <=2, {self.runner.k}] experts in [0, {n_exp})")
             items.append(_Item(sid, x, it.max_tokens, float(sp.temperature), float(sp.top_p) or 1.0, int(sp.seed),
-                               int(it.step)))
+                               int(it.step), route))
         used = self._kv_used()
         if used + new_bytes > spec.kv_budget_bytes:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -170,9 +313,20 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     if it.session_id not in self.sessions:
                         self.sessions[it.session_id] = shard.stage.new_cache(it.max_tokens)
                 caches = [self.sessions[it.session_id] for it in items]
+                runner = self.runner
+                if runner is not None:
+                    known, prev = [], []
+                    first = shard.range.first
+                    for it in items:
+                        for t in range(it.x.shape[0]):
+                            r = it.route[t].tolist() if it.route is not None else []
+                            known.append({first - len(r) + j: tuple(r[j]) for j in range(len(r))})
+                            prev.append(self.last_route.get(it.session_id))
+                    runner.begin_step(known, prev)
                 with torch.inference_mode():
                     hs = [shard.embed(it.x) if shard.embed is not None else it.x for it in items]
                     outs = shard.stage.forward_batch(hs, caches)
+                    routes = self._end_moe_step(items, shard) if runner is not None else None
                     results = []
                     if shard.head is not None:
                         logits = shard.head(torch.stack([o[-1] for o in outs]))  # [B, V]
@@ -180,17 +334,41 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                             tok = pick_token(lg, it.temperature, it.top_p, it.seed, it.step)
                             results.append(pb.StepResult(session_id=it.session_id, token=tok))
                     else:
-                        for it, o in zip(items, outs):
+                        for j, (it, o) in enumerate(zip(items, outs)):
                             results.append(pb.StepResult(session_id=it.session_id,
                                                          hidden=encode_activation(o, request.quantize_output)))
+                            if routes is not None and routes[j] is not None:
+                                results[-1].route.CopyFrom(routes[j])
                 return pb.ForwardResponse(results=results, compute_ms=(time.perf_counter() - t0) * 1e3)
         return self._run(context, run)
+
+    def _end_moe_step(self, items: list[_Item], shard: LoadedShard) -> list[pb.Tensor | None]:
+        """Records the step's routes; -> per item, the route tensor for the next stage."""
+        assert self.runner is not None
+        rows = self.runner.end_step()
+        last, k = shard.range.last, self.runner.k
+        out: list[pb.Tensor | None] = []
+        at = 0
+        for it in items:
+            mine = rows[at: at + it.x.shape[0]]
+            at += it.x.shape[0]
+            if mine:
+                self.last_route[it.session_id] = mine[-1]
+            layers = [l for l in (last - 2, last - 1) if l >= 0 and all(r[l] is not None for r in mine)]
+            if not layers:
+                out.append(None)
+                continue
+            t = torch.tensor([[list(r[l]) for l in layers] for r in mine], dtype=torch.int32).view(len(mine), len(layers), k)
+            out.append(encode_tensor(t))
+        return out
 
     def Release(self, request: pb.ReleaseRequest, context):
         if len(request.session_ids) > 4 * MAX_ITEMS:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {4 * MAX_ITEMS} sessions per Release")
         with self.lock:
             n = sum(self.sessions.pop(s, None) is not None for s in request.session_ids)
+            for s in request.session_ids:
+                self.last_route.pop(s, None)
         return pb.ReleaseResponse(released=n)
 
     def Profile(self, request, context):
@@ -203,8 +381,19 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def Health(self, request, context):
         with self.lock:
             spec = self.spec
-            return pb.WorkerHealthResponse(placement_id=spec.placement_id if spec else "", sessions=len(self.sessions),
+            resp = pb.WorkerHealthResponse(placement_id=spec.placement_id if spec else "", sessions=len(self.sessions),
                                            kv_bytes_used=self._kv_used(), kv_budget_bytes=spec.kv_budget_bytes if spec else 0)
+            if self.store is not None:
+                c = self.store.counters()
+                resp.expert_map_version, resp.expert_hits, resp.expert_misses = self.map_version, c.hits, c.misses
+                resp.expert_moves, resp.expert_bytes_moved = c.moves, c.bytes_moved
+                if self.recorder is not None:
+                    rc = self.recorder.counters()
+                    resp.stats_recorded, resp.stats_flushed = rc.recorded, rc.flushed
+                    resp.stats_buffered, resp.stats_lost = rc.buffered, rc.lost
+                for layer in sorted({l for l, _ in self.store.units}):
+                    resp.fast.add(layer=layer, experts=sorted(self.store.resident(layer)))
+            return resp
 
 
 def start_worker_server(profile: NodeProfile, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int, WorkerServicer]:

@@ -17,10 +17,11 @@ from safetensors import SafetensorError, safe_open
 
 from quant.checkpoint import WEIGHTS, CheckpointError, read_manifest, verify_files
 
-from .llama_stage import Embedder, Head, LlamaDims, LlamaStage, supports_config
+from .llama_stage import Embedder, Head, LlamaDims, LlamaStage, MoEHook, supports_config
+from .moe import expert_tensor_prefix, is_expert_tensor
 
 __all__ = ["ShardRange", "shard_tensor_names", "shard_weight_bytes", "layer_count", "kv_bytes_per_token",
-           "LoadedShard", "load_shard", "model_config", "check_servable"]
+           "LoadedShard", "load_shard", "model_config", "check_servable", "moe_shape", "expert_unit_bytes"]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int32": 4, "int64": 8, "bool": 1}
@@ -46,11 +47,26 @@ def model_config(manifest: dict):
 
 
 def check_servable(manifest: dict) -> None:
-    """The distributed runtime serves Llama/Mistral checkpoints (Mixtral: the MoE issue)."""
+    """The distributed runtime serves Llama/Mistral/Mixtral checkpoints (full attention, default RoPE)."""
     cfg = model_config(manifest)
     if not supports_config(cfg):
-        raise ValueError(f"the runtime serves Llama/Mistral checkpoints with default RoPE; this one is "
-                         f"{manifest['model_type']!r} (use `edgeweave generate DIR` for a single process)")
+        raise ValueError(f"the runtime serves Llama/Mistral/Mixtral checkpoints with default RoPE and full attention; "
+                         f"this one is {manifest['model_type']!r} (use `edgeweave generate DIR` for a single process)")
+
+
+def moe_shape(manifest: dict) -> tuple[int, int] | None:
+    """(experts per layer, experts per token) of an MoE checkpoint, None for a dense one."""
+    c = manifest["model_config"]
+    if not c.get("num_local_experts"):
+        return None
+    return int(c["num_local_experts"]), int(c["num_experts_per_tok"])
+
+
+def expert_unit_bytes(manifest: dict, layer: int) -> int:
+    """Bytes of one expert unit of `layer` (its slice of every expert bank)."""
+    t, (n, _) = manifest["tensors"], moe_shape(manifest) or (1, 1)
+    p = expert_tensor_prefix(layer)
+    return sum(math.prod(t[k]["shape"]) * _DTYPE_BYTES[t[k]["dtype"]] for k in t if k.startswith(p)) // n
 
 
 def layer_count(manifest: dict) -> int:
@@ -62,7 +78,9 @@ def shard_tensor_names(manifest: dict, r: ShardRange) -> list[str]:
     tied = "model.embed_tokens.qweight" not in manifest["tensors"]
     for name in manifest["tensors"]:
         m = _LAYER.match(name)
-        if m:
+        if is_expert_tensor(name):
+            keep = False  # expert units: loaded one by one into the worker's tiers (workers/moe.py)
+        elif m:
             keep = r.first <= int(m.group(1)) < r.last
         elif name.startswith("model.embed_tokens."):
             keep = r.embed
@@ -101,8 +119,10 @@ class LoadedShard:
     vocab: int
 
 
-def load_shard(path: str | Path, r: ShardRange, max_positions: int, verify: bool = True) -> LoadedShard:
-    """Reads only the shard's tensors (checksums of the files verified first)."""
+def load_shard(path: str | Path, r: ShardRange, max_positions: int, verify: bool = True,
+               moe: MoEHook | None = None) -> LoadedShard:
+    """Reads only the shard's tensors (checksums of the files verified first); MoE experts run
+    through `moe` (workers/moe.py), which loads them unit by unit."""
     root = Path(path)
     manifest = read_manifest(root)
     if verify:
@@ -124,7 +144,7 @@ def load_shard(path: str | Path, r: ShardRange, max_positions: int, verify: bool
             raise CheckpointError(f"{root / WEIGHTS}: tensor {n} does not match the manifest")
     cfg = model_config(manifest)
     dims = LlamaDims.from_config(cfg)
-    stage = LlamaStage(dims, tensors, r.first, r.last, max_positions)
+    stage = LlamaStage(dims, tensors, r.first, r.last, max_positions, moe)
     return LoadedShard(r, dims, stage, Embedder(tensors) if r.embed else None,
                        Head(tensors, dims.eps) if r.head else None,
                        sum(t.numel() * t.element_size() for t in tensors.values()), int(cfg.vocab_size))
