@@ -107,7 +107,9 @@ def _serve_options(a: argparse.Namespace):
 
     read_manifest(a.checkpoint)  # a clear error before any process starts
     return ServeOptions(checkpoint=str(Path(a.checkpoint).resolve()), host=a.host, port=a.port, context=a.context,
-                        batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire)
+                        batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire,
+                        fast_slots=a.fast_slots, remote_experts=a.remote_experts, redis_url=a.redis_url or "",
+                        prefetch=not a.no_prefetch)
 
 
 def _report_and_wait(actor, address: str) -> None:
@@ -140,7 +142,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
                          f"(run `edgeweave quantize {a.model} --out DIR` first)")
     manifest = read_manifest(a.model)
     check_servable(manifest)
-    p = plan(manifest, load_profiles(a.nodes), PlanOptions(a.context, a.batch, a.prefill_chunk, a.hop_ms), a.model)
+    p = plan(manifest, load_profiles(a.nodes), PlanOptions(a.context, a.batch, a.prefill_chunk, a.hop_ms, fast_slots=a.fast_slots, remote_experts=a.remote_experts), a.model)
     print(format_placement(p))
     if a.json:
         Path(a.json).write_text(json.dumps(p.to_dict(), indent=1))
@@ -246,6 +248,9 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=1024, help="most tokens per session (prompt + generated)")
     p.add_argument("--batch", type=int, default=8, help="concurrent sessions (KV cache reserved for each)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens per step and session")
+    p.add_argument("--fast-slots", type=int, default=0, help="MoE: experts per layer in each fast tier (default: half)")
+    p.add_argument("--remote-experts", type=int, default=0,
+                   help="MoE: experts per layer placed on another node than their layer (ExpertForward RPC)")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -254,6 +259,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _placement_args(p)
     p.add_argument("--int8-wire", action="store_true",
                    help="send hidden states between nodes as per-token int8 (4x fewer bytes, not bit-exact)")
+    p.add_argument("--redis-url", default=None,
+                   help="MoE statistics go here (redis:// or rediss://, password in the URL); default: "
+                        "$EDGEWEAVE_REDIS_URL, else a private Redis server started and stopped by edgeweave")
+    p.add_argument("--no-prefetch", action="store_true", help="MoE: do not move up the experts predicted next")
 
 
 def build_parser() -> argparse.ArgumentParser:

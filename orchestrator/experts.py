@@ -325,8 +325,9 @@ def belady(tokens: Sequence[TokenRoute], slots: int, cold_per_sequence: bool = T
             if i + 1 < len(seq) and cold_per_sequence and seq[i + 1][0] != seq[i][0]:
                 upcoming = {}
             nxt[i] = dict(upcoming)
-            if seq[i][1] is not None:
-                for e in seq[i][1]:
+            here = seq[i][1]
+            if here is not None:
+                for e in here:
                     upcoming[e] = i
         res: set[int] = set()
         for i, (s, experts) in enumerate(seq):

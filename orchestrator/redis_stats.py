@@ -151,12 +151,12 @@ class StatsRecorder:
                                                       "window_s": self.window_s, "schema": SCHEMA})
             for w in windows:
                 p.zadd(key(self.model, "windows"), {str(w): w})
-            for (k, f), v in buf.items():
+            for (name, f), v in buf.items():
                 if f is None:
-                    p.incrby(k, v)
+                    p.incrby(name, v)
                 else:
-                    p.hincrby(k, f, v)
-                p.expire(k, ttl)
+                    p.hincrby(name, f, v)
+                p.expire(name, ttl)
             p.execute()
         except Exception as e:  # redis.ConnectionError, TimeoutError, ...: keep everything, retry later
             with self._lock:

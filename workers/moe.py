@@ -54,8 +54,8 @@ class ExpertWeights:
         return sum(t.numel() * t.element_size() for t in (self.gate_up, self.gate_up_scale, self.down, self.down_scale))
 
     def to(self, device: torch.device) -> "ExpertWeights":
-        return ExpertWeights(*(t.to(device, copy=True) for t in (self.gate_up, self.gate_up_scale, self.down,
-                                                                 self.down_scale)), self.gate_up_static, self.down_static)
+        g, gs, d, ds = (t.to(device, copy=True) for t in (self.gate_up, self.gate_up_scale, self.down, self.down_scale))
+        return ExpertWeights(g, gs, d, ds, self.gate_up_static, self.down_static)
 
 
 def route_tokens(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +195,10 @@ class ExpertStore:
 RemoteFn = Callable[[int, int, torch.Tensor], "Callable[[], torch.Tensor]"]
 
 
+def _const(y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: y
+
+
 def moe_block(layer: int, x: torch.Tensor, router: torch.Tensor, k: int, store: ExpertStore,
               remote: Mapping[tuple[int, int], str], call_remote: RemoteFn) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, D] normalized hidden states -> (output [T, D], experts [T, k]).
@@ -213,7 +217,7 @@ def moe_block(layer: int, x: torch.Tensor, router: torch.Tensor, k: int, store: 
         tok, slot = torch.where(idx == e)
         w = store.weights(layer, e, len(tok))
         y = expert_forward(w, x[tok].to(w.gate_up.device)).to(x.device)
-        outs[e] = (tok, slot, lambda y=y: y)
+        outs[e] = (tok, slot, _const(y))
     out = torch.zeros_like(x)
     for e in sorted(outs):
         tok, slot, get = outs[e]

@@ -358,7 +358,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if not layers:
                 out.append(None)
                 continue
-            t = torch.tensor([[list(r[l]) for l in layers] for r in mine], dtype=torch.int32).view(len(mine), len(layers), k)
+            t = torch.tensor([[list(r[l] or ()) for l in layers] for r in mine], dtype=torch.int32)
+            t = t.view(len(mine), len(layers), k)  # [T, R, k]
             out.append(encode_tensor(t))
         return out
 
