@@ -190,9 +190,7 @@ class Controller:
         finally:
             client.close()
         sent: dict = {}
-        for n in self.nodes_used:
-            stub = pb_grpc.WorkerServiceStub(self.channels[n])
-            h = stub.Health(pb.WorkerHealthRequest(), timeout=5.0)
+        for n, h in self._worker_health().items():
             held = self.held_units(n)
             changed = []
             for lx in h.fast:
@@ -207,7 +205,7 @@ class Controller:
                     changed.append(pb.LayerExperts(layer=lx.layer, experts=sorted(new)))
             if changed:
                 self.map_version += 1
-                stub.SetExpertTiers(pb.ExpertTierMap(placement_id=self.placement.placement_id, version=self.map_version,
+                pb_grpc.WorkerServiceStub(self.channels[n]).SetExpertTiers(pb.ExpertTierMap(placement_id=self.placement.placement_id, version=self.map_version,
                                                      fast=changed), timeout=30.0)
                 self.replacements += 1
                 sent[n] = {c.layer: list(c.experts) for c in changed}
@@ -221,11 +219,14 @@ class Controller:
             except Exception as e:  # Redis or a worker away: keep the tiers as they are, try again later
                 log.warning("expert replacement skipped: %s", e)
 
+    def _worker_health(self) -> dict[str, pb.WorkerHealthResponse]:
+        return {n: pb_grpc.WorkerServiceStub(self.channels[n]).Health(pb.WorkerHealthRequest(), timeout=5.0)
+                for n in self.nodes_used}
+
     def expert_state(self) -> dict:
         """Per node: fast tier per layer, counters, map version (from the workers)."""
         out = {}
-        for n in self.nodes_used:
-            h = pb_grpc.WorkerServiceStub(self.channels[n]).Health(pb.WorkerHealthRequest(), timeout=5.0)
+        for n, h in self._worker_health().items():
             out[n] = {"fast": {lx.layer: list(lx.experts) for lx in h.fast}, "hits": h.expert_hits,
                       "misses": h.expert_misses, "moves": h.expert_moves, "bytes_moved": h.expert_bytes_moved,
                       "map_version": h.expert_map_version}
@@ -234,8 +235,7 @@ class Controller:
     def worker_stats(self) -> dict:
         """Per node: the activation-path counts its recorder holds (recorded, flushed, buffered, lost)."""
         out = {}
-        for n in self.nodes_used:
-            h = pb_grpc.WorkerServiceStub(self.channels[n]).Health(pb.WorkerHealthRequest(), timeout=5.0)
+        for n, h in self._worker_health().items():
             out[n] = {"stats_recorded": h.stats_recorded, "stats_flushed": h.stats_flushed,
                       "stats_buffered": h.stats_buffered, "stats_lost": h.stats_lost}
         return out

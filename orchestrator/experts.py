@@ -135,11 +135,6 @@ class PathStats:
         for t in self.trans.values():
             t *= factor
 
-    def copy(self) -> "PathStats":
-        c = PathStats(self.layers, self.experts)
-        c.merge(self)
-        return c
-
     def merge(self, other: "PathStats") -> None:
         self.act += other.act
         for k in self.KINDS:
@@ -165,7 +160,8 @@ def choose_resident(scores: np.ndarray, resident: frozenset[int], slots: int, hy
                     allowed: Iterable[int] | None = None) -> frozenset[int]:
     """The new resident set: best-scoring experts fill free slots; a candidate replaces the worst
     resident only when its score is higher by more than `hysteresis`. allowed: experts this tier may hold."""
-    cand = [int(f) for f in np.argsort(-scores, kind="stable") if allowed is None or int(f) in set(allowed)]
+    ok = None if allowed is None else set(allowed)
+    cand = [int(f) for f in np.argsort(-scores, kind="stable") if ok is None or int(f) in ok]
     res = set(resident)
     for f in cand[:slots]:
         if f in res:

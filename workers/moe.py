@@ -111,6 +111,7 @@ class ExpertStore:
 
         self.path = Path(checkpoint) / WEIGHTS
         self._file = safe_open(str(self.path), framework="pt")
+        self._names = frozenset(self._file.keys())
         self.units = frozenset(units)
         self.slots = slots
         self.device = fast_device or torch.device("cpu")
@@ -127,7 +128,7 @@ class ExpertStore:
         g, gs, d, ds = (self._file.get_slice(p + b)[e] for b in BANKS)
         statics = []
         for s in STATICS:
-            statics.append(float(self._file.get_slice(p + s)[e]) if p + s in self._file.keys() else None)
+            statics.append(float(self._file.get_slice(p + s)[e]) if p + s in self._names else None)
         return ExpertWeights(g.contiguous(), gs.float(), d.contiguous(), ds.float(), statics[0], statics[1])
 
     def resident(self, layer: int) -> frozenset[int]:
@@ -206,22 +207,17 @@ def moe_block(layer: int, x: torch.Tensor, router: torch.Tensor, k: int, store: 
     Remote experts are called first (their RPCs overlap with local compute); outputs are summed
     in ascending expert order, as QuantExperts does."""
     weights, idx = route_tokens(x, router, k)
-    outs: dict[int, tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]] = {}
-    for e in torch.unique(idx).tolist():
-        tok, slot = torch.where(idx == e)  # tokens routed to expert e
-        if (layer, e) in remote:
-            outs[e] = (tok, slot, call_remote(layer, e, x[tok]))
-    for e in torch.unique(idx).tolist():
-        if e in outs:
-            continue
-        tok, slot = torch.where(idx == e)
-        w = store.weights(layer, e, len(tok))
-        y = expert_forward(w, x[tok].to(w.gate_up.device)).to(x.device)
-        outs[e] = (tok, slot, _const(y))
+    groups = {e: torch.where(idx == e) for e in torch.unique(idx).tolist()}  # expert -> (tokens, slots)
+    results: dict[int, Callable[[], torch.Tensor]] = {
+        e: call_remote(layer, e, x[tok]) for e, (tok, _) in groups.items() if (layer, e) in remote}
+    for e, (tok, _) in groups.items():
+        if e not in results:
+            w = store.weights(layer, e, len(tok))
+            results[e] = _const(expert_forward(w, x[tok].to(w.gate_up.device)).to(x.device))
     out = torch.zeros_like(x)
-    for e in sorted(outs):
-        tok, slot, get = outs[e]
-        out.index_add_(0, tok, (get() * weights[tok, slot, None]).to(out.dtype))
+    for e in sorted(groups):
+        tok, slot = groups[e]
+        out.index_add_(0, tok, (results[e]() * weights[tok, slot, None]).to(out.dtype))
     return out, idx
 
 
@@ -241,8 +237,9 @@ class MoERunner:
         self.remote, self.call_remote, self.prefetch = dict(remote), call_remote, prefetch
         self.recorder = recorder
         self.weights = weights or StatsWeights()
-        self.snapshot: PathStats | None = None  # the statistics in Redis (refreshed by the worker)
-        self.local = PathStats(n_layers, n_experts)  # counts seen here since the snapshot
+        self.n_experts = n_experts
+        # what prefetch predicts from: the latest snapshot of Redis plus what this worker saw since
+        self.stats = PathStats(n_layers, n_experts)
         self._rows: list[list[tuple[int, ...] | None]] = []
         self._prev: list[list[tuple[int, ...] | None] | None] = []
 
@@ -262,16 +259,8 @@ class MoERunner:
         return out, idx
 
     def set_snapshot(self, stats) -> None:
-        from orchestrator.experts import PathStats
-
-        self.snapshot, self.local = stats, PathStats(self.local.layers, self.local.experts)
-
-    def _stats(self):
-        if self.snapshot is None:
-            return self.local
-        merged = self.snapshot.copy()
-        merged.merge(self.local)
-        return merged
+        """The statistics read from Redis (they include this worker's flushed counts)."""
+        self.stats = stats
 
     def _prefetch(self, layer: int) -> None:
         """Moves up the experts predicted for `layer` (held here), under hysteresis."""
@@ -280,7 +269,7 @@ class MoERunner:
         held = [e for l, e in self.store.units if l == layer]
         if not held or not self._rows:
             return
-        st = self._stats()
+        st = self.stats
         probs = None
         for row, prev in zip(self._rows, self._prev):
             s = st.scores(layer, self.weights, row[layer - 1] if layer >= 1 else None,
@@ -296,7 +285,7 @@ class MoERunner:
     def end_step(self) -> list[list[tuple[int, ...] | None]]:
         """Each row's route (all layers known so far); records the counts of this stage's layers."""
         for row, prev in zip(self._rows, self._prev):
-            self.local.observe(row, prev, self.layers)
+            self.stats.observe(row, prev, self.layers)
             if self.recorder is not None:
                 self.recorder.record(row, prev, self.layers)
         rows, self._rows = self._rows, []

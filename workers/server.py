@@ -54,6 +54,12 @@ class _Item:
     route: torch.Tensor | None = None  # MoE: int32 [T, R, k] experts at the R layers before this stage
 
 
+def _check_placement(placement_id: str, spec: pb.ShardSpec) -> None:
+    if placement_id != spec.placement_id:
+        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                     f"placement {placement_id!r} is not the loaded one ({spec.placement_id!r})")
+
+
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def __init__(self, profile: NodeProfile) -> None:
         self.profile = profile
@@ -185,14 +191,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             self.recorder.close(timeout_s=2.0)
             self.recorder = None
 
+    def _expert_state(self, placement_id: str) -> tuple[ExpertStore, pb.ShardSpec]:
+        store, spec = self.store, self.spec
+        if store is None or spec is None:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no experts")
+        _check_placement(placement_id, spec)
+        return store, spec
+
     def ExpertForward(self, request: pb.ExpertRequest, context):
         def run():
-            store, spec = self.store, self.spec
-            if store is None or spec is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no experts")
-            if request.placement_id != spec.placement_id:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"placement {request.placement_id!r} is not the loaded one ({spec.placement_id!r})")
+            store, spec = self._expert_state(request.placement_id)
             if (request.layer, request.expert) not in store.units:
                 raise _Abort(grpc.StatusCode.NOT_FOUND, f"expert {request.expert} of layer {request.layer} is not held here")
             assert self.shard is not None
@@ -209,12 +217,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def SetExpertTiers(self, request: pb.ExpertTierMap, context):
         def run():
             with self.lock:  # between steps: a step never sees its experts change tier
-                store, spec = self.store, self.spec
-                if store is None or spec is None:
-                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no experts")
-                if request.placement_id != spec.placement_id:
-                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"placement {request.placement_id!r} is not the loaded one ({spec.placement_id!r})")
+                store, _ = self._expert_state(request.placement_id)
                 if request.version <= self.map_version:
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"expert map version {request.version} is not newer than {self.map_version}")
@@ -232,9 +235,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         return self._run(context, run)
 
     def _parse(self, request: pb.ForwardRequest, shard: LoadedShard, spec: pb.ShardSpec) -> list[_Item]:
-        if request.placement_id != spec.placement_id:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"placement {request.placement_id!r} is not the loaded one ({spec.placement_id!r})")
+        _check_placement(request.placement_id, spec)
         if not 1 <= len(request.items) <= MAX_ITEMS:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"a step carries 1..{MAX_ITEMS} items, got {len(request.items)}")
         seen: set[str] = set()
@@ -284,8 +285,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 new_bytes += KVCache.size_bytes(len(shard.stage.layers), shard.dims, it.max_tokens)
             route = None
             if it.HasField("route") and self.runner is not None:
-                route = decode_tensor(it.route, f"{what}.route", pb.INT32, rank=3, max_elems=x.shape[0] * 2 * 64)
-                n_exp = self.runner.local.experts
+                route = decode_tensor(it.route, f"{what}.route", pb.INT32, rank=3,
+                                      max_elems=x.shape[0] * 2 * self.runner.k)
+                n_exp = self.runner.n_experts
                 if route.shape[0] != x.shape[0] or route.shape[1] > 2 or route.shape[2] != self.runner.k or (
                         route.numel() and (int(route.min()) < 0 or int(route.max()) >= n_exp)):
                     raise WireError(f"{what}.route must be [{x.shape[0]}, <=2, {self.runner.k}] experts in [0, {n_exp})")
