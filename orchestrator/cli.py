@@ -103,13 +103,18 @@ def _generate_remote(address: str, prompt: str | None, a: argparse.Namespace) ->
 
 def _serve_options(a: argparse.Namespace):
     from orchestrator.controller import ServeOptions
+    from protos.security import Security
     from quant.checkpoint import read_manifest
 
     read_manifest(a.checkpoint)  # a clear error before any process starts
+    sec = Security.from_env()  # TLS and token: EDGEWEAVE_* variables (docs/security.md)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not (sec.token and sec.tls):
+        print(f"warning: serving on {a.host} without TLS and a token; anyone who can reach the port can use "
+              f"the model (docs/security.md)", file=sys.stderr)
     return ServeOptions(checkpoint=str(Path(a.checkpoint).resolve()), host=a.host, port=a.port, context=a.context,
                         batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire,
                         fast_slots=a.fast_slots, remote_experts=a.remote_experts, redis_url=a.redis_url or "",
-                        prefetch=not a.no_prefetch)
+                        prefetch=not a.no_prefetch, security=sec)
 
 
 def _report_and_wait(actor, address: str) -> None:

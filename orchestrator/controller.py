@@ -5,6 +5,14 @@ Ray is used to find nodes and to start processes on them (node affinity); the da
 A node publishes its budget as Ray's `memory` resource and its tier as the `edgeweave-tier` label
 (`ray start --memory ... --labels edgeweave-tier=cpu`); nodes without them get 80% of their
 available memory and tier "cpu" ("gpu" when Ray sees a GPU).
+
+Failures (docs/reliability.md): the engine calls `recover` when a stage fails a step. The controller
+finds the dead nodes (Ray's view of the node, a gRPC health check with a deadline, and the failed
+step's own status), bans them with growing backoff, plans again over the rest with a new placement
+version, loads every shard of it and only then hands it to the engine, which replays its sessions.
+Ray restarts a dead worker process (max_restarts=-1); the health loop probes banned nodes when their
+ban ends, readmits those that answer, adopts nodes that join the Ray cluster, and asks the engine to
+re-plan so they are used again.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +30,13 @@ import grpc
 
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
+from protos.security import Security, open_channel
 from quant.checkpoint import read_manifest
 from workers.shard import check_servable, moe_shape
-from workers.wire import GRPC_OPTIONS
 
-from .engine import Engine, EngineOptions
-from .planner import Placement, PlanOptions, plan
+from .engine import Engine, EngineOptions, StageError, Unavailable
+from .health import BanList
+from .planner import Placement, PlacementError, PlanOptions, plan
 from .profile import TIER_LABEL, NodeProfile
 from .service import InferenceServicer, start_inference_server
 
@@ -58,6 +67,11 @@ class ServeOptions:
     prefetch: bool = True
     replace_interval_s: float = 5.0  # how often the controller revises the fast tiers from the statistics
     replace_hysteresis: float = 0.4  # log-count margin a cold expert needs to displace a resident one
+    security: Security = field(default_factory=Security)  # TLS and token for every server and channel
+
+    def __post_init__(self) -> None:
+        if isinstance(self.security, dict):  # crossed a process boundary as a dict (asdict)
+            object.__setattr__(self, "security", Security(**self.security))
 
 
 def node_offers(node: dict) -> tuple[str, str, int | None, int]:
@@ -73,40 +87,28 @@ class Controller:
 
     def __init__(self, options: dict) -> None:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         from transformers import AutoTokenizer
-
-        from workers.actor import WorkerActor
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.opts = opts = ServeOptions(**options)
-        root = Path(opts.checkpoint).resolve()
+        self.sec = opts.security
+        self.root = root = Path(opts.checkpoint).resolve()
         self.manifest = read_manifest(root)
         check_servable(self.manifest)
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        my_ip = ray.util.get_node_ip_address()
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        if any(NODE_RESOURCE in n.get("Resources", {}) for n in nodes):
-            nodes = [n for n in nodes if NODE_RESOURCE in n.get("Resources", {})]
-        remote_worker: Any = ray.remote(num_cpus=0, max_restarts=0)(WorkerActor)
+        self.my_ip = ray.util.get_node_ip_address()
         self.workers: dict[str, Any] = {}
         self.cores: dict[str, int] = {}
-        for n in nodes:
-            node_id, tier, budget, cores = node_offers(n)
-            host = "127.0.0.1" if n["NodeManagerAddress"] == my_ip else n["NodeManagerAddress"]
-            # Ray gives actors OMP_NUM_THREADS=1; the kernels should use the node's cores, and idle
-            # OpenMP threads should not spin long (a machine may run several stages' processes).
-            env = {"OMP_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": "10000"}
-            self.workers[node_id] = remote_worker.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                runtime_env={"env_vars": env}).remote(node_id, tier, budget, host)
-            self.cores[node_id] = cores
-        ids = list(self.workers)
-        self.addresses: dict[str, str] = {i: ray.get(self.workers[i].start.remote()) for i in ids}  # one at a time
-        self.profiles = [NodeProfile(**d) for d in ray.get([self.workers[i].node_profile.remote() for i in ids])]
-        popts = PlanOptions(context=opts.context, batch=opts.batch, prefill_chunk=opts.prefill_chunk, hop_ms=opts.hop_ms,
-                            fast_slots=opts.fast_slots, remote_experts=opts.remote_experts)
-        self.placement = plan(self.manifest, self.profiles, popts, model=str(root))
+        self.addresses: dict[str, str] = {}
+        self.profile_of: dict[str, NodeProfile] = {}
+        self.channels: dict[str, tuple[str, grpc.Channel]] = {}  # node -> (address, channel)
+        self.bans = BanList()
+        self._lock = threading.RLock()  # placement, addresses, channels, bans
+        for n in self._ray_nodes():
+            self._adopt(n)  # one at a time: nodes sharing a machine do not disturb each other's measurement
+        self.popts = PlanOptions(context=opts.context, batch=opts.batch, prefill_chunk=opts.prefill_chunk,
+                                 hop_ms=opts.hop_ms, fast_slots=opts.fast_slots, remote_experts=opts.remote_experts)
+        self.placement = plan(self.manifest, list(self.profile_of.values()), self.popts, model=str(root))
         log.info("placement %s: %s", self.placement.placement_id,
                  [(s.node_id[:8], s.first, s.last) for s in self.placement.stages])
         self.moe = moe_shape(self.manifest)
@@ -121,22 +123,158 @@ class Controller:
                 self.redis_server = RedisServer().start()
                 self.redis_url = self.redis_server.url
                 log.info("started a private Redis server at %s", self.redis_url)
-        self.nodes_used = [s.node_id for s in self.placement.stages] + [
-            h.node_id for h in self.placement.expert_hosts if h.node_id not in {s.node_id for s in self.placement.stages}]
-        self.channels = {n: grpc.insecure_channel(self.addresses[n], options=GRPC_OPTIONS) for n in self.nodes_used}
         self.map_version = 0
         self.replacements = 0
-        self._load(self.placement, root)
-        self.engine = Engine(self.placement, [self.addresses[s.node_id] for s in self.placement.stages],
+        failed = self._load(self.placement)
+        if failed:
+            raise RuntimeError(f"loading the shards failed: {failed}")
+        self.engine = Engine(self.placement, self.worker_addresses(),
                              {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set(),
-                             EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire))
-        self.server, self.port = start_inference_server(InferenceServicer(lambda: self.engine, self.tokenizer, root.name),
-                                                        opts.host, opts.port)
+                             EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire),
+                             recover=self.recover, security=self.sec)
+        self.server, self.port, self.health_servicer = start_inference_server(
+            InferenceServicer(lambda: self.engine, self.tokenizer, root.name), opts.host, opts.port, security=self.sec)
         self.health: dict[str, str] = {}
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="edgeweave-health", daemon=True).start()
         if self.moe and opts.replace_interval_s > 0:
             threading.Thread(target=self._replace_loop, name="edgeweave-replace", daemon=True).start()
+
+    # ------------------------------------------------------------------ nodes
+    def _ray_nodes(self) -> list[dict]:
+        """Alive Ray nodes edgeweave may use (those with the edgeweave_node resource, if any has it)."""
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(NODE_RESOURCE in n.get("Resources", {}) for n in nodes):
+            nodes = [n for n in nodes if NODE_RESOURCE in n.get("Resources", {})]
+        return nodes
+
+    def _adopt(self, n: dict, timeout_s: float = 120.0) -> None:
+        """Starts a worker actor on Ray node n (pinned), waits for its server and profile."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from workers.actor import WorkerActor
+
+        node_id, tier, budget, cores = node_offers(n)
+        host = "127.0.0.1" if n["NodeManagerAddress"] == self.my_ip else n["NodeManagerAddress"]
+        # Ray gives actors OMP_NUM_THREADS=1; the kernels should use the node's cores, and idle
+        # OpenMP threads should not spin long (a machine may run several stages' processes).
+        env = {"OMP_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": "10000"}
+        remote_worker: Any = ray.remote(num_cpus=0, max_restarts=-1)(WorkerActor)  # Ray restarts a dead worker
+        actor = remote_worker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                                      runtime_env={"env_vars": env}).remote(node_id, tier, budget, host,
+                                                                            asdict(self.sec))
+        address = ray.get(actor.start.remote(), timeout=timeout_s)
+        profile = NodeProfile(**ray.get(actor.node_profile.remote(), timeout=timeout_s))
+        with self._lock:
+            self.workers[node_id], self.cores[node_id] = actor, cores
+            self.addresses[node_id], self.profile_of[node_id] = address, profile
+        log.info("node %s (%s) joined: worker at %s, budget %d bytes", node_id[:8], tier, address, profile.budget_bytes)
+
+    def _stub(self, node_id: str) -> pb_grpc.WorkerServiceStub:
+        with self._lock:
+            addr = self.addresses[node_id]
+            have = self.channels.get(node_id)
+            if have is None or have[0] != addr:
+                if have is not None:
+                    have[1].close()
+                have = self.channels[node_id] = (addr, open_channel(addr, self.sec))
+            return pb_grpc.WorkerServiceStub(have[1])
+
+    def _nodes_of(self, placement: Placement) -> list[str]:
+        """Every node a placement uses: its stages, then nodes that only host experts."""
+        stages = [s.node_id for s in placement.stages]
+        return stages + [h.node_id for h in placement.expert_hosts if h.node_id not in stages]
+
+    @property
+    def nodes_used(self) -> list[str]:
+        return self._nodes_of(self.placement)
+
+    def _answers(self, node_id: str, timeout_s: float = 2.0) -> bool:
+        """The worker's standard gRPC health check (no token needed) within the deadline."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with self._lock:
+            addr = self.addresses.get(node_id)
+        if addr is None:
+            return False
+        try:
+            with open_channel(addr, self.sec) as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def _ray_alive(self) -> set[str] | None:
+        import ray
+
+        try:
+            return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:  # the GCS is unreachable: decide from gRPC alone
+            return None
+
+    def _find_dead(self, nodes: list[str], err: StageError | None) -> dict[str, str]:
+        """node -> why it is taken out: Ray says dead, no health answer, or it failed the step's deadline."""
+        alive = self._ray_alive()
+        with self._lock:
+            suspect = next((n for n, a in self.addresses.items() if err is not None and a == err.address), None)
+        dead = {}
+        for n in nodes:
+            if alive is not None and n not in alive:
+                dead[n] = "Ray reports the node dead"
+            elif not self._answers(n):
+                dead[n] = "no answer to a health check"
+            elif n == suspect and err is not None and err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                dead[n] = f"a step passed its {self.opts.step_timeout_s:g}s deadline"
+        return dead
+
+    # ------------------------------------------------------------------ placement
+    def recover(self, err: StageError | None) -> tuple[Placement, list[str]]:
+        """Called by the engine between steps: a stage failed (err) or a re-plan was requested.
+        Bans the dead nodes, plans over the rest with a new version and loads it completely
+        -> (placement, stage addresses). Raises Unavailable when the rest cannot hold the model."""
+        if err is not None:
+            with self._lock:
+                down = self.bans.down(time.monotonic())
+            for n, why in self._find_dead([n for n in self.nodes_used if n not in down], err).items():
+                with self._lock:
+                    b = self.bans.ban(n, time.monotonic(), why)
+                log.warning("node %s taken out for %.0fs: %s", n[:8], b.backoff_s, why)
+        for _ in range(len(self.workers) + 1):
+            with self._lock:
+                down = self.bans.down(time.monotonic())
+                live = [p for n, p in self.profile_of.items() if n not in down]
+                popts = replace(self.popts, version=self.placement.version + 1)
+            try:
+                placement = plan(self.manifest, live, popts, model=str(self.root))
+            except PlacementError as e:
+                self._serving(False)
+                gone = ", ".join(f"{n[:8]} ({why})" for n, why in down.items()) or "none"
+                raise Unavailable(f"nodes down: {gone}; the {len(live)} remaining cannot hold the model: {e}. "
+                                  f"Requests fail until a node returns or joins") from e
+            failed = self._load(placement)
+            if not failed:
+                with self._lock:
+                    self.placement = placement
+                self._serving(True)
+                log.info("placement %s: %s", placement.placement_id,
+                         [(s.node_id[:8], s.first, s.last) for s in placement.stages])
+                return placement, self.worker_addresses()
+            for n, why in failed.items():
+                with self._lock:
+                    self.bans.ban(n, time.monotonic(), f"loading its shard failed: {why}")
+        raise Unavailable("no placement could be loaded: every attempt lost a node")
+
+    def _serving(self, ok: bool) -> None:
+        from grpc_health.v1 import health_pb2
+
+        if getattr(self, "health_servicer", None) is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", pb.DESCRIPTOR.services_by_name["InferenceService"].full_name):
+            self.health_servicer.set(name, status)
 
     def _spec(self, placement: Placement, root: Path, node_id: str) -> pb.ShardSpec:
         stage = next((s for s in placement.stages if s.node_id == node_id), None)
@@ -158,14 +296,21 @@ class Controller:
             spec.prefetch = self.opts.prefetch
         return spec
 
-    def _load(self, placement: Placement, root: Path) -> None:
-        def load(node_id: str) -> pb.LoadShardResponse:
-            return pb_grpc.WorkerServiceStub(self.channels[node_id]).LoadShard(
-                pb.LoadShardRequest(shard=self._spec(placement, root, node_id)), timeout=self.opts.load_timeout_s)
+    def _load(self, placement: Placement) -> dict[str, str]:
+        """Loads every shard of the placement (in parallel) -> {node: error} for those that failed."""
+        def load(node_id: str) -> str:
+            try:
+                r = self._stub(node_id).LoadShard(pb.LoadShardRequest(shard=self._spec(placement, self.root, node_id)),
+                                                  timeout=self.opts.load_timeout_s)
+            except grpc.RpcError as e:
+                return f"{e.code().name}: {e.details()}"
+            log.info("node %s loaded its shard for %s: %d bytes in %.1fs", node_id[:8], placement.placement_id,
+                     r.weight_bytes, r.load_seconds)
+            return ""
 
-        with ThreadPoolExecutor(len(self.nodes_used)) as ex:
-            for n, r in zip(self.nodes_used, ex.map(load, self.nodes_used)):
-                log.info("node %s loaded its shard: %d bytes in %.1fs", n[:8], r.weight_bytes, r.load_seconds)
+        nodes = self._nodes_of(placement)
+        with ThreadPoolExecutor(len(nodes)) as ex:
+            return {n: e for n, e in zip(nodes, ex.map(load, nodes)) if e}
 
     # ------------------------------------------------------------------ MoE replacement
     def held_units(self, node_id: str) -> set[tuple[int, int]]:
@@ -205,8 +350,8 @@ class Controller:
                     changed.append(pb.LayerExperts(layer=lx.layer, experts=sorted(new)))
             if changed:
                 self.map_version += 1
-                pb_grpc.WorkerServiceStub(self.channels[n]).SetExpertTiers(pb.ExpertTierMap(placement_id=self.placement.placement_id, version=self.map_version,
-                                                     fast=changed), timeout=30.0)
+                self._stub(n).SetExpertTiers(pb.ExpertTierMap(placement_id=self.placement.placement_id,
+                                                              version=self.map_version, fast=changed), timeout=30.0)
                 self.replacements += 1
                 sent[n] = {c.layer: list(c.experts) for c in changed}
                 log.info("expert map v%d for node %s: %s", self.map_version, n[:8], sent[n])
@@ -220,8 +365,7 @@ class Controller:
                 log.warning("expert replacement skipped: %s", e)
 
     def _worker_health(self) -> dict[str, pb.WorkerHealthResponse]:
-        return {n: pb_grpc.WorkerServiceStub(self.channels[n]).Health(pb.WorkerHealthRequest(), timeout=5.0)
-                for n in self.nodes_used}
+        return {n: self._stub(n).Health(pb.WorkerHealthRequest(), timeout=5.0) for n in self.nodes_used}
 
     def expert_state(self) -> dict:
         """Per node: fast tier per layer, counters, map version (from the workers)."""
@@ -244,17 +388,58 @@ class Controller:
         return self.redis_url
 
     def _watch(self) -> None:
-        """Health of every stage's worker, by RPC with a deadline."""
+        """Every health_interval_s: takes out placed nodes that stopped answering (before a request
+        trips on them), probes banned nodes whose ban is over, adopts nodes that joined Ray; asks
+        the engine to re-plan when the set of usable nodes changed."""
         while not self._stop.wait(self.opts.health_interval_s):
-            for s in self.placement.stages:
+            try:
+                if self._check_nodes():
+                    self.engine.request_replan()
+            except Exception as e:  # keep watching whatever went wrong this round
+                log.warning("health round failed: %s", e)
+
+    def _check_nodes(self) -> bool:
+        import ray
+
+        changed = False
+        now = time.monotonic()
+        with self._lock:
+            down = self.bans.down(now)
+            placed = [n for n in self.nodes_used if n not in down]
+            expired = self.bans.expired(now)
+        for n, why in self._find_dead(placed, None).items():
+            with self._lock:
+                b = self.bans.ban(n, time.monotonic(), why)
+            log.warning("node %s taken out for %.0fs: %s", n[:8], b.backoff_s, why)
+            changed = True
+        alive = self._ray_alive() or set()
+        for n in expired:  # a restarted worker actor starts a new server on this call
+            try:
+                addr = ray.get(self.workers[n].start.remote(), timeout=5.0) if n in alive else ""
+            except Exception:
+                addr = ""
+            with self._lock:
+                if addr:
+                    self.addresses[n] = addr
+            if addr and self._answers(n):
+                with self._lock:
+                    self.bans.readmit(n)
+                log.info("node %s is back (worker at %s)", n[:8], addr)
+                changed = True
+            else:
+                with self._lock:
+                    self.bans.extend(n, time.monotonic())
+        for node in self._ray_nodes():
+            if node["NodeID"] not in self.workers:
                 try:
-                    pb_grpc.WorkerServiceStub(self.channels[s.node_id]).Health(pb.WorkerHealthRequest(), timeout=2.0)
-                    state = "ok"
-                except grpc.RpcError as e:
-                    state = f"unreachable ({e.code().name})"
-                if self.health.get(s.node_id) != state:
-                    log.info("node %s: %s", s.node_id[:8], state)
-                self.health[s.node_id] = state
+                    self._adopt(node)
+                    changed = True
+                except Exception as e:
+                    log.warning("node %s could not join: %s", node["NodeID"][:8], e)
+        with self._lock:
+            self.health = {n: ("ok" if n in self.nodes_used else "idle") for n in self.workers}
+            self.health.update({n: f"down ({why})" for n, why in self.bans.down(time.monotonic()).items()})
+        return changed or (bool(self.engine.unavailable) and bool(expired))
 
     # ------------------------------------------------------------------ queried by drivers
     def address(self) -> str:
@@ -264,14 +449,24 @@ class Controller:
         return self.placement.to_dict()
 
     def worker_addresses(self) -> list[str]:
-        return [self.addresses[s.node_id] for s in self.placement.stages]
+        with self._lock:
+            return [self.addresses[s.node_id] for s in self.placement.stages]
+
+    def worker_pids(self) -> dict[str, int]:
+        """node id -> pid of its worker process (bench/chaos.py kills one)."""
+        import ray
+
+        return {n: ray.get(self.workers[n].pid.remote(), timeout=10.0) for n in self.nodes_used}
 
     def stats(self) -> dict:
         st = self.engine.stats
         med = [statistics.median(x) if x else None for x in st.hop_overhead_ms]
         comp = [statistics.median(x) if x else None for x in st.compute_ms]
         return {"steps": st.steps, "tokens": st.tokens, "wire_bytes": st.wire_bytes,
-                "hop_overhead_ms_median": med, "compute_ms_median": comp, "health": dict(self.health)}
+                "hop_overhead_ms_median": med, "compute_ms_median": comp, "health": dict(self.health),
+                "placement_id": self.placement.placement_id, "recoveries": st.recoveries,
+                "recovery_s": list(st.recovery_s), "replayed_tokens": st.replayed_tokens,
+                "unavailable": self.engine.unavailable}
 
     def reset_stats(self) -> None:
         st = self.engine.stats
@@ -283,8 +478,9 @@ class Controller:
         self._stop.set()
         self.server.stop(grace=2.0)
         self.engine.close()
-        for ch in self.channels.values():
-            ch.close()
+        with self._lock:
+            for _, ch in self.channels.values():
+                ch.close()
         if self.redis_server is not None:
             self.redis_server.close()
 

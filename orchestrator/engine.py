@@ -10,6 +10,14 @@ Each loop iteration takes every active session's next input (a prompt chunk of a
 prefill_chunk tokens, or the last generated token), sends them as one ForwardRequest through the
 stages, and hands each session its next token. Sessions beyond the placement's batch wait, so the
 workers' KV budgets (sized for context x batch) always hold the admitted sessions.
+
+Failures (docs/reliability.md): when a stage fails a step in a way a new placement can mend (the
+peer is gone, too slow for the deadline, lost its shard or the session), the engine asks its
+`recover` callback (the controller) for a new placement, switches to it between steps and replays
+every admitted session's inputs so far, chunk by chunk exactly as they were first fed, to rebuild
+the KV caches; then the sessions continue. Each chunk is computed exactly as before, so greedy and
+seeded output is identical to an uninterrupted run. When no placement is possible the callback
+raises Unavailable; admitted and new requests then fail fast until a later re-plan succeeds.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,11 +37,13 @@ import torch
 
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
-from workers.wire import GRPC_OPTIONS, encode_tensor
+from protos.security import Security, open_channel
+from workers.wire import encode_tensor
 
 from .planner import Placement
 
-__all__ = ["EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats"]
+__all__ = ["EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats", "Unavailable",
+           "Recover", "RECOVERABLE"]
 
 log = logging.getLogger("edgeweave.engine")
 
@@ -45,12 +55,31 @@ class StageError(RuntimeError):
         super().__init__(f"stage {stage} at {address}: {code.name if code else 'error'}: {details}")
         self.stage, self.address, self.code, self.details = stage, address, code, details
 
+    @property
+    def recoverable(self) -> bool:
+        """A new placement (other nodes, reloaded shards, replayed caches) can mend this failure."""
+        return self.code in RECOVERABLE
+
+
+# Gone or stuck peer; a restarted worker without the shard, or without the session's cache.
+RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNKNOWN})
+
+
+class Unavailable(RuntimeError):
+    """The model cannot be served now (nodes missing); the message says what is missing."""
+
+
+# recover(the failure, or None for a requested re-plan) -> (new placement, its stage addresses).
+Recover = Callable[[StageError | None], tuple[Placement, list[str]]]
+
 
 @dataclass(frozen=True)
 class EngineOptions:
     step_timeout_s: float = 30.0  # deadline of one stage's forward step
     prefill_chunk: int = 256  # prompt tokens per step and session
     quantize_wire: bool = False  # hidden states as per-token int8 between stages (not bit-exact)
+    max_recoveries: int = 3  # re-plans in a row without a successful step before the requests fail
 
 
 @dataclass(frozen=True)
@@ -80,6 +109,8 @@ class _Session:
     pos: int = 0  # tokens the stages hold
     generated: int = 0
     cancelled: bool = False
+    fed: list[list[int]] = field(default_factory=list)  # every chunk fed so far, in order (for a replay)
+    replay: deque[list[int]] = field(default_factory=deque)  # chunks still to re-feed after a re-plan
 
 
 @dataclass
@@ -90,20 +121,26 @@ class EngineStats:
     # per stage: round trip ms minus the worker's compute ms, per step (decode steps only)
     hop_overhead_ms: list[list[float]] = field(default_factory=list)
     compute_ms: list[list[float]] = field(default_factory=list)
+    recoveries: int = 0
+    recovery_s: list[float] = field(default_factory=list)  # failure seen -> sessions caught up again
+    replayed_tokens: int = 0
 
 
 class Engine:
     def __init__(self, placement: Placement, addresses: list[str], eos_ids: set[int],
-                 opts: EngineOptions = EngineOptions()) -> None:
-        if len(addresses) != len(placement.stages):
-            raise ValueError(f"{len(placement.stages)} stages but {len(addresses)} addresses")
-        self.placement, self.addresses, self.eos, self.opts = placement, addresses, eos_ids, opts
-        self.channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in addresses]
-        self.stubs = [pb_grpc.WorkerServiceStub(c) for c in self.channels]
+                 opts: EngineOptions = EngineOptions(), recover: Recover | None = None,
+                 security: Security | None = None) -> None:
+        self.eos, self.opts, self.recover, self.security = eos_ids, opts, recover, security or Security()
+        self.channels: list[grpc.Channel] = []
+        self._switch(placement, addresses)
         self.waiting: deque[_Session] = deque()
         self.active: list[_Session] = []
         self.cv = threading.Condition()
         self.stats = EngineStats(hop_overhead_ms=[[] for _ in addresses], compute_ms=[[] for _ in addresses])
+        self.unavailable = ""  # why the model cannot be served now ("" when it can)
+        self._replan = False
+        self._failures = 0  # recoveries since the last successful step
+        self._recovery_t0: float | None = None  # when the failure being recovered from was seen
         self._stop = False
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._loop, name="edgeweave-engine", daemon=True)
@@ -123,7 +160,9 @@ class Engine:
         s = _Session(f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}", req, queue.Queue(), list(req.prompt_ids))
         with self.cv:
             if self._stop:
-                raise RuntimeError("the engine is shut down")
+                raise Unavailable("the engine is shut down")
+            if self.unavailable:
+                raise Unavailable(self.unavailable)
             self.waiting.append(s)
             self.cv.notify()
         return self._drain(s)
@@ -142,6 +181,12 @@ class Engine:
         with self.cv:
             return len(self.active) + len(self.waiting)
 
+    def request_replan(self) -> None:
+        """Asks for a re-plan between steps (a node came back); the engine calls recover(None)."""
+        with self.cv:
+            self._replan = True
+            self.cv.notify()
+
     def close(self) -> None:
         with self.cv:
             self._stop = True
@@ -149,6 +194,18 @@ class Engine:
         self.thread.join(timeout=10)
         for c in self.channels:
             c.close()
+
+    def _switch(self, placement: Placement, addresses: list[str]) -> None:
+        if len(addresses) != len(placement.stages):
+            raise ValueError(f"{len(placement.stages)} stages but {len(addresses)} addresses")
+        for c in self.channels:
+            c.close()
+        self.placement, self.addresses = placement, list(addresses)
+        self.channels = [open_channel(a, self.security) for a in addresses]
+        self.stubs = [pb_grpc.WorkerServiceStub(c) for c in self.channels]
+        if hasattr(self, "stats"):
+            self.stats.hop_overhead_ms = [[] for _ in addresses]
+            self.stats.compute_ms = [[] for _ in addresses]
 
     # ------------------------------------------------------------------ loop
     def _admit(self) -> None:
@@ -158,46 +215,101 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and not self.waiting and not self.active:
+                while not self._stop and not self.waiting and not self.active and not self._replan:
                     self.cv.wait()
                 if self._stop:
                     for s in [*self.active, *self.waiting]:
                         s.out.put(Piece(finish="error", error="the server is shutting down"))
                     return
+                replan, self._replan = self._replan, False
                 gone = [s for s in self.active if s.cancelled]
                 self.active = [s for s in self.active if not s.cancelled]
-                self._admit()
+                if not self.unavailable:
+                    self._admit()
                 batch = list(self.active)
             if gone:
                 self._release(gone)
+            if replan:
+                self._recover(None)
+                continue
             if not batch:
                 continue
             try:
                 self._step(batch)
-            except Exception as e:  # StageError, or a bug: fail these requests, keep serving the rest
-                log.warning("step failed: %s", e, exc_info=not isinstance(e, StageError))
-                for s in batch:
-                    s.out.put(Piece(finish="error", error=str(e)))
-                with self.cv:
-                    self.active = [s for s in self.active if s not in batch]
-                self._release(batch)
+                self._failures = 0
+            except StageError as e:
+                if self.recover is not None and e.recoverable and self._failures < self.opts.max_recoveries:
+                    log.warning("step failed, re-planning: %s", e)
+                    self._failures += 1
+                    self._recover(e)
+                else:
+                    log.warning("step failed: %s", e)
+                    self._fail(batch, str(e))
+            except Exception as e:  # a bug: fail these requests, keep serving the rest
+                log.exception("step failed")
+                self._fail(batch, str(e))
 
-    def _step(self, batch: list[_Session]) -> None:
-        fed = {}
-        items = []
+    def _fail(self, batch: list[_Session], error: str) -> None:
         for s in batch:
-            chunk = s.pending[: self.opts.prefill_chunk]
+            s.out.put(Piece(finish="error", error=error))
+        with self.cv:
+            self.active = [s for s in self.active if s not in batch]
+        self._release(batch)
+
+    def _recover(self, err: StageError | None) -> None:
+        """Asks for a new placement; on success switches to it and queues every admitted session's
+        replay. On Unavailable, fails the admitted and waiting requests fast."""
+        assert self.recover is not None
+        t0 = time.perf_counter()
+        try:
+            placement, addresses = self.recover(err)
+        except Exception as e:  # Unavailable, or the controller itself failing: nothing can run now
+            msg = str(e) if isinstance(e, Unavailable) else f"re-planning failed: {e}"
+            log.warning("cannot serve: %s", msg)
+            with self.cv:
+                self.unavailable = msg
+                failed, self.active = [*self.active, *self.waiting], []
+                self.waiting.clear()
+            for s in failed:
+                s.out.put(Piece(finish="error", error=msg))
+            return
+        old = self.placement.placement_id
+        self._switch(placement, addresses)
+        with self.cv:
+            self.unavailable = ""
+            sessions = list(self.active)
+        for s in sessions:  # the new stages hold nothing: re-feed what the old ones held
+            s.replay = deque(s.fed)
+            s.pos = 0
+        self.stats.recoveries += 1
+        log.info("switched from placement %s to %s (%s); replaying %d session(s)", old, placement.placement_id,
+                 "after a failure" if err else "requested", len(sessions))
+        self._recovery_t0 = (self._recovery_t0 or t0) if sessions else None
+
+    def _items(self, batch: list[_Session]) -> tuple[dict[str, list[int]], list[pb.StepItem]]:
+        fed, items = {}, []
+        for s in batch:
+            chunk = s.replay[0] if s.replay else s.pending[: self.opts.prefill_chunk]
             fed[s.sid] = chunk
             items.append(pb.StepItem(
                 session_id=s.sid, position=s.pos, max_tokens=len(s.req.prompt_ids) + s.req.max_tokens,
                 token_ids=encode_tensor(torch.tensor(chunk, dtype=torch.int64)), step=s.generated,
                 sampling=pb.SamplingParams(temperature=s.req.temperature, top_p=s.req.top_p, seed=s.req.seed)))
+        return fed, items
+
+    def _step(self, batch: list[_Session]) -> None:
+        fed, items = self._items(batch)
         decode = all(len(c) == 1 for c in fed.values())
         results = self._through_stages(items, decode)
         finished = []
         for s, r in zip(batch, results):
             chunk = fed[s.sid]
             s.pos += len(chunk)
+            if s.replay:  # rebuilding the cache after a re-plan: this token was already handed out
+                s.replay.popleft()
+                self.stats.replayed_tokens += len(chunk)
+                continue
+            s.fed.append(chunk)
             del s.pending[: len(chunk)]
             if s.pending:  # more of the prompt to feed; this step's token is not an output
                 continue
@@ -212,6 +324,9 @@ class Engine:
             else:
                 s.pending = [tok]
         self.stats.steps += 1
+        if self._recovery_t0 is not None and not any(s.replay for s in batch):
+            self.stats.recovery_s.append(time.perf_counter() - self._recovery_t0)
+            self._recovery_t0 = None
         if finished:
             with self.cv:
                 self.active = [s for s in self.active if s not in finished]

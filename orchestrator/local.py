@@ -51,6 +51,20 @@ class LocalCluster:
         self.cluster.wait_for_nodes()
         return self
 
+    def add_node(self, n: LocalNode) -> str:
+        """Starts one more raylet (a node joining) -> its Ray node id."""
+        node = self.cluster.add_node(**self._args(n))
+        self.cluster.wait_for_nodes()
+        return node.node_id
+
+    def remove_node(self, node_id: str) -> None:
+        """Stops a (non-head) node's raylet and everything on it, as when a machine goes away."""
+        for node in self.cluster.worker_nodes:
+            if node.node_id == node_id:
+                self.cluster.remove_node(node, allow_graceful=False)
+                return
+        raise ValueError(f"{node_id} is not a non-head node of this cluster")
+
     def __exit__(self, *exc) -> None:
         import ray
 

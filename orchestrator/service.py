@@ -9,6 +9,7 @@ import grpc
 
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
+from protos.security import Security
 from protos.serving import start_server
 from quant.textstream import TextStreamer
 
@@ -90,10 +91,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def Health(self, request, context):
         engine = self.engine_of()
         return pb.InferenceHealthResponse(placement_id=engine.placement.placement_id, stages=len(engine.placement.stages),
-                                          active_sessions=engine.active_sessions(), model=self.model)
+                                          active_sessions=engine.active_sessions(), model=self.model,
+                                          unavailable=engine.unavailable, recoveries=engine.stats.recoveries)
 
 
 def start_inference_server(servicer: InferenceServicer, host: str = "127.0.0.1", port: int = 0,
-                           max_workers: int = 64) -> tuple[grpc.Server, int]:
+                           max_workers: int = 64, security: Security | None = None):
+    """-> (server, port, health servicer). Clients are users: TLS without client certificates."""
     return start_server(pb_grpc.add_InferenceServiceServicer_to_server, servicer, "InferenceService", host, port,
-                        max_workers)
+                        max_workers, security, mutual=False)

@@ -317,13 +317,17 @@ class InferenceHealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InferenceHealthResponse(_message.Message):
-    __slots__ = ("placement_id", "stages", "active_sessions", "model")
+    __slots__ = ("placement_id", "stages", "active_sessions", "model", "unavailable", "recoveries")
     PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     placement_id: str
     stages: int
     active_sessions: int
     model: str
-    def __init__(self, placement_id: _Optional[str] = ..., stages: _Optional[int] = ..., active_sessions: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    unavailable: str
+    recoveries: int
+    def __init__(self, placement_id: _Optional[str] = ..., stages: _Optional[int] = ..., active_sessions: _Optional[int] = ..., model: _Optional[str] = ..., unavailable: _Optional[str] = ..., recoveries: _Optional[int] = ...) -> None: ...

@@ -9,6 +9,7 @@ from concurrent import futures
 import grpc
 
 from . import edgeweave_v1_pb2 as pb
+from .security import Security, TokenInterceptor, server_credentials
 
 __all__ = ["MAX_MESSAGE_BYTES", "GRPC_OPTIONS", "start_server"]
 
@@ -19,13 +20,18 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 
 
 def start_server(add_servicer: Callable, servicer, service: str, host: str, port: int,
-                 max_workers: int) -> tuple[grpc.Server, int]:
+                 max_workers: int, security: Security | None = None, mutual: bool = False):
     """Serves `servicer` (added with its generated add_*_to_server) as edgeweave.v1.{service}, plus
-    health (SERVING for "" and the service) and reflection, on host:port (0: any free port)."""
+    health (SERVING for "" and the service) and reflection, on host:port (0: any free port).
+    security: TLS (client certificates required when mutual and security.mutual) and the token.
+    -> (server, bound port, the health servicer, so the caller can report NOT_SERVING)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    sec = security or Security()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
+                         interceptors=[TokenInterceptor(sec.token)] if sec.token else None,
+                         maximum_concurrent_rpcs=4 * max_workers)
     add_servicer(servicer, server)
     name = pb.DESCRIPTOR.services_by_name[service].full_name
     hs = health.HealthServicer()
@@ -33,8 +39,9 @@ def start_server(add_servicer: Callable, servicer, service: str, host: str, port
     for n in ("", name):
         hs.set(n, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    creds = server_credentials(sec, mutual)
+    bound = server.add_secure_port(f"{host}:{port}", creds) if creds else server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {service} to {host}:{port} (address in use, or not this machine's)")
     server.start()
-    return server, bound
+    return server, bound, hs

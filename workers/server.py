@@ -19,6 +19,7 @@ import torch
 from orchestrator.profile import NodeProfile
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
+from protos.security import Security, open_channel
 from protos.serving import start_server
 from quant.checkpoint import CheckpointError
 from quant.generate import pick_token
@@ -26,7 +27,7 @@ from quant.generate import pick_token
 from .llama_stage import KVCache
 from .moe import ExpertStore, MoERunner, expert_forward
 from .shard import LoadedShard, ShardRange, layer_count, load_shard, moe_shape
-from .wire import GRPC_OPTIONS, WireError, decode_activation, decode_tensor, encode_activation, encode_tensor
+from .wire import WireError, decode_activation, decode_tensor, encode_activation, encode_tensor
 
 __all__ = ["WorkerServicer", "start_worker_server", "MAX_ITEMS", "MAX_SESSION_ID"]
 
@@ -61,8 +62,8 @@ def _check_placement(placement_id: str, spec: pb.ShardSpec) -> None:
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
-    def __init__(self, profile: NodeProfile) -> None:
-        self.profile = profile
+    def __init__(self, profile: NodeProfile, security: Security | None = None) -> None:
+        self.profile, self.security = profile, security or Security()
         self.shard: LoadedShard | None = None
         self.spec: pb.ShardSpec | None = None
         self.sessions: dict[str, KVCache] = {}
@@ -159,7 +160,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             addr = self.runner.remote[(layer, expert)]
             stub = self._peers.get(addr)
             if stub is None:
-                stub = self._peers[addr] = pb_grpc.WorkerServiceStub(grpc.insecure_channel(addr, options=GRPC_OPTIONS))
+                stub = self._peers[addr] = pb_grpc.WorkerServiceStub(open_channel(addr, self.security))
             fut = stub.ExpertForward.future(pb.ExpertRequest(placement_id=placement_id, layer=layer, expert=expert,
                                                              hidden=encode_tensor(x.float())), timeout=30.0)
 
@@ -399,8 +400,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return resp
 
 
-def start_worker_server(profile: NodeProfile, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, int, WorkerServicer]:
-    """Starts a WorkerService on host:port (0: any free port) -> (server, port, servicer)."""
-    servicer = WorkerServicer(profile)
-    server, bound = start_server(pb_grpc.add_WorkerServiceServicer_to_server, servicer, "WorkerService", host, port, 8)
+def start_worker_server(profile: NodeProfile, host: str = "127.0.0.1", port: int = 0,
+                        security: Security | None = None) -> tuple[grpc.Server, int, WorkerServicer]:
+    """Starts a WorkerService on host:port (0: any free port) -> (server, port, servicer).
+    With TLS configured and security.mutual, only clients with a certificate from the CA get in."""
+    servicer = WorkerServicer(profile, security)
+    server, bound, _ = start_server(pb_grpc.add_WorkerServiceServicer_to_server, servicer, "WorkerService", host, port,
+                                    8, security, mutual=True)
     return server, bound, servicer

@@ -1,0 +1,62 @@
+"""Which nodes the controller may place on: a ban list with growing backoff (pure; time is passed in).
+
+A node that failed a step is banned for `initial_s`; each further failure while it is on probation
+doubles the ban, up to `max_s`. A node that then stays healthy for `forgive_s` starts again at
+`initial_s`. So a flapping node is retried less and less often, and a node that rebooted once is
+back within seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+__all__ = ["Ban", "BanList"]
+
+
+@dataclass(frozen=True)
+class Ban:
+    until: float  # monotonic seconds
+    backoff_s: float  # the length of this ban
+    reason: str
+    last_failure: float
+
+
+@dataclass
+class BanList:
+    initial_s: float = 2.0
+    max_s: float = 120.0
+    forgive_s: float = 300.0
+    bans: dict[str, Ban] = field(default_factory=dict)
+
+    def ban(self, node_id: str, now: float, reason: str) -> Ban:
+        prev = self.bans.get(node_id)
+        if prev is not None and now - prev.last_failure < self.forgive_s:
+            backoff = min(prev.backoff_s * 2, self.max_s)
+        else:
+            backoff = self.initial_s
+        b = Ban(now + backoff, backoff, reason, now)
+        self.bans[node_id] = b
+        return b
+
+    def banned(self, node_id: str, now: float) -> bool:
+        b = self.bans.get(node_id)
+        return b is not None and now < b.until
+
+    def expired(self, now: float) -> list[str]:
+        """Nodes whose ban is over but that have not been readmitted yet (probe them)."""
+        return [n for n, b in self.bans.items() if now >= b.until and b.reason]
+
+    def readmit(self, node_id: str) -> None:
+        """The node answered again; keep its backoff history (for forgive_s) but clear the ban."""
+        b = self.bans.get(node_id)
+        if b is not None:
+            self.bans[node_id] = replace(b, until=0.0, reason="")
+
+    def extend(self, node_id: str, now: float) -> None:
+        """A probe after the ban failed: ban again, longer."""
+        b = self.bans.get(node_id)
+        self.ban(node_id, now, b.reason if b and b.reason else "did not answer")
+
+    def down(self, now: float) -> dict[str, str]:
+        """node id -> reason, for the nodes not readmitted yet."""
+        return {n: b.reason for n, b in self.bans.items() if b.reason}
