@@ -19,6 +19,33 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
+class StrictParsing(grpc.ServerInterceptor):
+    """Parses requests inside the handler, so a malformed or truncated message (bad wire format,
+    invalid UTF-8 in a string field) gets INVALID_ARGUMENT with the reason, not gRPC's INTERNAL
+    "Exception deserializing request!"."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def wrap(behavior):
+            def run(raw: bytes, context):
+                try:
+                    request = parse(raw)
+                except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{method}: the request is not a valid message ({type(e).__name__}: {e})")
+                return behavior(request, context)
+            return run
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), None,
+                                                        handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), None, handler.response_serializer)
+
+
 def start_server(add_servicer: Callable, servicer, service: str, host: str, port: int,
                  max_workers: int, security: Security | None = None, mutual: bool = False):
     """Serves `servicer` (added with its generated add_*_to_server) as edgeweave.v1.{service}, plus
@@ -30,7 +57,7 @@ def start_server(add_servicer: Callable, servicer, service: str, host: str, port
 
     sec = security or Security()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS,
-                         interceptors=[TokenInterceptor(sec.token)] if sec.token else None,
+                         interceptors=[*([TokenInterceptor(sec.token)] if sec.token else []), StrictParsing()],
                          maximum_concurrent_rpcs=4 * max_workers)
     add_servicer(servicer, server)
     name = pb.DESCRIPTOR.services_by_name[service].full_name

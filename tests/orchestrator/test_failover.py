@@ -1,35 +1,62 @@
 """Node failures on a real local 3-node Ray cluster: a worker process killed mid-generation, a node
 removed so the model no longer fits, a node joining again. Any two of the three nodes hold the
-6-layer model; one alone does not."""
+6-layer model; one alone does not.
+
+The cluster runs with security on (a shared token, TLS for the service, mutual TLS between the
+controller and the workers), so every channel of the failover path is also exercised under it."""
 
 import os
 import signal
 import threading
 import time
 
+import functools
+
 import grpc
 import pytest
+import trustme
 
-from orchestrator.client import server_health, stream_generate
+from orchestrator import client
 from orchestrator.controller import ServeOptions, start_controller
 from orchestrator.local import LocalCluster, LocalNode
 from orchestrator.planner import Placement
+from protos.security import Security
 from quant.checkpoint import load_checkpoint
 from quant.generate import SamplingConfig, generate_tokens, make_decoder
 from tests.conftest import tiny_checkpoint
 
 BUDGETS = (900_000, 850_000, 800_000)  # bytes: any two hold the model (about 1.4 MB over 2 stages), one does not
 PROMPT = "t5 t9 t33 t100 t7 t8 t9 t10"
+TOKEN = "failover-test-token-0123"
+stream_generate = server_health = None  # bound to the test CA and token by the fixture
+
+
+def _pki(d) -> tuple[Security, Security]:
+    """-> (the cluster's settings: node certificate for 127.0.0.1, mutual TLS; a user's: CA + token)."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(d / "node.pem"))
+    cert.private_key_pem.write_to_path(str(d / "node.key"))
+    node = Security(TOKEN, str(d / "node.pem"), str(d / "node.key"), str(d / "ca.pem"), mutual=True)
+    return node, Security(TOKEN, tls_ca=str(d / "ca.pem"))
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    global stream_generate, server_health
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("fo") / "tiny", layers=6, init_range=0.2)
+    node_sec, user_sec = _pki(tmp_path_factory.mktemp("pki"))
+    stream_generate = functools.partial(client.stream_generate, security=user_sec)
+    server_health = functools.partial(client.server_health, security=user_sec)
     with LocalCluster([LocalNode(b, cpus=1) for b in BUDGETS]) as cluster:
         import ray
 
         actor, address = start_controller(ServeOptions(str(ckpt), context=128, batch=4, prefill_chunk=4,
-                                                       health_interval_s=0.5, step_timeout_s=10.0))
+                                                       health_interval_s=0.5, step_timeout_s=10.0, security=node_sec))
+        with pytest.raises(grpc.RpcError) as e:  # without the token (or without TLS) nothing is served
+            list(client.stream_generate(address, PROMPT, 4, security=Security(tls_ca=user_sec.tls_ca)))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         yield ckpt, cluster, actor, address
         ray.get(actor.shutdown.remote(), timeout=30)
 
