@@ -388,8 +388,8 @@ class Controller:
         return self.redis_url
 
     def _watch(self) -> None:
-        """Every health_interval_s: takes out placed nodes that stopped answering (before a request
-        trips on them), probes banned nodes whose ban is over, adopts nodes that joined Ray; asks
+        """Every health_interval_s: takes out nodes that stopped answering (placed ones before a
+        request trips on them, idle ones before a re-plan counts on them), probes banned nodes whose ban is over, adopts nodes that joined Ray; asks
         the engine to re-plan when the set of usable nodes changed."""
         while not self._stop.wait(self.opts.health_interval_s):
             try:
@@ -405,9 +405,9 @@ class Controller:
         now = time.monotonic()
         with self._lock:
             down = self.bans.down(now)
-            placed = [n for n in self.nodes_used if n not in down]
+            known = [n for n in self.workers if n not in down]  # idle spares too: a re-plan counts on them
             expired = self.bans.expired(now)
-        for n, why in self._find_dead(placed, None).items():
+        for n, why in self._find_dead(known, None).items():
             with self._lock:
                 b = self.bans.ban(n, time.monotonic(), why)
             log.warning("node %s taken out for %.0fs: %s", n[:8], b.backoff_s, why)

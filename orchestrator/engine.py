@@ -80,6 +80,7 @@ class EngineOptions:
     prefill_chunk: int = 256  # prompt tokens per step and session
     quantize_wire: bool = False  # hidden states as per-token int8 between stages (not bit-exact)
     max_recoveries: int = 3  # re-plans in a row without a successful step before the requests fail
+    replan_defer_s: float = 30.0  # a requested (not failure) re-plan waits this long for an idle moment
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class Engine:
         self.stats = EngineStats(hop_overhead_ms=[[] for _ in addresses], compute_ms=[[] for _ in addresses])
         self.unavailable = ""  # why the model cannot be served now ("" when it can)
         self._replan = False
+        self._replan_at = 0.0
         self._failures = 0  # recoveries since the last successful step
         self._recovery_t0: float | None = None  # when the failure being recovered from was seen
         self._stop = False
@@ -182,9 +184,12 @@ class Engine:
             return len(self.active) + len(self.waiting)
 
     def request_replan(self) -> None:
-        """Asks for a re-plan between steps (a node came back); the engine calls recover(None)."""
+        """Asks for a re-plan between steps (a node came back); the engine calls recover(None) when
+        no session is running (a re-plan replays every running session), or after replan_defer_s,
+        or at once while the model cannot be served."""
         with self.cv:
-            self._replan = True
+            if not self._replan:
+                self._replan, self._replan_at = True, time.monotonic()
             self.cv.notify()
 
     def close(self) -> None:
@@ -221,7 +226,10 @@ class Engine:
                     for s in [*self.active, *self.waiting]:
                         s.out.put(Piece(finish="error", error="the server is shutting down"))
                     return
-                replan, self._replan = self._replan, False
+                replan = self._replan and (not self.active or bool(self.unavailable)
+                                           or time.monotonic() - self._replan_at > self.opts.replan_defer_s)
+                if replan:
+                    self._replan = False
                 gone = [s for s in self.active if s.cancelled]
                 self.active = [s for s in self.active if not s.cancelled]
                 if not self.unavailable:

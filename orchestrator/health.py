@@ -53,9 +53,13 @@ class BanList:
             self.bans[node_id] = replace(b, until=0.0, reason="")
 
     def extend(self, node_id: str, now: float) -> None:
-        """A probe after the ban failed: ban again, longer."""
+        """A probe after the ban failed (the node is still rebooting): wait the same backoff again.
+        Only a new failure after readmission lengthens the ban."""
         b = self.bans.get(node_id)
-        self.ban(node_id, now, b.reason if b and b.reason else "did not answer")
+        if b is None:
+            self.ban(node_id, now, "did not answer")
+        else:
+            self.bans[node_id] = Ban(now + b.backoff_s, b.backoff_s, b.reason or "did not answer", b.last_failure)
 
     def down(self, now: float) -> dict[str, str]:
         """node id -> reason, for the nodes not readmitted yet."""

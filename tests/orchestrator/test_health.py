@@ -1,0 +1,30 @@
+"""The ban list that decides which nodes the controller may place on (pure: time passed in)."""
+
+from orchestrator.health import BanList
+
+
+def test_repeated_failures_ban_longer_up_to_the_cap_and_are_forgiven_later():
+    b = BanList(initial_s=2, max_s=8, forgive_s=100)
+    assert b.ban("n", 0, "dead").backoff_s == 2
+    assert b.banned("n", 1) and not b.banned("n", 2)
+    assert b.down(1) == {"n": "dead"}
+    b.readmit("n")
+    assert b.down(3) == {}
+    assert b.ban("n", 10, "dead again").backoff_s == 4  # within forgive_s of the last failure
+    b.readmit("n")
+    assert b.ban("n", 20, "x").backoff_s == 8
+    b.readmit("n")
+    assert b.ban("n", 30, "x").backoff_s == 8  # capped
+    b.readmit("n")
+    assert b.ban("n", 200, "x").backoff_s == 2  # healthy for longer than forgive_s: starts again
+
+
+def test_a_probe_that_finds_the_node_still_down_waits_the_same_backoff_again():
+    b = BanList(initial_s=2)
+    b.ban("n", 0, "no answer")
+    assert b.expired(1) == [] and b.expired(2) == ["n"]
+    b.extend("n", 2)
+    assert b.banned("n", 3.9) and not b.banned("n", 4)
+    assert b.bans["n"].backoff_s == 2 and b.down(3) == {"n": "no answer"}
+    b.readmit("n")
+    assert b.expired(10) == [] and b.down(10) == {}
