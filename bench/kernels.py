@@ -5,6 +5,7 @@ its weights from memory. Reports median microseconds, speed-up, achieved GB/s of
 and the machine's measured read bandwidth; at M=512 a breakdown of where the time goes.
 
     python bench/kernels.py [--reps 15]
+    python bench/kernels.py --tender [--reps 15]   # Tender's kernel next to plain W8A8 (own section)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import machine, median_time, table, update_section, write_results  # noqa: E402
 from quant.kernels import int8_linear, int8_matmul, quantize_activations  # noqa: E402
+from quant.tender import tender_linear  # noqa: E402
 
 LLC_BYTES = 32 << 20
 SHAPES = {  # name: (out N, in K)
@@ -87,10 +89,64 @@ def breakdown(n: int, k: int, m: int, reps: int) -> dict:
     }
 
 
+TENDER_SHAPES = ("smollm2 q/o 576x576", "smollm2 gate/up 1536x576", "smollm2 down 576x1536", "4096x4096")
+
+
+def bench_tender(reps: int) -> None:
+    """Tender (G = 4 and 8) vs per-token W8A8 vs float32, same rotating weights."""
+    results = {}
+    for name in TENDER_SHAPES:
+        n, k = SHAPES[name]
+        g = torch.Generator().manual_seed(0)
+        wf = [torch.randn(n, k, generator=g) for _ in range(copies_for(4 * n * k))]
+        wq = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g) for _ in range(copies_for(n * k))]
+        ws = torch.rand(n, generator=g) * 0.01
+        rows = []
+        for m in TOKENS:
+            x = torch.randn(m, k, generator=g)
+            i = [0]
+
+            def nxt(lst):
+                i[0] += 1
+                return lst[i[0] % len(lst)]
+
+            r = max(3, reps // (1 + m // 64)) if n * k > 10_000_000 else reps
+            t = {"f32": median_time(lambda: F.linear(x, nxt(wf)), r),
+                 "w8a8": median_time(lambda: int8_linear(x, nxt(wq), ws), r),
+                 "tender4": median_time(lambda: tender_linear(x, nxt(wq), ws, groups=4), r),
+                 "tender8": median_time(lambda: tender_linear(x, nxt(wq), ws, groups=8), r)}
+            rows.append({"m": m, **{f"{k_}_us": v * 1e6 for k_, v in t.items()}})
+            print(name, m, {k_: round(v * 1e6) for k_, v in t.items()}, flush=True)
+        results[name] = rows
+    write_results("kernels_tender", {"shapes": results})
+    md_rows = [[name, r["m"], f"{r['f32_us']:.0f}", f"{r['w8a8_us']:.0f}", f"{r['tender4_us']:.0f}",
+                f"{r['tender8_us']:.0f}", f"{r['w8a8_us'] / r['tender4_us']:.2f}x"]
+               for name, rs in results.items() for r in rs]
+    update_section("kernels-tender", f"""## Tender's kernel next to W8A8 (`bench/kernels.py --tender`)
+
+Command: `python bench/kernels.py --tender --reps {reps}`. Tender (quant/tender.py): per-chunk bias removal,
+channel groups with power-of-two scales, one int8 GEMM per group on the group's channels, int32
+shift-accumulate, one float rescale, plus the bias row through the same int8 GEMM. W8A8 = the fused
+per-token kernel. Median microseconds; weights rotate as above.
+
+{table(["shape (out x in)", "M", "f32 us", "W8A8 us", "Tender G=4 us", "Tender G=8 us", "W8A8 / Tender G=4"], md_rows)}
+
+Tender's CPU kernel pays for grouping at run time: the channel order depends on each chunk's
+activations, so every call gathers the weight columns into group order (one extra pass over the
+int8 weights) and runs G smaller GEMMs and a bias GEMV. The paper's accelerator does the grouping
+in hardware. On this CPU Tender is slower than plain W8A8; what it buys is accuracy with static-range
+int8 arithmetic (no per-token scales), see the quality table.
+""")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--tender", action="store_true", help="only Tender vs W8A8 (its own BENCHMARKS.md section)")
     args = ap.parse_args()
+    if args.tender:
+        bench_tender(args.reps)
+        return
     torch.set_num_threads(torch.get_num_threads())
     bw = read_bandwidth()
     results = {}

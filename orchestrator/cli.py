@@ -35,7 +35,12 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from quant.pipeline import quantize
 
     calib = CalibConfig(path=a.calib, samples=a.calib_samples, seq_len=a.calib_len)
-    cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=a.act_scheme, calib=calib)
+    scheme = "tender" if a.method == "tender" else a.act_scheme
+    try:
+        cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
+                          tender_groups=a.groups)
+    except ValueError as e:
+        raise SystemExit(f"edgeweave quantize: {e}") from e
     torch.manual_seed(0)
     t0 = time.time()
     model, tok = load_float_model(a.model)
@@ -276,11 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="post-training quantization to an int8 checkpoint")
     q.add_argument("model", help="smollm2-135m, a Hugging Face model directory, or a .gguf file")
-    q.add_argument("--method", choices=("rtn", "haq"), default="haq")
+    q.add_argument("--method", choices=("rtn", "haq", "tender"), default="haq",
+                   help="haq: smoothing + Hessian-aware rounding; rtn: round to nearest; tender: power-of-two "
+                        "channel groups for activations (--groups), RTN weights")
     q.add_argument("--w-bits", type=int, default=8)
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
-                   help="token: per-token dynamic activation scales; tensor: static per-tensor scales")
+                   help="token: per-token dynamic activation scales; tensor: static per-tensor scales "
+                        "(ignored by --method tender)")
+    q.add_argument("--groups", type=int, default=4, help="tender: channel groups, scales a power of two apart")
     q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")

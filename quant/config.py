@@ -7,8 +7,8 @@ from typing import Literal
 
 __all__ = ["ActScheme", "CalibConfig", "QuantConfig", "METHODS"]
 
-ActScheme = Literal["token", "tensor"]
-METHODS = ("rtn", "haq")
+ActScheme = Literal["token", "tensor", "tender"]
+METHODS = ("rtn", "haq", "tender")
 CONFIG_VERSION = 1
 
 
@@ -29,6 +29,9 @@ class QuantConfig:
     rtn: round-to-nearest int8 weights per output channel, no smoothing.
     haq: smoothing with a per-layer migration strength chosen on calibration data, then
          GPTQ-style Hessian-aware rounding (METHODS.md section 1).
+    tender: round-to-nearest int8 weights per output channel; activations decomposed per chunk
+         into power-of-two channel groups (quant/tender.py, METHODS.md section 4). Its act scheme
+         is always "tender".
     """
 
     method: str = "haq"
@@ -44,6 +47,7 @@ class QuantConfig:
     gptq_act_order: bool = True
     search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
     quantize_lm_head: bool = True
+    tender_groups: int = 4  # Tender: channel groups (power-of-two scales apart)
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = CONFIG_VERSION
 
@@ -54,8 +58,12 @@ class QuantConfig:
             raise ValueError(
                 f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --w-bits 8 --a-bits 8"
             )
-        if self.act_scheme not in ("token", "tensor"):
+        if (self.method == "tender") != (self.act_scheme == "tender"):
+            raise ValueError("--method tender goes with its own activation scheme ('tender'), and only with it")
+        if self.act_scheme not in ("token", "tensor", "tender"):
             raise ValueError(f"act scheme must be 'token' or 'tensor', got {self.act_scheme!r}")
+        if not 1 <= self.tender_groups <= 16:
+            raise ValueError(f"tender_groups must be in [1, 16], got {self.tender_groups}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -127,13 +127,15 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
         n = lin.out_features
         bias = None if lin.bias is None else lin.bias.data
         set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
-                                                        bias, cfg.act_scheme, static))
+                                                        bias, cfg.act_scheme, static, cfg.tender_groups))
         start += n
 
 
 def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static: float | None) -> None:
     """Mixtral experts: per-expert RTN int8 (GPTQ needs per-expert Hessians; see docs)."""
     assert g.experts is not None
+    if cfg.method == "tender":
+        raise ValueError("--method tender does not cover MoE expert banks yet; use haq or rtn for Mixtral")
     bank = layer.get_submodule(g.experts)
     router = layer.get_submodule(g.float_readers[0])
     e, two_i, d = bank.gate_up_proj.shape
@@ -163,7 +165,8 @@ def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, rep
                               g.heads_per_kv, g.head_dim, allow_smoothing=smooth)
     if choice.alpha is not None:
         _fold_smoothing(layer, g, choice.scales)
-    static = None if per_token else max(choice.clip * (st.channel_max() / choice.scales).max().item(), 1e-8) / QMAX
+    static = None if per_token or cfg.method == "tender" else max(
+        choice.clip * (st.channel_max() / choice.scales).max().item(), 1e-8) / QMAX
     report.choices[tag] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
     return choice.scales, static
 
@@ -200,14 +203,14 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
         if getattr(norm, "bias", None) is not None:
             norm.bias.data /= s
     w = head.weight.data * s  # a new tensor: the tied embedding keeps its float rows
-    static = None if per_token else max(choice.clip * (st.channel_max() / s).max().item(), 1e-8) / QMAX
+    static = None if per_token or cfg.method == "tender" else max(choice.clip * (st.channel_max() / s).max().item(), 1e-8) / QMAX
     report.choices["lm_head"] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
     if haq:
         h = st.hessian() / (s[:, None] * s[None, :]).double()
         q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
     else:
         q, scale = quantize_weight_per_channel(w, cfg.w_bits)
-    qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static)
+    qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static, cfg.tender_groups)
     set_module(model, "lm_head", qhead)
     qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, qhead if tied else None)
     if tied:
@@ -226,7 +229,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     batches = _capture_first_layer_inputs(model, layers, calib_ids)
     keep = max(1, -(-cfg.search_tokens // len(batches)))  # ceil: search tokens spread over batches
     report = QuantReport()
-    for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} W8A8-{cfg.act_scheme}", disable=not progress)):
+    for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} W{cfg.w_bits}A{cfg.a_bits}-{cfg.act_scheme}", disable=not progress)):
         stats = _collect_stats(layer, spec.groups, batches, keep)
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
         chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report) for g in spec.groups]

@@ -11,21 +11,24 @@ import torch
 from torch import nn
 
 from .kernels import int8_linear
+from .tender import tender_linear
 
 __all__ = ["QuantLinear", "QuantExperts", "QuantEmbedding"]
 
 
 class QuantLinear(nn.Module):
-    """y = int8_linear(x): activations quantized per token, or with a static per-tensor scale."""
+    """y = int8_linear(x): activations quantized per token, or with a static per-tensor scale; or
+    act_scheme "tender": Tender's power-of-two channel groups per chunk (quant/tender.py)."""
 
     qweight: torch.Tensor  # [N, K] int8
     w_scale: torch.Tensor  # [N]
     bias: torch.Tensor | None  # [N]
     input_scale: torch.Tensor | None  # [] static activation scale
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
+        self.groups = groups  # Tender only
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -34,8 +37,8 @@ class QuantLinear(nn.Module):
         self._static: float | None = None
 
     @classmethod
-    def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None) -> "QuantLinear":
-        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme)
+    def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4) -> "QuantLinear":
+        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups)
         m.qweight, m.w_scale = qweight.contiguous(), w_scale.float().contiguous()
         if bias is not None:
             m.bias = bias.float().contiguous()
@@ -51,6 +54,8 @@ class QuantLinear(nn.Module):
         return self._static
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_scheme == "tender":
+            return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups).to(x.dtype)
         y = int8_linear(x, self.qweight, self.w_scale, self.bias, self.static_scale())
         return y.to(x.dtype)
 
