@@ -30,12 +30,12 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     from quant.calibration import calibration_windows
     from quant.checkpoint import save_checkpoint
-    from quant.config import CalibConfig, QuantConfig
+    from quant.config import ActScheme, CalibConfig, QuantConfig
     from quant.models import load_float_model
     from quant.pipeline import quantize
 
     calib = CalibConfig(path=a.calib, samples=a.calib_samples, seq_len=a.calib_len)
-    scheme = "tender" if a.method == "tender" else a.act_scheme
+    scheme: ActScheme = "tender" if a.method == "tender" else a.act_scheme
     try:
         cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
                           tender_groups=a.groups)
