@@ -1,4 +1,5 @@
-"""Perplexity and checkpoint bytes: FP vs RTN and HAQ W8A8 (per-token and per-tensor static).
+"""Perplexity and checkpoint bytes: FP vs RTN and HAQ W8A8 (per-token and per-tensor static) and
+Tender W8A8 (power-of-two channel groups per 256-token chunk, RTN weights).
 
 WikiText-2 test and the C4 sample, first N windows of 2048 tokens (METHODS.md section 6);
 calibration on C4 windows from the end of the file, so the scored windows stay unseen.
@@ -33,6 +34,7 @@ CONFIGS = {
     "rtn-tensor": ("rtn", "tensor"),
     "haq-token": ("haq", "token"),
     "haq-tensor": ("haq", "tensor"),
+    "tender": ("tender", "tender"),
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 
@@ -86,7 +88,7 @@ def main() -> None:
         print(name, rows[name], flush=True)
         write_results("quality", {"windows": a.windows, "ctx": a.ctx, "calib_samples": a.calib_samples, "rows": rows})
     fp = rows.get("fp")
-    targets = {"haq-token": 1.01, "haq-tensor": 1.03}
+    targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender": 1.02}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

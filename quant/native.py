@@ -26,6 +26,7 @@ _PTR = ctypes.c_void_p
 
 _SIGNATURES = {
     "ew_gemm_s8s8s32": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "ew_gemm_s8s8s32_ld": [_I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64],
     "ew_quantize_rows": [_I64, _I64, _PTR, _F32, _PTR, _PTR],
     "ew_rescale": [_I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "ew_linear_w8a8": [_I64, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],

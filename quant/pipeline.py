@@ -115,19 +115,23 @@ def _fold_smoothing(layer, g: Group, s: torch.Tensor) -> None:
         layer.get_submodule(g.experts).gate_up_proj.data *= s
 
 
-def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, static: float | None) -> None:
+def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, static: float | None,
+                      perm: torch.Tensor | None = None) -> None:
+    """perm (Tender): store the weights' columns in this order."""
     w = _group_weights(layer, g)
     if cfg.method == "haq" and h is not None:
         q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
     else:
         q, scale = quantize_weight_per_channel(w, cfg.w_bits)
+    if perm is not None:
+        q = q[:, perm].contiguous()
     start = 0
     for p in g.linears:
         lin = layer.get_submodule(p)
         n = lin.out_features
         bias = None if lin.bias is None else lin.bias.data
         set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
-                                                        bias, cfg.act_scheme, static, cfg.tender_groups))
+                                                        bias, cfg.act_scheme, static, cfg.tender_groups, perm))
         start += n
 
 
@@ -176,7 +180,8 @@ def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float
         _quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
     else:
         h = st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
-        _quantize_linears(layer, g, h, cfg, static)
+        perm = torch.argsort(st.channel_max() / s) if cfg.method == "tender" else None  # Tender's column order
+        _quantize_linears(layer, g, h, cfg, static, perm)
 
 
 def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport) -> None:
@@ -210,7 +215,10 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
         q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
     else:
         q, scale = quantize_weight_per_channel(w, cfg.w_bits)
-    qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static, cfg.tender_groups)
+    perm = torch.argsort(st.channel_max() / s) if cfg.method == "tender" else None
+    if perm is not None:
+        q = q[:, perm].contiguous()
+    qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static, cfg.tender_groups, perm)
     set_module(model, "lm_head", qhead)
     qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, qhead if tied else None)
     if tied:

@@ -29,6 +29,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
         self.groups = groups  # Tender only
+        # Tender: qweight's column j is input channel perm[j] (ascending calibration magnitude)
+        self.register_buffer("perm", torch.arange(in_features) if act_scheme == "tender" else None)
+        self.register_buffer("tender_groups", torch.tensor(groups) if act_scheme == "tender" else None)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -37,8 +40,12 @@ class QuantLinear(nn.Module):
         self._static: float | None = None
 
     @classmethod
-    def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4) -> "QuantLinear":
+    def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4,
+                       perm: torch.Tensor | None = None) -> "QuantLinear":
+        """perm (Tender): the column order qweight is stored in."""
         m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups)
+        if perm is not None:
+            m.perm = perm.long().clone()  # one tensor per module (safetensors refuses shared storage)
         m.qweight, m.w_scale = qweight.contiguous(), w_scale.float().contiguous()
         if bias is not None:
             m.bias = bias.float().contiguous()
@@ -55,7 +62,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_scheme == "tender":
-            return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups).to(x.dtype)
+            return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups, perm=self.perm).to(x.dtype)
         y = int8_linear(x, self.qweight, self.w_scale, self.bias, self.static_scale())
         return y.to(x.dtype)
 
@@ -124,7 +131,10 @@ class QuantEmbedding(nn.Module):
 
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tied is not None:
-            return self._tied[0].qweight, self._tied[0].w_scale
+            head = self._tied[0]
+            if head.perm is not None:  # Tender stores lm_head's columns reordered: undo it
+                return head.qweight[:, torch.argsort(head.perm)], head.w_scale
+            return head.qweight, head.w_scale
         return self.qweight, self.w_scale
 
     @property

@@ -9,93 +9,132 @@ For one chunk of tokens x [M, K] (pure tensor math, no module state):
   3. Per group, an int8 x int8 -> int32 product P_i over that group's channels. Because adjacent
      scales differ by exactly 2x: acc = P_{G-1}; acc = (acc << 1) + P_i for i = G-2 .. 0 gives
      acc = sum_i 2^i P_i, and y = s_0 * s_w[n] * acc, with no per-group requantization.
-  4. The bias comes back as b @ W^T; b is quantized to int8 (one scale) and goes through the same
-     int8 product as a one-row matrix.
+  4. The bias comes back as b @ W^T: b is quantized to int8 (one scale) and rides along as one
+     more row of every group's product, summed without shifts.
+
+Channel order. A group must be a contiguous slice of the weight's columns for the GEMM to stream
+it without copying. Rather than gathering weight columns per chunk (a full extra pass over the
+weights), the weight's columns are stored once, at quantization time, in ascending order of the
+channels' calibration magnitude (`perm`). At run time each channel's group is raised to the
+largest group of any channel before it in that order (a running maximum), and group starts are
+rounded down to multiples of 16 (the kernel's vector width). So groups are contiguous; a channel
+can only get a coarser scale than it needs, never a range too small for it.
 Weights are int8 per output channel (symmetric RTN), as for W8A8.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .kernels import QMAX, int8_matmul, int8_matmul_reference
+from .kernels import QMAX, int8_matmul_reference
+from .native import load_kernels
 
-__all__ = ["TenderChunk", "tender_quantize", "tender_linear", "tender_linear_reference", "DEFAULT_GROUPS"]
+__all__ = ["TenderChunk", "tender_quantize", "tender_linear", "tender_linear_reference", "DEFAULT_GROUPS", "ALIGN"]
 
 DEFAULT_GROUPS = 4  # INT8; more for INT4 weights
+ALIGN = 16  # group starts are multiples of this (AVX2 tiles)
+
+Gemm = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (A [M, K], B [N, K], k0, k1) -> int32 [M, N]
 
 
 class TenderChunk:
-    """One chunk's decomposition: q int8 [M, K], group [K] in [0, G), s0, bias [K] float32."""
+    """One chunk's decomposition (channels in the stored order): q int8 [M, K], group [K] (non-
+    decreasing), starts [G + 1] column offsets, s0, bias [K] float32."""
 
-    def __init__(self, q: torch.Tensor, group: torch.Tensor, s0: float, bias: torch.Tensor, groups: int) -> None:
-        self.q, self.group, self.s0, self.bias, self.groups = q, group, s0, bias, groups
+    def __init__(self, q: torch.Tensor, group: torch.Tensor, starts: list[int], s0: float, bias: torch.Tensor) -> None:
+        self.q, self.group, self.starts, self.s0, self.bias = q, group, starts, s0, bias
+
+    @property
+    def groups(self) -> int:
+        return len(self.starts) - 1
 
     def channel_scales(self) -> torch.Tensor:
         """[K] float32: s_0 * 2^group."""
         return self.s0 * torch.pow(2.0, self.group.float())
 
 
-def tender_quantize(x: torch.Tensor, groups: int = DEFAULT_GROUPS) -> TenderChunk:
-    """x float32 [M, K] -> its Tender decomposition (steps 1-2 above)."""
+def tender_quantize(x: torch.Tensor, groups: int = DEFAULT_GROUPS, align: int = ALIGN) -> TenderChunk:
+    """x float32 [M, K], channels in the stored order -> its decomposition (steps 1-2 above)."""
     if groups < 1 or groups > 16:
         raise ValueError(f"groups must be in [1, 16], got {groups}")
     x = x.float()
+    k = x.shape[1]
     bias = (x.amax(dim=0) + x.amin(dim=0)) / 2  # [K]
     xc = x - bias  # [M, K]
     a = xc.abs().amax(dim=0)  # [K]
     t_max = float(a.max()) if a.numel() else 0.0
     if t_max <= 0:
-        return TenderChunk(torch.zeros_like(x, dtype=torch.int8), torch.zeros(x.shape[1], dtype=torch.long), 1.0, bias,
-                           groups)
-    # smallest i with a <= T_max / 2^(G-1-i)  <=>  i >= G-1 - log2(T_max / a)
-    ratio = torch.log2(t_max / a.clamp_min(t_max * 2.0 ** -40))
-    group = (groups - 1 - torch.floor(ratio)).clamp(0, groups - 1).long()  # [K]
-    # floor() can land one group low when a sits exactly on a threshold in float: fix it up
+        return TenderChunk(torch.zeros_like(x, dtype=torch.int8), torch.zeros(k, dtype=torch.long),
+                           [0] * groups + [k], 1.0, bias)
     s0 = t_max / 2 ** (groups - 1) / QMAX
+    # smallest i with a <= s0 * 2^i * 127; float rounding can land one low, so check and bump
+    need = torch.ceil(torch.log2((a / (s0 * QMAX)).clamp_min(2.0 ** -60))).clamp(0, groups - 1).long()
+    need = torch.where(a > s0 * QMAX * torch.pow(2.0, need.float()), (need + 1).clamp(max=groups - 1), need)
+    need = torch.cummax(need, dim=0).values  # contiguous: non-decreasing along the stored order
+    starts = [0] * (groups + 1)
+    for i in range(1, groups):  # first column of group i, rounded down to the alignment
+        first = int(torch.searchsorted(need, torch.tensor(i)))
+        starts[i] = min(first // align * align, k)
+    starts[groups] = k
+    for i in range(1, groups):
+        starts[i] = max(starts[i], starts[i - 1])
+    group = torch.zeros(k, dtype=torch.long)
+    for i in range(1, groups):
+        group[starts[i]:] = i
     scales = s0 * torch.pow(2.0, group.float())  # [K]
-    group = torch.where(a > scales * QMAX * (1 + 1e-6), (group + 1).clamp(max=groups - 1), group)
-    scales = s0 * torch.pow(2.0, group.float())
     q = torch.clamp(torch.round(xc / scales), -QMAX, QMAX).to(torch.int8)  # [M, K]
-    return TenderChunk(q, group, s0, bias, groups)
+    return TenderChunk(q, group, starts, s0, bias)
 
 
-def _bias_term(bias: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, matmul) -> torch.Tensor:
-    """b [K] @ W^T with b as int8 (one scale) -> [N] float32."""
-    amax = float(bias.abs().max()) if bias.numel() else 0.0
-    if amax == 0:
-        return torch.zeros(w.shape[0])
-    sb = amax / QMAX
-    bq = torch.clamp(torch.round(bias / sb), -QMAX, QMAX).to(torch.int8)[None, :]  # [1, K]
-    return matmul(bq, w)[0].float() * (sb * w_scale)  # [N]
+def _gemm_kernel(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """Columns [k0, k1) of a [M, K] and b [N, K], without copying them -> int32 [M, N]."""
+    if a.device.type == "cuda":
+        from .kernels import int8_matmul
+
+        return int8_matmul(a[:, k0:k1].contiguous(), b[:, k0:k1].contiguous())
+    m, k = a.shape
+    n = b.shape[0]
+    out = torch.empty((m, n), dtype=torch.int32)
+    load_kernels().ew_gemm_s8s8s32_ld(m, n, k1 - k0, a.data_ptr() + k0, k, b.data_ptr() + k0, k, out.data_ptr(), n)
+    return out
 
 
-def _chunk_linear(c: TenderChunk, w: torch.Tensor, w_scale: torch.Tensor, matmul) -> torch.Tensor:
+def _gemm_reference(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    return int8_matmul_reference(a[:, k0:k1], b[:, k0:k1])
+
+
+def _chunk_linear(c: TenderChunk, w: torch.Tensor, w_scale: torch.Tensor, gemm: Gemm) -> torch.Tensor:
     """Steps 3-4 for one chunk -> float32 [M, N]."""
-    order = torch.argsort(c.group, stable=True)  # channels grouped: group 0 first
-    counts = torch.bincount(c.group, minlength=c.groups).tolist()
-    qp = c.q[:, order].contiguous()  # [M, K]
-    wp = w[:, order].contiguous()  # [N, K]
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    starts = [e - n for e, n in zip(ends, counts)]
-    # |acc| <= sum_i 2^i n_i 127^2: int32 unless that could overflow
-    bound = sum(n * 2**i for i, n in enumerate(counts)) * QMAX * QMAX
+    m = c.q.shape[0]
+    bmax = float(c.bias.abs().max()) if c.bias.numel() else 0.0
+    sb = bmax / QMAX if bmax > 0 else 1.0
+    bq = torch.clamp(torch.round(c.bias / sb), -QMAX, QMAX).to(torch.int8)  # [K]
+    a = torch.cat([c.q, bq[None, :]]).contiguous()  # [M + 1, K]: the bias rides along as one more row
+    counts = [c.starts[i + 1] - c.starts[i] for i in range(c.groups)]
+    bound = sum(n * 2**i for i, n in enumerate(counts)) * QMAX * QMAX  # |acc| <= sum_i 2^i n_i 127^2
     dtype = torch.int32 if bound < 2**31 else torch.int64
-    acc = torch.zeros((c.q.shape[0], w.shape[0]), dtype=dtype)
+    acc = torch.zeros((m, w.shape[0]), dtype=dtype)
+    accb = torch.zeros(w.shape[0], dtype=torch.int64)
     for i in range(c.groups - 1, -1, -1):
         if i < c.groups - 1:
             acc.bitwise_left_shift_(1)
         if counts[i]:
-            acc += matmul(qp[:, starts[i]:ends[i]], wp[:, starts[i]:ends[i]]).to(dtype)
+            p = gemm(a, w, c.starts[i], c.starts[i + 1])  # [M + 1, N] int32
+            acc += p[:m].to(dtype)
+            accb += p[m]
     y = acc.float() * (c.s0 * w_scale)[None, :]  # the one float rescale
-    return y + _bias_term(c.bias, w, w_scale, matmul)[None, :]
+    return y + (accb.float() * (sb * w_scale))[None, :]
 
 
-def _linear(x, w, w_scale, bias, groups: int, chunk: int, matmul) -> torch.Tensor:
+def _linear(x, w, w_scale, bias, groups: int, chunk: int, perm: torch.Tensor | None, gemm: Gemm) -> torch.Tensor:
     if w.dtype != torch.int8 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"weight must be int8 [N, {x.shape[-1]}], got {w.dtype} {tuple(w.shape)}")
     x2 = x.reshape(-1, x.shape[-1]).float()  # [M, K]
-    outs = [_chunk_linear(tender_quantize(x2[i:i + chunk], groups), w, w_scale, matmul)
+    if perm is not None:
+        x2 = x2[:, perm]  # the weight's column order
+    outs = [_chunk_linear(tender_quantize(x2[i:i + chunk], groups), w, w_scale, gemm)
             for i in range(0, x2.shape[0], chunk)]
     y = torch.cat(outs) if outs else torch.zeros(0, w.shape[0])
     if bias is not None:
@@ -104,12 +143,13 @@ def _linear(x, w, w_scale, bias, groups: int, chunk: int, matmul) -> torch.Tenso
 
 
 def tender_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                  groups: int = DEFAULT_GROUPS, chunk: int = 256) -> torch.Tensor:
-    """Tender linear on the int8 kernels: x float [..., K], w int8 [N, K], w_scale [N] -> float32 [..., N]."""
-    return _linear(x, w, w_scale, bias, groups, chunk, int8_matmul)
+                  groups: int = DEFAULT_GROUPS, chunk: int = 256, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Tender linear on the int8 kernel: x float [..., K], w int8 [N, K] whose column j is input
+    channel perm[j] (None: the identity), w_scale [N] -> float32 [..., N]."""
+    return _linear(x, w, w_scale, bias, groups, chunk, perm, _gemm_kernel)
 
 
 def tender_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                            groups: int = DEFAULT_GROUPS, chunk: int = 256) -> torch.Tensor:
-    """The same decomposition with exact int64 products (checks the shift-accumulate kernel)."""
-    return _linear(x, w, w_scale, bias, groups, chunk, int8_matmul_reference)
+                            groups: int = DEFAULT_GROUPS, chunk: int = 256, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """The same decomposition with exact int64 products (checks the kernel and the shifts)."""
+    return _linear(x, w, w_scale, bias, groups, chunk, perm, _gemm_reference)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from quant.kernels import int8_linear
 from quant.qlinear import QuantLinear
+from quant.tender import tender_linear
 
 __all__ = ["LlamaDims", "KVCache", "LlamaStage", "LocalLlama", "Embedder", "Head", "supports", "supports_config",
            "layer_prefix"]
@@ -64,17 +65,28 @@ class FusedLinear:
     qweight: torch.Tensor  # [sum N, K] int8
     w_scale: torch.Tensor  # [sum N]
     static: float | None
+    perm: torch.Tensor | None = None  # Tender: qweight's column order (quant/tender.py)
+    groups: int = 0  # Tender: channel groups
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], *prefixes: str) -> "FusedLinear":
-        """From checkpoint tensors `{prefix}.qweight`, `.w_scale` and (static scheme) `.input_scale`."""
+        """From checkpoint tensors `{prefix}.qweight`, `.w_scale` and (static scheme) `.input_scale`,
+        or (Tender) `.perm` and `.tender_groups`."""
         statics = {float(t) if (t := tensors.get(f"{p}.input_scale")) is not None else None for p in prefixes}
         if len(statics) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their activation scale")
+        perms = [tensors.get(f"{p}.perm") for p in prefixes]
+        perm = perms[0]
+        if any((q is None) != (perm is None) or (q is not None and not torch.equal(q, perm)) for q in perms):
+            raise ValueError(f"fused linears {prefixes} do not share their Tender column order")
+        groups = int(tensors[f"{prefixes[0]}.tender_groups"]) if perm is not None else 0
         return cls(torch.cat([tensors[f"{p}.qweight"] for p in prefixes]).contiguous(),
-                   torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop())
+                   torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
+                   None if perm is None else perm.long(), groups)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            return tender_linear(x, self.qweight, self.w_scale, None, self.groups, perm=self.perm)
         return int8_linear(x, self.qweight, self.w_scale, None, self.static)
 
 
@@ -225,6 +237,9 @@ class Embedder:
             self.q, self.s = tensors["model.embed_tokens.qweight"], tensors["model.embed_tokens.w_scale"].float()
         else:  # tied: lm_head's rows carry its smoothing (W * s); col_scale is 1 / s
             self.q, self.s = tensors["lm_head.qweight"], tensors["lm_head.w_scale"].float()
+            perm = tensors.get("lm_head.perm")  # Tender stores lm_head's columns reordered
+            if perm is not None:
+                self.q = self.q[:, torch.argsort(perm.long())].contiguous()
         col = tensors.get("model.embed_tokens.col_scale")
         self.col = None if col is None else col.float()
         self.vocab = self.q.shape[0]

@@ -112,10 +112,12 @@ static int use_avx2(int64_t K) {
 #endif
 }
 
-/* C[M, N] = A[M, K] . B[N, K]^T, exact int32. Parallel over blocks of NB weight rows, and over
- * row blocks of A when M is large, so both cores stream disjoint weights at M = 1. */
-void ew_gemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, const int8_t* B,
-                     int32_t* C) {
+/* C[M, N] (row stride ldc) = A[M, K] (row stride lda) . B[N, K]^T (row stride ldb), exact int32:
+ * the strides let a caller multiply column slices of larger matrices without copying them
+ * (Tender's channel groups). Parallel over blocks of NB weight rows, and over row blocks of A when
+ * M is large, so both cores stream disjoint weights at M = 1. */
+void ew_gemm_s8s8s32_ld(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda,
+                        const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc) {
   const int64_t MB = 64; /* activation rows per task: keeps a weight block hot in L1/L2 */
   int64_t nblocks = (N + NB - 1) / NB, mblocks = (M + MB - 1) / MB;
   int avx2 = use_avx2(K);
@@ -126,14 +128,20 @@ void ew_gemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, const int
       int64_t n0 = nb * NB, n1 = n0 + NB < N ? n0 + NB : N;
 #ifdef EW_X86
       if (avx2) {
-        block_avx2(A, K, B, K, C, N, K, m0, m1, n0, n1);
+        block_avx2(A, lda, B, ldb, C, ldc, K, m0, m1, n0, n1);
         continue;
       }
 #endif
-      for (int64_t m = m0; m < m1; ++m) dot_rows_scalar(A + m * K, B, K, K, n0, n1, C + m * N);
+      for (int64_t m = m0; m < m1; ++m) dot_rows_scalar(A + m * lda, B, ldb, K, n0, n1, C + m * ldc);
     }
   }
   (void)avx2;
+}
+
+/* C[M, N] = A[M, K] . B[N, K]^T, exact int32, all contiguous. */
+void ew_gemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, const int8_t* B,
+                     int32_t* C) {
+  ew_gemm_s8s8s32_ld(M, N, K, A, K, B, K, C, N);
 }
 
 /* Symmetric int8 quantization of activations, row by row.

@@ -8,10 +8,11 @@ from tests.conftest import sqnr_db, tiny_model
 from workers.llama_stage import LlamaStage, LocalLlama, supports
 
 
-@pytest.fixture(params=["token", "tensor"])
+@pytest.fixture(params=["token", "tensor", "tender"])
 def qmodel(request, calib_ids):
     model = tiny_model("llama")
-    quantize(model, QuantConfig(method="haq", act_scheme=request.param, search_tokens=256), calib_ids, progress=False)
+    method = "tender" if request.param == "tender" else "haq"
+    quantize(model, QuantConfig(method=method, act_scheme=request.param, search_tokens=256), calib_ids, progress=False)
     return model
 
 
