@@ -103,6 +103,9 @@ def main() -> None:
                "recovery_median_s": statistics.median(rec) if rec else None, "recovery_max_s": max(rec) if rec else None}
     write_results("chaos", {"summary": summary, "runs": runs, "budgets": BUDGETS, "context": CONTEXT,
                             "batch": BATCH, "tokens": a.tokens, "checkpoint": a.checkpoint})
+    others = "" if hit == len(runs) else (
+        "; in the others the stream had already been fully generated when the client saw token k, and the "
+        "failure was handled between requests")
     rows = [[r["run"], "first" if r["killed_stage"] == 0 else "last", r["kill_after_tokens"],
              "yes" if r["interrupted"] else "no", "yes" if r["identical"] else f"**no** {r['error'][:80]}",
              f"{r['recovery_s']:.2f}" if r["recovery_s"] is not None else "-", r["stages_after"]] for r in runs]
@@ -119,9 +122,8 @@ token before the kill and the next one (detection, re-plan, loading the new shar
 
 {md}
 
-- **{ok}/{len(runs)} complete with text identical to an uninterrupted run** (target 10/10); in {hit} of them the
-  kill hit the generation while it ran (its session was replayed), in the others the stream had
-  already been fully generated when the client saw token k and the failure was handled between requests
+- **{ok}/{len(runs)} complete with text identical to an uninterrupted run** (target 10/10); in {hit} of the {len(runs)}
+  the kill hit the generation while it ran (its session was replayed){others}
 - recovery time: median **{summary['recovery_median_s']:.2f} s**, max **{summary['recovery_max_s']:.2f} s**
 """ if rec else "## chaos\n\nno recovery measured\n")
     print(md)
