@@ -46,11 +46,17 @@ def copies_for(bytes_each: int) -> int:
     return max(2, -(-4 * LLC_BYTES // bytes_each))
 
 
-def bench_shape(n: int, k: int, reps: int) -> list[dict]:
+def rotating_weights(n: int, k: int):
+    """-> (float32 copies, int8 copies, int8 scales [N], generator): enough copies of [N, K] that
+    cycling through them streams the weights from memory on every call."""
     g = torch.Generator().manual_seed(0)
     wf = [torch.randn(n, k, generator=g) for _ in range(copies_for(4 * n * k))]
     wq = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g) for _ in range(copies_for(n * k))]
-    ws = torch.rand(n, generator=g) * 0.01
+    return wf, wq, torch.rand(n, generator=g) * 0.01, g
+
+
+def bench_shape(n: int, k: int, reps: int) -> list[dict]:
+    wf, wq, ws, g = rotating_weights(n, k)
     rows = []
     for m in TOKENS:
         x = torch.randn(m, k, generator=g)
@@ -97,10 +103,7 @@ def bench_tender(reps: int) -> None:
     results = {}
     for name in TENDER_SHAPES:
         n, k = SHAPES[name]
-        g = torch.Generator().manual_seed(0)
-        wf = [torch.randn(n, k, generator=g) for _ in range(copies_for(4 * n * k))]
-        wq = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g) for _ in range(copies_for(n * k))]
-        ws = torch.rand(n, generator=g) * 0.01
+        wf, wq, ws, g = rotating_weights(n, k)
         rows = []
         for m in TOKENS:
             x = torch.randn(m, k, generator=g)
