@@ -24,6 +24,8 @@ class QuantLinear(nn.Module):
     w_scale: torch.Tensor  # [N]
     bias: torch.Tensor | None  # [N]
     input_scale: torch.Tensor | None  # [] static activation scale
+    perm: torch.Tensor | None  # [K] int64, Tender: qweight's column order
+    tender_groups: torch.Tensor | None  # [] int64, Tender
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4) -> None:
         super().__init__()

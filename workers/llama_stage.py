@@ -77,7 +77,7 @@ class FusedLinear:
             raise ValueError(f"fused linears {prefixes} do not share their activation scale")
         perms = [tensors.get(f"{p}.perm") for p in prefixes]
         perm = perms[0]
-        if any((q is None) != (perm is None) or (q is not None and not torch.equal(q, perm)) for q in perms):
+        if any(q is not perm and (q is None or perm is None or not torch.equal(q, perm)) for q in perms):
             raise ValueError(f"fused linears {prefixes} do not share their Tender column order")
         groups = int(tensors[f"{prefixes[0]}.tender_groups"]) if perm is not None else 0
         return cls(torch.cat([tensors[f"{p}.qweight"] for p in prefixes]).contiguous(),
