@@ -252,6 +252,7 @@ class Engine:
                     self._recover(e)
                 else:
                     log.warning("step failed: %s", e)
+                    self._failures = 0
                     self._fail(batch, str(e))
             except Exception as e:  # a bug: fail these requests, keep serving the rest
                 log.exception("step failed")
@@ -278,6 +279,7 @@ class Engine:
                 self.unavailable = msg
                 failed, self.active = [*self.active, *self.waiting], []
                 self.waiting.clear()
+            self._failures = 0  # those requests are over; the next ones start afresh
             for s in failed:
                 s.out.put(Piece(finish="error", error=msg))
             return
