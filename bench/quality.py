@@ -1,5 +1,5 @@
 """Perplexity and checkpoint bytes: FP vs RTN and HAQ W8A8 (per-token and per-tensor static) and
-Tender W8A8 (power-of-two channel groups per 256-token chunk, RTN weights).
+Tender W8A8 (power-of-two channel groups per 256-token chunk, RTN weights; G = 8 and 4).
 
 WikiText-2 test and the C4 sample, first N windows of 2048 tokens (METHODS.md section 6);
 calibration on C4 windows from the end of the file, so the scored windows stay unseen.
@@ -34,7 +34,8 @@ CONFIGS = {
     "rtn-tensor": ("rtn", "tensor"),
     "haq-token": ("haq", "token"),
     "haq-tensor": ("haq", "tensor"),
-    "tender": ("tender", "tender"),
+    "tender-g8": ("tender", "tender", 8),
+    "tender-g4": ("tender", "tender", 4),
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 
@@ -77,9 +78,9 @@ def main() -> None:
         if CONFIGS[name] is None:
             model, nbytes = fmodel, fp32_bytes(fmodel)
         else:
-            method, scheme = CONFIGS[name]
+            method, scheme, *groups = CONFIGS[name]
             model = copy.deepcopy(fmodel)
-            cfg = QuantConfig(method=method, act_scheme=scheme, calib=calib_cfg)
+            cfg = QuantConfig(method=method, act_scheme=scheme, calib=calib_cfg, tender_groups=groups[0] if groups else 4)
             report = quantize(model, cfg, calib)
             out = save_checkpoint(model, tok, cfg, report, RESULTS / "checkpoints" / name)
             nbytes = (out / "model.safetensors").stat().st_size
@@ -88,7 +89,7 @@ def main() -> None:
         print(name, rows[name], flush=True)
         write_results("quality", {"windows": a.windows, "ctx": a.ctx, "calib_samples": a.calib_samples, "rows": rows})
     fp = rows.get("fp")
-    targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender": 1.02}
+    targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

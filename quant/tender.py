@@ -9,16 +9,19 @@ For one chunk of tokens x [M, K] (pure tensor math, no module state):
   3. Per group, an int8 x int8 -> int32 product P_i over that group's channels. Because adjacent
      scales differ by exactly 2x: acc = P_{G-1}; acc = (acc << 1) + P_i for i = G-2 .. 0 gives
      acc = sum_i 2^i P_i, and y = s_0 * s_w[n] * acc, with no per-group requantization.
-  4. The bias comes back as b @ W^T: b is quantized to int8 (one scale) and rides along as one
-     more row of every group's product, summed without shifts.
+  4. The bias comes back as b @ W^T: b is quantized to int8 in two rows (b ~ s_1 b_1 + s_2 b_2, the
+     second quantizing what the first leaves, about 14 bits) that ride along as two more rows of
+     every group's product, summed without shifts.
 
 Channel order. A group must be a contiguous slice of the weight's columns for the GEMM to stream
 it without copying. Rather than gathering weight columns per chunk (a full extra pass over the
 weights), the weight's columns are stored once, at quantization time, in ascending order of the
 channels' calibration magnitude (`perm`). At run time each channel's group is raised to the
-largest group of any channel before it in that order (a running maximum), and group starts are
-rounded down to multiples of 16 (the kernel's vector width). So groups are contiguous; a channel
-can only get a coarser scale than it needs, never a range too small for it.
+largest group of any channel before it in that order (a running maximum). So groups are
+contiguous; a channel can only get a coarser scale than it needs, never a range too small for it.
+(Rounding group starts to the kernel's 16-column vector width was tried and is harmful: the top
+group often holds one massive-activation channel, and rounding pulls 15 ordinary channels into
+its scale. The kernel handles any slice width instead.)
 Weights are int8 per output channel (symmetric RTN), as for W8A8.
 """
 
@@ -34,7 +37,7 @@ from .native import load_kernels
 __all__ = ["TenderChunk", "tender_quantize", "tender_linear", "tender_linear_reference", "DEFAULT_GROUPS", "ALIGN"]
 
 DEFAULT_GROUPS = 4  # INT8; more for INT4 weights
-ALIGN = 16  # group starts are multiples of this (AVX2 tiles)
+ALIGN = 1  # group starts are multiples of this (1: exact; see the module docstring)
 
 Gemm = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (A [M, K], B [N, K], k0, k1) -> int32 [M, N]
 
@@ -108,24 +111,30 @@ def _gemm_reference(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> torch
 def _chunk_linear(c: TenderChunk, w: torch.Tensor, w_scale: torch.Tensor, gemm: Gemm) -> torch.Tensor:
     """Steps 3-4 for one chunk -> float32 [M, N]."""
     m = c.q.shape[0]
-    bmax = float(c.bias.abs().max()) if c.bias.numel() else 0.0
-    sb = bmax / QMAX if bmax > 0 else 1.0
-    bq = torch.clamp(torch.round(c.bias / sb), -QMAX, QMAX).to(torch.int8)  # [K]
-    a = torch.cat([c.q, bq[None, :]]).contiguous()  # [M + 1, K]: the bias rides along as one more row
+    rows, scales, rest = [], [], c.bias
+    for _ in range(2):  # the bias as two int8 rows: b ~ s_1 b_1 + s_2 b_2
+        amax = float(rest.abs().max()) if rest.numel() else 0.0
+        s = amax / QMAX if amax > 0 else 1.0
+        r = torch.clamp(torch.round(rest / s), -QMAX, QMAX)
+        rows.append(r.to(torch.int8))
+        scales.append(s)
+        rest = rest - r * s
+    a = torch.cat([c.q, torch.stack(rows)]).contiguous()  # [M + 2, K]: the bias rides along
     counts = [c.starts[i + 1] - c.starts[i] for i in range(c.groups)]
     bound = sum(n * 2**i for i, n in enumerate(counts)) * QMAX * QMAX  # |acc| <= sum_i 2^i n_i 127^2
     dtype = torch.int32 if bound < 2**31 else torch.int64
     acc = torch.zeros((m, w.shape[0]), dtype=dtype)
-    accb = torch.zeros(w.shape[0], dtype=torch.int64)
+    accb = torch.zeros((2, w.shape[0]), dtype=torch.int64)
     for i in range(c.groups - 1, -1, -1):
         if i < c.groups - 1:
             acc.bitwise_left_shift_(1)
         if counts[i]:
-            p = gemm(a, w, c.starts[i], c.starts[i + 1])  # [M + 1, N] int32
+            p = gemm(a, w, c.starts[i], c.starts[i + 1])  # [M + 2, N] int32
             acc += p[:m].to(dtype)
-            accb += p[m]
+            accb += p[m:]
     y = acc.float() * (c.s0 * w_scale)[None, :]  # the one float rescale
-    return y + (accb.float() * (sb * w_scale))[None, :]
+    bias = (accb[0].float() * scales[0] + accb[1].float() * scales[1]) * w_scale  # [N]
+    return y + bias[None, :]
 
 
 def _linear(x, w, w_scale, bias, groups: int, chunk: int, perm: torch.Tensor | None, gemm: Gemm) -> torch.Tensor:

@@ -45,13 +45,21 @@ __attribute__((target("avx2"))) static inline __m256i load16_s8_as_s16(const int
   return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
 }
 
-/* 2 activation rows x 4 weight rows, K a multiple of 16: 8 int32x8 accumulators. */
+/* The K % 16 columns the vector loop leaves: a . b[0..K) from k0 on. */
+static inline int32_t dot_tail(const int8_t* a, const int8_t* b, int64_t k0, int64_t K) {
+  int32_t acc = 0;
+  for (int64_t k = k0; k < K; ++k) acc += (int32_t)a[k] * (int32_t)b[k];
+  return acc;
+}
+
+/* 2 activation rows x 4 weight rows: 8 int32x8 accumulators (then a scalar tail for K % 16). */
 __attribute__((target("avx2"))) static void tile_2x4(const int8_t* a0, const int8_t* a1,
                                                      const int8_t* b, int64_t ldb, int64_t K,
                                                      int32_t* c0, int32_t* c1) {
   __m256i s00 = _mm256_setzero_si256(), s01 = s00, s02 = s00, s03 = s00;
   __m256i s10 = s00, s11 = s00, s12 = s00, s13 = s00;
-  for (int64_t k = 0; k < K; k += 16) {
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16) {
     __m256i x0 = load16_s8_as_s16(a0 + k), x1 = load16_s8_as_s16(a1 + k);
     __m256i w0 = load16_s8_as_s16(b + k), w1 = load16_s8_as_s16(b + ldb + k);
     __m256i w2 = load16_s8_as_s16(b + 2 * ldb + k), w3 = load16_s8_as_s16(b + 3 * ldb + k);
@@ -66,13 +74,20 @@ __attribute__((target("avx2"))) static void tile_2x4(const int8_t* a0, const int
   }
   c0[0] = hsum_epi32(s00); c0[1] = hsum_epi32(s01); c0[2] = hsum_epi32(s02); c0[3] = hsum_epi32(s03);
   c1[0] = hsum_epi32(s10); c1[1] = hsum_epi32(s11); c1[2] = hsum_epi32(s12); c1[3] = hsum_epi32(s13);
+  if (K16 < K) {
+    for (int j = 0; j < 4; ++j) {
+      c0[j] += dot_tail(a0, b + j * ldb, K16, K);
+      c1[j] += dot_tail(a1, b + j * ldb, K16, K);
+    }
+  }
 }
 
 /* 1 activation row x 4 weight rows (the decode case, M = 1). */
 __attribute__((target("avx2"))) static void tile_1x4(const int8_t* a0, const int8_t* b,
                                                      int64_t ldb, int64_t K, int32_t* c0) {
   __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
-  for (int64_t k = 0; k < K; k += 16) {
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16) {
     __m256i x0 = load16_s8_as_s16(a0 + k);
     s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(x0, load16_s8_as_s16(b + k)));
     s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(x0, load16_s8_as_s16(b + ldb + k)));
@@ -80,6 +95,7 @@ __attribute__((target("avx2"))) static void tile_1x4(const int8_t* a0, const int
     s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(x0, load16_s8_as_s16(b + 3 * ldb + k)));
   }
   c0[0] = hsum_epi32(s0); c0[1] = hsum_epi32(s1); c0[2] = hsum_epi32(s2); c0[3] = hsum_epi32(s3);
+  for (int j = 0; j < 4 && K16 < K; ++j) c0[j] += dot_tail(a0, b + j * ldb, K16, K);
 }
 
 /* Rows [m0, m1) of A against weight rows [n0, n1) of B. */
@@ -105,7 +121,7 @@ __attribute__((target("avx2"))) static void block_avx2(const int8_t* A, int64_t 
 
 static int use_avx2(int64_t K) {
 #ifdef EW_X86
-  return (K % 16 == 0) && __builtin_cpu_supports("avx2");
+  return K >= 16 && __builtin_cpu_supports("avx2");
 #else
   (void)K;
   return 0;

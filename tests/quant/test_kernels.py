@@ -54,3 +54,12 @@ def test_zero_rows_and_shape_errors():
         int8_linear(torch.randn(2, 31), q, s)
     with pytest.raises(TypeError, match="int8"):
         int8_linear(torch.randn(2, 32), q.float(), s)
+
+
+@pytest.mark.parametrize("m,k", [(1, 17), (2, 37), (5, 100), (3, 16)])
+def test_vector_kernel_handles_any_k(m, k):
+    """K not a multiple of 16 takes the vector path plus a scalar tail (Tender's group slices)."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (9, k), dtype=torch.int8, generator=g)
+    assert torch.equal(int8_matmul(a, b), int8_matmul_reference(a, b))
