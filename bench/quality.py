@@ -28,14 +28,16 @@ from quant.evaluate import perplexity, tokenize_for_eval  # noqa: E402
 from quant.models import load_float_model  # noqa: E402
 from quant.pipeline import quantize  # noqa: E402
 
-CONFIGS = {
+CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the float model)
     "fp": None,
-    "rtn-token": ("rtn", "token"),
-    "rtn-tensor": ("rtn", "tensor"),
-    "haq-token": ("haq", "token"),
-    "haq-tensor": ("haq", "tensor"),
-    "tender-g8": ("tender", "tender", 8),
-    "tender-g4": ("tender", "tender", 4),
+    "rtn-token": {"method": "rtn", "act_scheme": "token"},
+    "rtn-tensor": {"method": "rtn", "act_scheme": "tensor"},
+    "haq-token": {"method": "haq", "act_scheme": "token"},
+    "haq-tensor": {"method": "haq", "act_scheme": "tensor"},
+    "tender-g8": {"method": "tender", "act_scheme": "tender", "tender_groups": 8},
+    "tender-g4": {"method": "tender", "act_scheme": "tender", "tender_groups": 4},
+    "haq-w4-token": {"method": "haq", "act_scheme": "token", "w_bits": 4},
+    "haq-w4-tensor": {"method": "haq", "act_scheme": "tensor", "w_bits": 4},
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 
@@ -78,9 +80,8 @@ def main() -> None:
         if CONFIGS[name] is None:
             model, nbytes = fmodel, fp32_bytes(fmodel)
         else:
-            method, scheme, *groups = CONFIGS[name]
             model = copy.deepcopy(fmodel)
-            cfg = QuantConfig(method=method, act_scheme=scheme, calib=calib_cfg, tender_groups=groups[0] if groups else 4)
+            cfg = QuantConfig(**CONFIGS[name], calib=calib_cfg)
             report = quantize(model, cfg, calib)
             out = save_checkpoint(model, tok, cfg, report, RESULTS / "checkpoints" / name)
             nbytes = (out / "model.safetensors").stat().st_size
@@ -89,7 +90,8 @@ def main() -> None:
         print(name, rows[name], flush=True)
         write_results("quality", {"windows": a.windows, "ctx": a.ctx, "calib_samples": a.calib_samples, "rows": rows})
     fp = rows.get("fp")
-    targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02}
+    targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02, "haq-w4-token": 1.10,
+               "haq-w4-tensor": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

@@ -45,7 +45,7 @@ def _sha256(path: Path) -> str:
 def _module_entry(mod) -> dict | None:
     if isinstance(mod, QuantLinear):
         return {"kind": "linear", "act_scheme": mod.act_scheme, "in": mod.in_features,
-                "out": mod.out_features, "bias": mod.bias is not None, "groups": mod.groups}
+                "out": mod.out_features, "bias": mod.bias is not None, "groups": mod.groups, "w_bits": mod.w_bits}
     if isinstance(mod, QuantExperts):
         e, two_i, d = mod.gate_up_qweight.shape
         return {"kind": "experts", "act_scheme": mod.act_scheme, "experts": e, "hidden": d, "inter": two_i // 2}
@@ -57,6 +57,8 @@ def _module_entry(mod) -> dict | None:
 
 
 def _tensor_scheme(name: str) -> str:
+    if name.endswith("qweight4"):
+        return "int4 symmetric per output channel, packed two per byte (low nibble: even column)"
     if name.endswith("qweight"):
         return "int8 symmetric per output channel"
     if name.endswith("input_scale"):
@@ -125,7 +127,8 @@ def verify_files(path: str | Path, manifest: dict) -> None:
 def _build_module(entry: dict, skeleton, model):
     kind = entry["kind"]
     if kind == "linear":
-        return QuantLinear(entry["in"], entry["out"], entry["bias"], entry["act_scheme"], entry.get("groups", 4))
+        return QuantLinear(entry["in"], entry["out"], entry["bias"], entry["act_scheme"], entry.get("groups", 4),
+                           entry.get("w_bits", 8))
     if kind == "experts":
         return QuantExperts(entry["experts"], entry["hidden"], entry["inter"], skeleton.act_fn, entry["act_scheme"])
     tied = model.get_submodule(entry["tied_to"]) if entry["tied_to"] else None

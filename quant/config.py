@@ -48,15 +48,19 @@ class QuantConfig:
     search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
     quantize_lm_head: bool = True
     tender_groups: int = 4  # Tender: channel groups (power-of-two scales apart)
+    # W4: per output channel, the scale is absmax * the clip ratio (of these) that minimizes the
+    # rounding error weighted by the input's per-channel energy; lm_head stays 8-bit.
+    w4_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.w_bits != 8 or self.a_bits != 8:
+        if self.a_bits != 8 or self.w_bits not in (8, 4) or (self.w_bits == 4 and self.method == "tender"):
             raise ValueError(
-                f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --w-bits 8 --a-bits 8"
+                f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --a-bits 8 and --w-bits 8 "
+                f"(or --w-bits 4 with rtn or haq)"
             )
         if (self.method == "tender") != (self.act_scheme == "tender"):
             raise ValueError("--method tender goes with its own activation scheme ('tender'), and only with it")
@@ -72,7 +76,7 @@ class QuantConfig:
     def from_dict(cls, d: dict) -> "QuantConfig":
         d = dict(d)
         calib = CalibConfig(**d.pop("calib", {}))
-        for key in ("alpha_grid", "clip_grid"):
+        for key in ("alpha_grid", "clip_grid", "w4_clip_grid"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(calib=calib, **d)

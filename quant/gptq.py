@@ -35,13 +35,17 @@ def gptq_quantize(
     block: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale [N]), w ~ q * scale."""
+    """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale [N]), w ~ q * scale.
+    scale: the per-output-channel scale to round to (default absmax / qmax)."""
     qmax = 2 ** (bits - 1) - 1
     w = w.detach().double().clone()  # [N, K]
     h = h.detach().double().clone()  # [K, K]
     n, k = w.shape
-    scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
+    if scale is None:
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
+    scale = scale.double()
     dead = torch.diag(h) == 0  # channels never active in calibration
     h[dead, dead] = 1.0
     w[:, dead] = 0.0

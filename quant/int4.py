@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["QMAX4", "pack_int4", "unpack_int4", "quantize_weight_int4"]
+__all__ = ["QMAX4", "pack_int4", "unpack_int4", "quantize_weight_int4", "search_w4_scale"]
 
 QMAX4 = 7  # symmetric int4: [-7, 7]
 
@@ -37,9 +37,26 @@ def unpack_int4(p: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(both > 7, both - 16, both).to(torch.int8).contiguous()
 
 
-def quantize_weight_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def search_w4_scale(w: torch.Tensor, energy: torch.Tensor | None, grid: tuple[float, ...]) -> torch.Tensor:
+    """Per output channel, the 4-bit scale absmax * c / 7 with c from grid minimizing
+    sum_k energy_k (w_nk - round-to-nearest(w_nk))^2 -> scale [N]. energy [K]: the input's
+    per-channel mean square (diag of the Hessian), None: all ones."""
+    w = w.float()
+    e = torch.ones(w.shape[1]) if energy is None else energy.float().clamp_min(0)
+    amax = w.abs().amax(dim=1).clamp(min=1e-8)  # [N]
+    best, best_err = amax / QMAX4, torch.full((w.shape[0],), float("inf"))
+    for c in grid:
+        s = amax * c / QMAX4
+        err = ((w - torch.clamp(torch.round(w / s[:, None]), -QMAX4, QMAX4) * s[:, None]) ** 2 * e).sum(dim=1)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+def quantize_weight_int4(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest symmetric 4-bit weights per output channel: w [N, K] -> (int8 [N, K] in
-    [-7, 7], scale [N])."""
-    scale = w.abs().amax(dim=1).clamp(min=1e-8) / QMAX4  # [N]
+    [-7, 7], scale [N]). scale None: absmax / 7."""
+    if scale is None:
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / QMAX4  # [N]
     q = torch.clamp(torch.round(w / scale[:, None]), -QMAX4, QMAX4).to(torch.int8)
     return q, scale.float()

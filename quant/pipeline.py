@@ -19,6 +19,7 @@ from .arch import ArchSpec, Group, arch_spec
 from .calibration import ActStats
 from .config import QuantConfig
 from .gptq import gptq_quantize
+from .int4 import quantize_weight_int4, search_w4_scale
 from .kernels import QMAX, quantize_weight_per_channel
 from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
 from .smoothing import search_smoothing
@@ -119,8 +120,13 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
                       perm: torch.Tensor | None = None) -> None:
     """perm (Tender): store the weights' columns in this order."""
     w = _group_weights(layer, g)
+    w4 = None
+    if cfg.w_bits == 4:  # clip search per output channel, weighted by the input's channel energy
+        w4 = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid)
     if cfg.method == "haq" and h is not None:
-        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
+        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4)
+    elif w4 is not None:
+        q, scale = quantize_weight_int4(w, w4)
     else:
         q, scale = quantize_weight_per_channel(w, cfg.w_bits)
     if perm is not None:
@@ -131,15 +137,16 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
         n = lin.out_features
         bias = None if lin.bias is None else lin.bias.data
         set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
-                                                        bias, cfg.act_scheme, static, cfg.tender_groups, perm))
+                                                        bias, cfg.act_scheme, static, cfg.tender_groups, perm,
+                                                        cfg.w_bits))
         start += n
 
 
 def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static: float | None) -> None:
     """Mixtral experts: per-expert RTN int8 (GPTQ needs per-expert Hessians; see docs)."""
     assert g.experts is not None
-    if cfg.method == "tender":
-        raise ValueError("--method tender does not cover MoE expert banks yet; use haq or rtn for Mixtral")
+    if cfg.method == "tender" or cfg.w_bits != 8:
+        raise ValueError("MoE expert banks are quantized W8A8 with haq or rtn only (no tender, no --w-bits 4 yet)")
     bank = layer.get_submodule(g.experts)
     router = layer.get_submodule(g.float_readers[0])
     e, two_i, d = bank.gate_up_proj.shape
@@ -210,11 +217,11 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
     w = head.weight.data * s  # a new tensor: the tied embedding keeps its float rows
     static = None if per_token or cfg.method == "tender" else max(choice.clip * (st.channel_max() / s).max().item(), 1e-8) / QMAX
     report.choices["lm_head"] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
-    if haq:
+    if haq:  # lm_head stays 8-bit under W4 too (it is also the tied embedding)
         h = st.hessian() / (s[:, None] * s[None, :]).double()
-        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
+        q, scale = gptq_quantize(w, h, 8, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
     else:
-        q, scale = quantize_weight_per_channel(w, cfg.w_bits)
+        q, scale = quantize_weight_per_channel(w, 8)
     perm = torch.argsort(st.channel_max() / s) if cfg.method == "tender" else None
     if perm is not None:
         q = q[:, perm].contiguous()

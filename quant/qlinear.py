@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .int4 import pack_int4, unpack_int4
 from .kernels import int8_linear
 from .tender import tender_linear
 
@@ -20,21 +21,28 @@ class QuantLinear(nn.Module):
     """y = int8_linear(x): activations quantized per token, or with a static per-tensor scale; or
     act_scheme "tender": Tender's power-of-two channel groups per chunk (quant/tender.py)."""
 
-    qweight: torch.Tensor  # [N, K] int8
+    qweight: torch.Tensor  # [N, K] int8 (W8)
+    qweight4: torch.Tensor  # [N, ceil(K / 2)] uint8, two int4 per byte (W4)
     w_scale: torch.Tensor  # [N]
     bias: torch.Tensor | None  # [N]
     input_scale: torch.Tensor | None  # [] static activation scale
     perm: torch.Tensor | None  # [K] int64, Tender: qweight's column order
     tender_groups: torch.Tensor | None  # [] int64, Tender
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4,
+                 w_bits: int = 8) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
         self.groups = groups  # Tender only
+        self.w_bits = w_bits
         # Tender: qweight's column j is input channel perm[j] (ascending calibration magnitude)
         self.register_buffer("perm", torch.arange(in_features) if act_scheme == "tender" else None)
         self.register_buffer("tender_groups", torch.tensor(groups) if act_scheme == "tender" else None)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        if w_bits == 4:  # two weights per byte, resident packed; unpacked to int8 per call for the kernel
+            self.register_buffer("qweight4", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
+            self.register_buffer("qweight", None)
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         # Static per-tensor activation scale ("tensor" scheme); unused for "token".
@@ -43,12 +51,17 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4,
-                       perm: torch.Tensor | None = None) -> "QuantLinear":
-        """perm (Tender): the column order qweight is stored in."""
-        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups)
+                       perm: torch.Tensor | None = None, w_bits: int = 8) -> "QuantLinear":
+        """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7]."""
+        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits)
+        if w_bits == 4:
+            m.qweight4 = pack_int4(qweight)
+            qweight = None
         if perm is not None:
             m.perm = perm.long().clone()  # one tensor per module (safetensors refuses shared storage)
-        m.qweight, m.w_scale = qweight.contiguous(), w_scale.float().contiguous()
+        if qweight is not None:
+            m.qweight = qweight.contiguous()
+        m.w_scale = w_scale.float().contiguous()
         if bias is not None:
             m.bias = bias.float().contiguous()
         if act_scheme == "tensor":
@@ -62,14 +75,20 @@ class QuantLinear(nn.Module):
             self._static = float(self.input_scale)
         return self._static
 
+    def int8_weight(self) -> torch.Tensor:
+        """[N, K] int8 (unpacked from 4 bits for W4)."""
+        return unpack_int4(self.qweight4, self.in_features) if self.w_bits == 4 else self.qweight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w_bits == 4:
+            return int8_linear(x, self.int8_weight(), self.w_scale, self.bias, self.static_scale()).to(x.dtype)
         if self.act_scheme == "tender":
             return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups, perm=self.perm).to(x.dtype)
         y = int8_linear(x, self.qweight, self.w_scale, self.bias, self.static_scale())
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, w8a8 act={self.act_scheme}"
+        return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a8 act={self.act_scheme}"
 
 
 class QuantExperts(nn.Module):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quant.int4 import unpack_int4
 from quant.kernels import int8_linear
 from quant.qlinear import QuantLinear
 from quant.tender import tender_linear
@@ -62,7 +63,7 @@ def supports(model) -> bool:
 class FusedLinear:
     """Several QuantLinears that read one input, rows concatenated: one activation quantization."""
 
-    qweight: torch.Tensor  # [sum N, K] int8
+    qweight: torch.Tensor  # [sum N, K] int8, or (W4) [sum N, K / 2] uint8 packed, unpacked per call
     w_scale: torch.Tensor  # [sum N]
     static: float | None
     perm: torch.Tensor | None = None  # Tender: qweight's column order (quant/tender.py)
@@ -80,11 +81,16 @@ class FusedLinear:
         if any(q is not perm and (q is None or perm is None or not torch.equal(q, perm)) for q in perms):
             raise ValueError(f"fused linears {prefixes} do not share their Tender column order")
         groups = int(tensors[f"{prefixes[0]}.tender_groups"]) if perm is not None else 0
+        if all(f"{p}.qweight4" in tensors for p in prefixes):  # W4: stays packed in memory
+            return cls(torch.cat([tensors[f"{p}.qweight4"] for p in prefixes]).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
+                       statics.pop())
         return cls(torch.cat([tensors[f"{p}.qweight"] for p in prefixes]).contiguous(),
                    torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
                    None if perm is None else perm.long(), groups)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight.dtype == torch.uint8:  # W4: unpack to int8 for the integer kernel
+            return int8_linear(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, None, self.static)
         if self.perm is not None:
             return tender_linear(x, self.qweight, self.w_scale, None, self.groups, perm=self.perm)
         return int8_linear(x, self.qweight, self.w_scale, None, self.static)
