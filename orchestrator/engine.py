@@ -133,11 +133,11 @@ class Engine:
                  security: Security | None = None) -> None:
         self.eos, self.opts, self.recover, self.security = eos_ids, opts, recover, security or Security()
         self.channels: list[grpc.Channel] = []
+        self.stats = EngineStats()
         self._switch(placement, addresses)
         self.waiting: deque[_Session] = deque()
         self.active: list[_Session] = []
         self.cv = threading.Condition()
-        self.stats = EngineStats(hop_overhead_ms=[[] for _ in addresses], compute_ms=[[] for _ in addresses])
         self.unavailable = ""  # why the model cannot be served now ("" when it can)
         self._replan = False
         self._replan_at = 0.0
@@ -208,9 +208,8 @@ class Engine:
         self.placement, self.addresses = placement, list(addresses)
         self.channels = [open_channel(a, self.security) for a in addresses]
         self.stubs = [pb_grpc.WorkerServiceStub(c) for c in self.channels]
-        if hasattr(self, "stats"):
-            self.stats.hop_overhead_ms = [[] for _ in addresses]
-            self.stats.compute_ms = [[] for _ in addresses]
+        self.stats.hop_overhead_ms = [[] for _ in addresses]  # per stage of this placement
+        self.stats.compute_ms = [[] for _ in addresses]
 
     # ------------------------------------------------------------------ loop
     def _admit(self) -> None:
