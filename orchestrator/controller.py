@@ -82,6 +82,10 @@ def node_offers(node: dict) -> tuple[str, str, int | None, int]:
     return node["NodeID"], tier, budget, max(int(res.get("CPU", 1)), 1)
 
 
+def _log_placement(p: Placement) -> None:
+    log.info("placement %s: %s", p.placement_id, [(s.node_id[:8], s.first, s.last) for s in p.stages])
+
+
 class Controller:
     """Wrapped with ray.remote by start_controller."""
 
@@ -109,8 +113,7 @@ class Controller:
         self.popts = PlanOptions(context=opts.context, batch=opts.batch, prefill_chunk=opts.prefill_chunk,
                                  hop_ms=opts.hop_ms, fast_slots=opts.fast_slots, remote_experts=opts.remote_experts)
         self.placement = plan(self.manifest, list(self.profile_of.values()), self.popts, model=str(root))
-        log.info("placement %s: %s", self.placement.placement_id,
-                 [(s.node_id[:8], s.first, s.last) for s in self.placement.stages])
+        _log_placement(self.placement)
         self.moe = moe_shape(self.manifest)
         self.model_name = root.name
         self.redis_server = None
@@ -128,6 +131,7 @@ class Controller:
         failed = self._load(self.placement)
         if failed:
             raise RuntimeError(f"loading the shards failed: {failed}")
+        self.health_servicer = None  # set below; recover() cannot run before a request or a re-plan
         self.engine = Engine(self.placement, self.worker_addresses(),
                              {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set(),
                              EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire),
@@ -173,7 +177,8 @@ class Controller:
             self.addresses[node_id], self.profile_of[node_id] = address, profile
         log.info("node %s (%s) joined: worker at %s, budget %d bytes", node_id[:8], tier, address, profile.budget_bytes)
 
-    def _stub(self, node_id: str) -> pb_grpc.WorkerServiceStub:
+    def _channel(self, node_id: str) -> grpc.Channel:
+        """The node's worker channel, opened again when its worker moved (a restart gets a new port)."""
         with self._lock:
             addr = self.addresses[node_id]
             have = self.channels.get(node_id)
@@ -181,7 +186,10 @@ class Controller:
                 if have is not None:
                     have[1].close()
                 have = self.channels[node_id] = (addr, open_channel(addr, self.sec))
-            return pb_grpc.WorkerServiceStub(have[1])
+            return have[1]
+
+    def _stub(self, node_id: str) -> pb_grpc.WorkerServiceStub:
+        return pb_grpc.WorkerServiceStub(self._channel(node_id))
 
     def _nodes_of(self, placement: Placement) -> list[str]:
         """Every node a placement uses: its stages, then nodes that only host experts."""
@@ -196,13 +204,11 @@ class Controller:
         """The worker's standard gRPC health check (no token needed) within the deadline."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with self._lock:
-            addr = self.addresses.get(node_id)
-        if addr is None:
+        if node_id not in self.addresses:
             return False
         try:
-            with open_channel(addr, self.sec) as ch:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            r = health_pb2_grpc.HealthStub(self._channel(node_id)).Check(health_pb2.HealthCheckRequest(service=""),
+                                                                         timeout=timeout_s)
             return r.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False
@@ -215,9 +221,11 @@ class Controller:
         except Exception:  # the GCS is unreachable: decide from gRPC alone
             return None
 
-    def _find_dead(self, nodes: list[str], err: StageError | None) -> dict[str, str]:
-        """node -> why it is taken out: Ray says dead, no health answer, or it failed the step's deadline."""
-        alive = self._ray_alive()
+    def _find_dead(self, nodes: list[str], err: StageError | None,
+                   alive: set[str] | None = None) -> dict[str, str]:
+        """node -> why it is taken out: Ray says dead, no health answer, or it failed the step's deadline.
+        alive: Ray's alive nodes when the caller has just read them."""
+        alive = self._ray_alive() if alive is None else alive
         with self._lock:
             suspect = next((n for n, a in self.addresses.items() if err is not None and a == err.address), None)
         dead = {}
@@ -230,6 +238,14 @@ class Controller:
                 dead[n] = f"a step passed its {self.opts.step_timeout_s:g}s deadline"
         return dead
 
+    def _take_out(self, dead: dict[str, str]) -> bool:
+        """Bans each node (with its reason) so no placement uses it until it answers again -> any?"""
+        for n, why in dead.items():
+            with self._lock:
+                b = self.bans.ban(n, time.monotonic(), why)
+            log.warning("node %s taken out for %.0fs: %s", n[:8], b.backoff_s, why)
+        return bool(dead)
+
     # ------------------------------------------------------------------ placement
     def recover(self, err: StageError | None) -> tuple[Placement, list[str]]:
         """Called by the engine between steps: a stage failed (err) or a re-plan was requested.
@@ -238,10 +254,7 @@ class Controller:
         if err is not None:
             with self._lock:
                 down = self.bans.down(time.monotonic())
-            for n, why in self._find_dead([n for n in self.nodes_used if n not in down], err).items():
-                with self._lock:
-                    b = self.bans.ban(n, time.monotonic(), why)
-                log.warning("node %s taken out for %.0fs: %s", n[:8], b.backoff_s, why)
+            self._take_out(self._find_dead([n for n in self.nodes_used if n not in down], err))
         for _ in range(len(self.workers) + 1):
             with self._lock:
                 down = self.bans.down(time.monotonic())
@@ -259,18 +272,15 @@ class Controller:
                 with self._lock:
                     self.placement = placement
                 self._serving(True)
-                log.info("placement %s: %s", placement.placement_id,
-                         [(s.node_id[:8], s.first, s.last) for s in placement.stages])
+                _log_placement(placement)
                 return placement, self.worker_addresses()
-            for n, why in failed.items():
-                with self._lock:
-                    self.bans.ban(n, time.monotonic(), f"loading its shard failed: {why}")
+            self._take_out({n: f"loading its shard failed: {why}" for n, why in failed.items()})
         raise Unavailable("no placement could be loaded: every attempt lost a node")
 
     def _serving(self, ok: bool) -> None:
         from grpc_health.v1 import health_pb2
 
-        if getattr(self, "health_servicer", None) is None:
+        if self.health_servicer is None:
             return
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", pb.DESCRIPTOR.services_by_name["InferenceService"].full_name):
@@ -389,8 +399,9 @@ class Controller:
 
     def _watch(self) -> None:
         """Every health_interval_s: takes out nodes that stopped answering (placed ones before a
-        request trips on them, idle ones before a re-plan counts on them), probes banned nodes whose ban is over, adopts nodes that joined Ray; asks
-        the engine to re-plan when the set of usable nodes changed."""
+        request trips on them, idle ones before a re-plan counts on them), probes banned nodes whose
+        ban is over, adopts nodes that joined Ray; asks the engine to re-plan when the set of usable
+        nodes changed."""
         while not self._stop.wait(self.opts.health_interval_s):
             try:
                 if self._check_nodes():
@@ -401,18 +412,14 @@ class Controller:
     def _check_nodes(self) -> bool:
         import ray
 
-        changed = False
         now = time.monotonic()
         with self._lock:
             down = self.bans.down(now)
             known = [n for n in self.workers if n not in down]  # idle spares too: a re-plan counts on them
             expired = self.bans.expired(now)
-        for n, why in self._find_dead(known, None).items():
-            with self._lock:
-                b = self.bans.ban(n, time.monotonic(), why)
-            log.warning("node %s taken out for %.0fs: %s", n[:8], b.backoff_s, why)
-            changed = True
-        alive = self._ray_alive() or set()
+        alive = self._ray_alive()
+        changed = self._take_out(self._find_dead(known, None, alive))
+        alive = alive or set()
         for n in expired:  # a restarted worker actor starts a new server on this call
             try:
                 addr = ray.get(self.workers[n].start.remote(), timeout=5.0) if n in alive else ""

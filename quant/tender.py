@@ -28,26 +28,29 @@ Weights are int8 per output channel (symmetric RTN), as for W8A8.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .kernels import QMAX, int8_matmul_reference
+from .kernels import QMAX, int8_matmul, int8_matmul_reference
 from .native import load_kernels
 
-__all__ = ["TenderChunk", "tender_quantize", "tender_linear", "tender_linear_reference", "DEFAULT_GROUPS", "ALIGN"]
+__all__ = ["TenderChunk", "tender_quantize", "tender_linear", "tender_linear_reference", "DEFAULT_GROUPS"]
 
 DEFAULT_GROUPS = 4  # INT8; more for INT4 weights
-ALIGN = 1  # group starts are multiples of this (1: exact; see the module docstring)
 
 Gemm = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (A [M, K], B [N, K], k0, k1) -> int32 [M, N]
 
 
+@dataclass(frozen=True)
 class TenderChunk:
-    """One chunk's decomposition (channels in the stored order): q int8 [M, K], group [K] (non-
-    decreasing), starts [G + 1] column offsets, s0, bias [K] float32."""
+    """One chunk's decomposition, channels in the stored order."""
 
-    def __init__(self, q: torch.Tensor, group: torch.Tensor, starts: list[int], s0: float, bias: torch.Tensor) -> None:
-        self.q, self.group, self.starts, self.s0, self.bias = q, group, starts, s0, bias
+    q: torch.Tensor  # [M, K] int8
+    group: torch.Tensor  # [K] int64, non-decreasing
+    starts: list[int]  # [G + 1] first column of each group, then K
+    s0: float  # scale of group 0; group i's is s0 * 2^i
+    bias: torch.Tensor  # [K] float32, removed before quantizing
 
     @property
     def groups(self) -> int:
@@ -58,7 +61,7 @@ class TenderChunk:
         return self.s0 * torch.pow(2.0, self.group.float())
 
 
-def tender_quantize(x: torch.Tensor, groups: int = DEFAULT_GROUPS, align: int = ALIGN) -> TenderChunk:
+def tender_quantize(x: torch.Tensor, groups: int = DEFAULT_GROUPS) -> TenderChunk:
     """x float32 [M, K], channels in the stored order -> its decomposition (steps 1-2 above)."""
     if groups < 1 or groups > 16:
         raise ValueError(f"groups must be in [1, 16], got {groups}")
@@ -75,17 +78,8 @@ def tender_quantize(x: torch.Tensor, groups: int = DEFAULT_GROUPS, align: int = 
     # smallest i with a <= s0 * 2^i * 127; float rounding can land one low, so check and bump
     need = torch.ceil(torch.log2((a / (s0 * QMAX)).clamp_min(2.0 ** -60))).clamp(0, groups - 1).long()
     need = torch.where(a > s0 * QMAX * torch.pow(2.0, need.float()), (need + 1).clamp(max=groups - 1), need)
-    need = torch.cummax(need, dim=0).values  # contiguous: non-decreasing along the stored order
-    starts = [0] * (groups + 1)
-    for i in range(1, groups):  # first column of group i, rounded down to the alignment
-        first = int(torch.searchsorted(need, torch.tensor(i)))
-        starts[i] = min(first // align * align, k)
-    starts[groups] = k
-    for i in range(1, groups):
-        starts[i] = max(starts[i], starts[i - 1])
-    group = torch.zeros(k, dtype=torch.long)
-    for i in range(1, groups):
-        group[starts[i]:] = i
+    group = torch.cummax(need, dim=0).values  # contiguous: non-decreasing along the stored order
+    starts = torch.searchsorted(group, torch.arange(groups + 1)).tolist()  # first column of each group; K
     scales = s0 * torch.pow(2.0, group.float())  # [K]
     q = torch.clamp(torch.round(xc / scales), -QMAX, QMAX).to(torch.int8)  # [M, K]
     return TenderChunk(q, group, starts, s0, bias)
@@ -94,8 +88,6 @@ def tender_quantize(x: torch.Tensor, groups: int = DEFAULT_GROUPS, align: int = 
 def _gemm_kernel(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     """Columns [k0, k1) of a [M, K] and b [N, K], without copying them -> int32 [M, N]."""
     if a.device.type == "cuda":
-        from .kernels import int8_matmul
-
         return int8_matmul(a[:, k0:k1].contiguous(), b[:, k0:k1].contiguous())
     m, k = a.shape
     n = b.shape[0]
