@@ -38,6 +38,8 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     "tender-g4": {"method": "tender", "act_scheme": "tender", "tender_groups": 4},
     "haq-w4-token": {"method": "haq", "act_scheme": "token", "w_bits": 4},
     "haq-w4-tensor": {"method": "haq", "act_scheme": "tensor", "w_bits": 4},
+    "haq-w4g128-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128},
+    "haq-w4g128-tensor": {"method": "haq", "act_scheme": "tensor", "w_bits": 4, "w_group": 128},
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 
@@ -91,7 +93,7 @@ def main() -> None:
         write_results("quality", {"windows": a.windows, "ctx": a.ctx, "calib_samples": a.calib_samples, "rows": rows})
     fp = rows.get("fp")
     targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02, "haq-w4-token": 1.10,
-               "haq-w4-tensor": 1.10}
+               "haq-w4-tensor": 1.10, "haq-w4g128-token": 1.10, "haq-w4g128-tensor": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

@@ -38,7 +38,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     scheme: ActScheme = "tender" if a.method == "tender" else a.act_scheme
     try:
         cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
-                          tender_groups=a.groups)
+                          tender_groups=a.groups, w_group=a.w_group)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
     torch.manual_seed(0)
@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("rtn", "haq", "tender"), default="haq",
                    help="haq: smoothing + Hessian-aware rounding; rtn: round to nearest; tender: power-of-two "
                         "channel groups for activations (--groups), RTN weights")
-    q.add_argument("--w-bits", type=int, default=8)
+    q.add_argument("--w-bits", type=int, default=8, help="8, or 4 (packed two per byte; rtn and haq)")
+    q.add_argument("--w-group", type=int, default=0,
+                   help="W4: input columns per weight scale (128 = group-128); 0: one scale per output channel")
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "

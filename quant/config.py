@@ -51,6 +51,8 @@ class QuantConfig:
     # W4: per output channel, the scale is absmax * the clip ratio (of these) that minimizes the
     # rounding error weighted by the input's per-channel energy; lm_head stays 8-bit.
     w4_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+    # W4 weight-scale groups: 0 = one scale per output channel; 128 = one per 128 input columns.
+    w_group: int = 0
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = CONFIG_VERSION
 
@@ -66,6 +68,9 @@ class QuantConfig:
             raise ValueError("--method tender goes with its own activation scheme ('tender'), and only with it")
         if self.act_scheme not in ("token", "tensor", "tender"):
             raise ValueError(f"act scheme must be 'token' or 'tensor', got {self.act_scheme!r}")
+        if self.w_group < 0 or (self.w_group and (self.w_bits != 4 or self.w_group % 2)):
+            raise ValueError(f"--w-group must be 0 (per output channel) or an even column count with --w-bits 4, "
+                             f"got {self.w_group} with W{self.w_bits}")
         if not 1 <= self.tender_groups <= 16:
             raise ValueError(f"tender_groups must be in [1, 16], got {self.tender_groups}")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .int4 import expand_group_scale
+
 __all__ = ["gptq_quantize"]
 
 
@@ -36,21 +38,24 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     scale: torch.Tensor | None = None,
+    group: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale [N]), w ~ q * scale.
-    scale: the per-output-channel scale to round to (default absmax / qmax)."""
+    """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale), w ~ q * scale.
+    scale: what to round to: [N] per output channel (default absmax / qmax), or with group > 0
+    [N, G], one per group of `group` columns, fixed before rounding (static groups, so act-order
+    and groups combine)."""
     qmax = 2 ** (bits - 1) - 1
     w = w.detach().double().clone()  # [N, K]
     h = h.detach().double().clone()  # [K, K]
     n, k = w.shape
     if scale is None:
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
-    scale = scale.double()
+    col_scale = expand_group_scale(scale.double(), k, group)  # [N, K]
     dead = torch.diag(h) == 0  # channels never active in calibration
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
     hinv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
     q = torch.zeros_like(w)
     for i1 in range(0, k, block):
@@ -60,9 +65,10 @@ def gptq_quantize(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            qcol = torch.clamp(torch.round(col / scale), -qmax, qmax)  # [N]
+            sc = col_scale[:, i1 + i]  # [N]
+            qcol = torch.clamp(torch.round(col / sc), -qmax, qmax)  # [N]
             q[:, i1 + i] = qcol
-            e = (col - qcol * scale) / hinv1[i, i]
+            e = (col - qcol * sc) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

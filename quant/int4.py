@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["QMAX4", "pack_int4", "unpack_int4", "quantize_weight_int4", "search_w4_scale"]
+__all__ = ["QMAX4", "pack_int4", "unpack_int4", "quantize_weight_int4", "search_w4_scale", "expand_group_scale",
+           "num_groups"]
 
 QMAX4 = 7  # symmetric int4: [-7, 7]
 
@@ -37,26 +38,50 @@ def unpack_int4(p: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(both > 7, both - 16, both).to(torch.int8).contiguous()
 
 
-def search_w4_scale(w: torch.Tensor, energy: torch.Tensor | None, grid: tuple[float, ...]) -> torch.Tensor:
-    """Per output channel, the 4-bit scale absmax * c / 7 with c from grid minimizing
-    sum_k energy_k (w_nk - round-to-nearest(w_nk))^2 -> scale [N]. energy [K]: the input's
-    per-channel mean square (diag of the Hessian), None: all ones."""
+def num_groups(k: int, group: int) -> int:
+    """Weight scale groups along K: group 0 is per output channel (one group); the last group may be shorter."""
+    return 1 if group <= 0 else -(-k // group)
+
+
+def expand_group_scale(scale: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """scale [N] (per channel) or [N, G] (groups of `group` columns) -> [N, K], one scale per weight."""
+    if scale.dim() == 1:
+        return scale[:, None].expand(-1, k)
+    return scale.repeat_interleave(group, dim=1)[:, :k]
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group], the last group zero-padded (zeros change no absmax and no error)."""
+    n, k = w.shape
+    g = num_groups(k, group)
+    size = k if group <= 0 else group
+    return torch.nn.functional.pad(w, (0, g * size - k)).reshape(n, g, size)
+
+
+def search_w4_scale(w: torch.Tensor, energy: torch.Tensor | None, grid: tuple[float, ...], group: int = 0) -> torch.Tensor:
+    """Per output channel (group 0) or per group of `group` columns, the 4-bit scale absmax * c / 7
+    with c from grid minimizing sum_k energy_k (w_nk - round-to-nearest(w_nk))^2.
+    energy [K]: the input's per-channel mean square (diag of the Hessian), None: all ones.
+    -> scale [N] (group 0) or [N, G]."""
     w = w.float()
     e = torch.ones(w.shape[1]) if energy is None else energy.float().clamp_min(0)
-    amax = w.abs().amax(dim=1).clamp(min=1e-8)  # [N]
-    best, best_err = amax / QMAX4, torch.full((w.shape[0],), float("inf"))
+    wg = _grouped(w, group)  # [N, G, S]
+    eg = _grouped(e[None, :], group)  # [1, G, S]
+    amax = wg.abs().amax(dim=2).clamp(min=1e-8)  # [N, G]
+    best, best_err = amax / QMAX4, torch.full(amax.shape, float("inf"))
     for c in grid:
-        s = amax * c / QMAX4
-        err = ((w - torch.clamp(torch.round(w / s[:, None]), -QMAX4, QMAX4) * s[:, None]) ** 2 * e).sum(dim=1)
+        s = (amax * c / QMAX4)[..., None]  # [N, G, 1]
+        err = ((wg - torch.clamp(torch.round(wg / s), -QMAX4, QMAX4) * s) ** 2 * eg).sum(dim=2)
         better = err < best_err
-        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
-    return best
+        best, best_err = torch.where(better, s[..., 0], best), torch.where(better, err, best_err)
+    return best[:, 0] if group <= 0 else best
 
 
-def quantize_weight_int4(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest symmetric 4-bit weights per output channel: w [N, K] -> (int8 [N, K] in
-    [-7, 7], scale [N]). scale None: absmax / 7."""
+def quantize_weight_int4(w: torch.Tensor, scale: torch.Tensor | None = None, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric 4-bit weights: w [N, K] -> (int8 [N, K] in [-7, 7], scale [N] or,
+    with group > 0, [N, G]). scale None: absmax / 7 per channel or group."""
     if scale is None:
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / QMAX4  # [N]
-    q = torch.clamp(torch.round(w / scale[:, None]), -QMAX4, QMAX4).to(torch.int8)
+        scale = search_w4_scale(w, None, (1.0,), group)
+    full = expand_group_scale(scale, w.shape[1], group)  # [N, K]
+    q = torch.clamp(torch.round(w / full), -QMAX4, QMAX4).to(torch.int8)
     return q, scale.float()

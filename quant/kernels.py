@@ -22,6 +22,9 @@ __all__ = [
     "int8_matmul_reference",
     "int8_linear",
     "int8_linear_reference",
+    "int8_matmul_cols",
+    "int8_linear_grouped",
+    "int8_linear_grouped_reference",
     "quantize_weight_per_channel",
 ]
 
@@ -149,3 +152,49 @@ def int8_linear(
         _ptr(bias), q.data_ptr(), acc.data_ptr(), sx.data_ptr(), y.data_ptr(),
     )
     return y.reshape(*x.shape[:-1], n)
+
+
+def int8_matmul_cols(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """Columns [k0, k1) of a int8 [M, K] and b int8 [N, K] -> int32 [M, N]; on CPU without copying
+    them (the C kernel takes row strides)."""
+    if a.device.type == "cuda":
+        return int8_matmul(a[:, k0:k1].contiguous(), b[:, k0:k1].contiguous())
+    a, b = a.contiguous(), b.contiguous()
+    m, k = a.shape
+    n = b.shape[0]
+    out = torch.empty((m, n), dtype=torch.int32)
+    load_kernels().ew_gemm_s8s8s32_ld(m, n, k1 - k0, a.data_ptr() + k0, k, b.data_ptr() + k0, k, out.data_ptr(), n)
+    return out
+
+
+def _grouped(x, w, w_scale, group: int, bias, static_scale, quant, mm) -> torch.Tensor:
+    if w.dtype != torch.int8 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"weight must be int8 [N, {x.shape[-1]}], got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    if group <= 0 or w_scale.shape != (n, -(-k // group)):
+        raise ValueError(f"group scales must be [{n}, ceil({k} / group)] with group > 0, got {tuple(w_scale.shape)}, group {group}")
+    x2 = x.reshape(-1, k).float()  # [M, K]
+    q, sx = quant(x2, static_scale)
+    y = torch.zeros((x2.shape[0], n), dtype=torch.float32, device=x.device)
+    for g, k0 in enumerate(range(0, k, group)):
+        y.addcmul_(mm(q, w, k0, min(k0 + group, k)).float(), w_scale[:, g])  # int32 partial, its group's scale
+    y *= sx[:, None]
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+def int8_linear_grouped(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group: int,
+                        bias: torch.Tensor | None = None, static_scale: float | None = None) -> torch.Tensor:
+    """Quantized linear with one weight scale per group of `group` input columns (W4 group-128):
+    x float [..., K], w int8 [N, K], w_scale [N, G] -> float32 [..., N]. Activations int8 as in
+    int8_linear; each group's int8 x int8 product accumulates in int32 over its columns, then is
+    rescaled by its group's weight scales and summed."""
+    return _grouped(x, w, w_scale, group, bias, static_scale, quantize_activations, int8_matmul_cols)
+
+
+def int8_linear_grouped_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group: int,
+                                  bias: torch.Tensor | None = None, static_scale: float | None = None) -> torch.Tensor:
+    """The same with exact int64 products."""
+    return _grouped(x, w, w_scale, group, bias, static_scale, quantize_activations_reference,
+                    lambda a, b, k0, k1: int8_matmul_reference(a[:, k0:k1], b[:, k0:k1]))

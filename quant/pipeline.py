@@ -122,11 +122,11 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
     w = _group_weights(layer, g)
     w4 = None
     if cfg.w_bits == 4:  # clip search per output channel, weighted by the input's channel energy
-        w4 = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid)
+        w4 = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid, cfg.w_group)
     if cfg.method == "haq" and h is not None:
-        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4)
+        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, cfg.w_group)
     elif w4 is not None:
-        q, scale = quantize_weight_int4(w, w4)
+        q, scale = quantize_weight_int4(w, w4, cfg.w_group)
     else:
         q, scale = quantize_weight_per_channel(w, cfg.w_bits)
     if perm is not None:
@@ -138,7 +138,7 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
         bias = None if lin.bias is None else lin.bias.data
         set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
                                                         bias, cfg.act_scheme, static, cfg.tender_groups, perm,
-                                                        cfg.w_bits))
+                                                        cfg.w_bits, cfg.w_group))
         start += n
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int4 import pack_int4, unpack_int4
-from .kernels import int8_linear
+from .int4 import num_groups, pack_int4, unpack_int4
+from .kernels import int8_linear, int8_linear_grouped
 from .tender import tender_linear
 
 __all__ = ["QuantLinear", "QuantExperts", "QuantEmbedding"]
@@ -23,14 +23,15 @@ class QuantLinear(nn.Module):
 
     qweight: torch.Tensor  # [N, K] int8 (W8)
     qweight4: torch.Tensor  # [N, ceil(K / 2)] uint8, two int4 per byte (W4)
-    w_scale: torch.Tensor  # [N]
+    w_scale: torch.Tensor  # [N], or [N, G] with weight groups
+    w_group: torch.Tensor | None  # [] int64: columns per weight-scale group (W4 group-wise), else None
     bias: torch.Tensor | None  # [N]
     input_scale: torch.Tensor | None  # [] static activation scale
     perm: torch.Tensor | None  # [K] int64, Tender: qweight's column order
     tender_groups: torch.Tensor | None  # [] int64, Tender
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4,
-                 w_bits: int = 8) -> None:
+                 w_bits: int = 8, w_group: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
         self.groups = groups  # Tender only
@@ -43,7 +44,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", None)
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("w_scale", torch.ones(out_features))
+        self.group_size = w_group  # 0: one weight scale per output channel
+        ng = num_groups(in_features, w_group)
+        self.register_buffer("w_scale", torch.ones(out_features, ng) if w_group > 0 else torch.ones(out_features))
+        self.register_buffer("w_group", torch.tensor(w_group) if w_group > 0 else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         # Static per-tensor activation scale ("tensor" scheme); unused for "token".
         self.register_buffer("input_scale", torch.ones(()) if act_scheme == "tensor" else None)
@@ -51,9 +55,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4,
-                       perm: torch.Tensor | None = None, w_bits: int = 8) -> "QuantLinear":
-        """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7]."""
-        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits)
+                       perm: torch.Tensor | None = None, w_bits: int = 8, w_group: int = 0) -> "QuantLinear":
+        """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7].
+        w_group > 0: w_scale is [N, ceil(K / w_group)], one scale per group of w_group columns."""
+        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits, w_group)
         if w_bits == 4:
             m.qweight4 = pack_int4(qweight)
             qweight = None
@@ -80,6 +85,9 @@ class QuantLinear(nn.Module):
         return unpack_int4(self.qweight4, self.in_features) if self.w_bits == 4 else self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size > 0:
+            return int8_linear_grouped(x, self.int8_weight(), self.w_scale, self.group_size, self.bias,
+                                       self.static_scale()).to(x.dtype)
         if self.w_bits == 4:
             return int8_linear(x, self.int8_weight(), self.w_scale, self.bias, self.static_scale()).to(x.dtype)
         if self.act_scheme == "tender":
@@ -88,7 +96,8 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a8 act={self.act_scheme}"
+        g = f" group={self.group_size}" if self.group_size else ""
+        return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a8{g} act={self.act_scheme}"
 
 
 class QuantExperts(nn.Module):

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import QMAX, int8_matmul, int8_matmul_reference
-from .native import load_kernels
+from .kernels import QMAX, int8_matmul_cols, int8_matmul_reference
 
 __all__ = ["TenderChunk", "tender_quantize", "tender_linear", "tender_linear_reference", "DEFAULT_GROUPS"]
 
@@ -83,17 +82,6 @@ def tender_quantize(x: torch.Tensor, groups: int = DEFAULT_GROUPS) -> TenderChun
     scales = s0 * torch.pow(2.0, group.float())  # [K]
     q = torch.clamp(torch.round(xc / scales), -QMAX, QMAX).to(torch.int8)  # [M, K]
     return TenderChunk(q, group, starts, s0, bias)
-
-
-def _gemm_kernel(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
-    """Columns [k0, k1) of a [M, K] and b [N, K], without copying them -> int32 [M, N]."""
-    if a.device.type == "cuda":
-        return int8_matmul(a[:, k0:k1].contiguous(), b[:, k0:k1].contiguous())
-    m, k = a.shape
-    n = b.shape[0]
-    out = torch.empty((m, n), dtype=torch.int32)
-    load_kernels().ew_gemm_s8s8s32_ld(m, n, k1 - k0, a.data_ptr() + k0, k, b.data_ptr() + k0, k, out.data_ptr(), n)
-    return out
 
 
 def _gemm_reference(a: torch.Tensor, b: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
@@ -147,7 +135,7 @@ def tender_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias:
                   groups: int = DEFAULT_GROUPS, chunk: int = 256, perm: torch.Tensor | None = None) -> torch.Tensor:
     """Tender linear on the int8 kernel: x float [..., K], w int8 [N, K] whose column j is input
     channel perm[j] (None: the identity), w_scale [N] -> float32 [..., N]."""
-    return _linear(x, w, w_scale, bias, groups, chunk, perm, _gemm_kernel)
+    return _linear(x, w, w_scale, bias, groups, chunk, perm, int8_matmul_cols)
 
 
 def tender_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.int4 import unpack_int4
-from quant.kernels import int8_linear
+from quant.kernels import int8_linear, int8_linear_grouped
 from quant.qlinear import QuantLinear
 from quant.tender import tender_linear
 
@@ -68,6 +68,7 @@ class FusedLinear:
     static: float | None
     perm: torch.Tensor | None = None  # Tender: qweight's column order (quant/tender.py)
     groups: int = 0  # Tender: channel groups
+    w_group: int = 0  # W4 group-wise: columns per weight scale (w_scale [sum N, G])
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], *prefixes: str) -> "FusedLinear":
@@ -81,14 +82,19 @@ class FusedLinear:
         if any(q is not perm and (q is None or perm is None or not torch.equal(q, perm)) for q in perms):
             raise ValueError(f"fused linears {prefixes} do not share their Tender column order")
         groups = int(tensors[f"{prefixes[0]}.tender_groups"]) if perm is not None else 0
+        w_groups = {int(t) if (t := tensors.get(f"{p}.w_group")) is not None else 0 for p in prefixes}
+        if len(w_groups) != 1:
+            raise ValueError(f"fused linears {prefixes} do not share their weight-scale groups")
         if all(f"{p}.qweight4" in tensors for p in prefixes):  # W4: stays packed in memory
             return cls(torch.cat([tensors[f"{p}.qweight4"] for p in prefixes]).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
-                       statics.pop())
+                       statics.pop(), w_group=w_groups.pop())
         return cls(torch.cat([tensors[f"{p}.qweight"] for p in prefixes]).contiguous(),
                    torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
                    None if perm is None else perm.long(), groups)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight.dtype == torch.uint8 and self.w_group:  # W4 group-wise
+            return int8_linear_grouped(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.w_group, None, self.static)
         if self.qweight.dtype == torch.uint8:  # W4: unpack to int8 for the integer kernel
             return int8_linear(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, None, self.static)
         if self.perm is not None:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from quant.int4 import pack_int4, quantize_weight_int4, unpack_int4
-from quant.kernels import int8_matmul, int8_matmul_reference
+from quant.int4 import expand_group_scale, pack_int4, quantize_weight_int4, search_w4_scale, unpack_int4
+from quant.kernels import int8_linear_grouped, int8_linear_grouped_reference, int8_matmul, int8_matmul_reference
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 64, 577])
@@ -30,6 +30,85 @@ def test_w4_weights_through_the_int8_kernel():
     assert torch.allclose(q.float() * s[:, None], w, atol=float(s.max()) / 2 + 1e-6)
     a = torch.randint(-127, 128, (3, 64), dtype=torch.int8, generator=g)
     assert torch.equal(int8_matmul(a, unpack_int4(pack_int4(q), 64)), int8_matmul_reference(a, q))
+
+
+@pytest.mark.parametrize("k", [64, 200, 576])  # 200 and 576: the last group is shorter than 128
+def test_group_scales_follow_each_group_and_beat_one_scale_per_row(k):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(16, k, generator=g)
+    w[:, :8] *= 20  # an outlier group: a per-row scale wastes the other groups' levels
+    qc, sc = quantize_weight_int4(w)
+    qg, sg = quantize_weight_int4(w, group=128)
+    assert sg.shape == (16, -(-k // 128))
+    for j, k0 in enumerate(range(0, k, 128)):  # each group's largest weight maps to +-7
+        assert torch.equal(qg[:, k0:k0 + 128].abs().amax(dim=1), torch.full((16,), 7, dtype=torch.int8))
+        assert torch.allclose(sg[:, j], w[:, k0:k0 + 128].abs().amax(dim=1) / 7)
+    err_c = (qc.float() * sc[:, None] - w).pow(2).sum()
+    err_g = (qg.float() * expand_group_scale(sg, k, 128) - w).pow(2).sum()
+    assert err_g < err_c if k > 128 else torch.equal(qg, qc)
+    # the searched clip never does worse than absmax on the energy-weighted error it minimizes
+    searched = search_w4_scale(w, None, (1.0, 0.9, 0.8, 0.7), 128)
+    qs, _ = quantize_weight_int4(w, searched, 128)
+    assert (qs.float() * expand_group_scale(searched, k, 128) - w).pow(2).sum() <= err_g + 1e-4
+
+
+@pytest.mark.parametrize("static", [None, 0.05])
+@pytest.mark.parametrize("m,k", [(1, 576), (7, 200), (33, 256)])
+def test_grouped_kernel_matches_reference_and_float(m, k, static):
+    g = torch.Generator().manual_seed(m * k)
+    w = torch.randn(40, k, generator=g)
+    q, s = quantize_weight_int4(w, group=128)
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(40, generator=g)
+    got = int8_linear_grouped(x, q, s, 128, bias, static)
+    ref = int8_linear_grouped_reference(x, q, s, 128, bias, static)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)  # same integers; only float summation order differs
+    wdeq = q.float() * expand_group_scale(s, k, 128)
+    exact = x @ wdeq.t() + bias  # float with the same 4-bit weights: only activation rounding differs
+    assert (got - exact).pow(2).mean() < 1e-3 * exact.pow(2).mean()
+    with pytest.raises(ValueError, match="group scales"):
+        int8_linear_grouped(x, q, s[:, :1], 128)
+
+
+def test_w4_group128_checkpoint_round_trip_and_stage(tmp_path):
+    """--w-group 128: [N, G] scales in the file, the same logits after reload and in a worker stage."""
+    from quant.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+    from quant.config import QuantConfig
+    from quant.pipeline import quantize
+    from tests.conftest import VOCAB, sqnr_db, tiny_model, tiny_tokenizer
+    from workers.llama_stage import LocalLlama
+
+    model = tiny_model("llama", layers=2, init_range=0.2)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+    calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    errs = {}
+    for group in (0, 16):
+        m = tiny_model("llama", layers=2, init_range=0.2)
+        cfg = QuantConfig(method="haq", w_bits=4, w_group=group, act_scheme="token", search_tokens=128)
+        report = quantize(m, cfg, calib, progress=False)
+        out = save_checkpoint(m, tiny_tokenizer(), cfg, report, tmp_path / f"g{group}")
+        loaded, _, manifest = load_checkpoint(out)
+        with torch.no_grad():
+            got = loaded(ids).logits
+            assert torch.allclose(got, m(ids).logits, atol=1e-5)
+        errs[group] = sqnr_db(ref, got)
+        if group:
+            t = read_manifest(out)["tensors"]
+            assert t["model.layers.0.mlp.down_proj.w_scale"]["shape"] == [64, 128 // 16]  # [N = D, I / 16]
+            assert manifest["modules"]["model.layers.0.mlp.down_proj"]["w_group"] == 16
+            from quant.generate import HFDecoder, SamplingConfig, generate_tokens
+            cfg_s = SamplingConfig(max_new_tokens=8)
+            assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], cfg_s, set())) == \
+                list(generate_tokens(HFDecoder(loaded), [3, 4, 5], cfg_s, set()))
+    assert errs[16] > errs[0]  # finer scales: closer to float
+
+
+def test_w_group_needs_w4():
+    from quant.config import QuantConfig
+    with pytest.raises(ValueError, match="--w-group"):
+        QuantConfig(method="haq", w_bits=8, w_group=128)
 
 
 def test_w4a8_checkpoint_is_packed_reloads_and_stays_close(tmp_path):
