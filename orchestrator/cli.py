@@ -35,10 +35,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from quant.pipeline import quantize
 
     calib = CalibConfig(path=a.calib, samples=a.calib_samples, seq_len=a.calib_len)
-    scheme: ActScheme = "tender" if a.method == "tender" else a.act_scheme
+    scheme: ActScheme = {"tender": "tender", "mobilequant": "tensor"}.get(a.method, a.act_scheme)  # type: ignore[assignment]
     try:
         cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
-                          tender_groups=a.groups, w_group=a.w_group)
+                          tender_groups=a.groups, w_group=a.w_group, mq_epochs=a.epochs, mq_lr_transform=a.lr_transform,
+                          mq_lr_clip=a.lr_clip, mq_lr_range=a.lr_range)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
     torch.manual_seed(0)
@@ -281,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="post-training quantization to an int8 checkpoint")
     q.add_argument("model", help="smollm2-135m, a Hugging Face model directory, or a .gguf file")
-    q.add_argument("--method", choices=("rtn", "haq", "tender"), default="haq",
+    q.add_argument("--method", choices=("rtn", "haq", "tender", "mobilequant"), default="haq",
                    help="haq: smoothing + Hessian-aware rounding; rtn: round to nearest; tender: power-of-two "
-                        "channel groups for activations (--groups), RTN weights")
-    q.add_argument("--w-bits", type=int, default=8, help="8, or 4 (packed two per byte; rtn and haq)")
+                        "channel groups for activations (--groups), RTN weights; mobilequant: transforms, weight clips "
+                        "and static activation ranges learned end to end (integer-only, static scales)")
+    q.add_argument("--w-bits", type=int, default=8, help="8, or 4 (packed two per byte; rtn, haq and mobilequant)")
     q.add_argument("--w-group", type=int, default=0,
                    help="W4: input columns per weight scale (128 = group-128); 0: one scale per output channel")
     q.add_argument("--a-bits", type=int, default=8)
@@ -292,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "
                         "(ignored by --method tender)")
     q.add_argument("--groups", type=int, default=4, help="tender: channel groups, scales a power of two apart")
+    from quant.config import QuantConfig  # light: no torch
+
+    d = QuantConfig()
+    q.add_argument("--epochs", type=int, default=d.mq_epochs, help="mobilequant: passes over the calibration windows")
+    q.add_argument("--lr-transform", type=float, default=d.mq_lr_transform, help="mobilequant: transform scales")
+    q.add_argument("--lr-clip", type=float, default=d.mq_lr_clip, help="mobilequant: weight clipping factors")
+    q.add_argument("--lr-range", type=float, default=d.mq_lr_range,
+                   help="mobilequant: activation ranges (log-scale and offset, in initial quantization steps)")
     q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")

@@ -46,7 +46,7 @@ def _module_entry(mod) -> dict | None:
     if isinstance(mod, QuantLinear):
         return {"kind": "linear", "act_scheme": mod.act_scheme, "in": mod.in_features,
                 "out": mod.out_features, "bias": mod.bias is not None, "groups": mod.groups, "w_bits": mod.w_bits,
-                "w_group": mod.group_size}
+                "w_group": mod.group_size, "offset": mod.input_offset is not None}
     if isinstance(mod, QuantExperts):
         e, two_i, d = mod.gate_up_qweight.shape
         return {"kind": "experts", "act_scheme": mod.act_scheme, "experts": e, "hidden": d, "inter": two_i // 2}
@@ -64,6 +64,8 @@ def _tensor_scheme(name: str) -> str:
         return "int64: input columns per weight-scale group (w_scale is [N, groups])"
     if name.endswith("qweight"):
         return "int8 symmetric per output channel"
+    if name.endswith("input_offset"):
+        return "float32 static per-tensor activation offset (x - offset is quantized)"
     if name.endswith("input_scale"):
         return "float32 static per-tensor activation scale"
     if name.endswith("_scale"):  # w_scale, gate_up_scale, down_scale
@@ -131,7 +133,7 @@ def _build_module(entry: dict, skeleton, model):
     kind = entry["kind"]
     if kind == "linear":
         return QuantLinear(entry["in"], entry["out"], entry["bias"], entry["act_scheme"], entry.get("groups", 4),
-                           entry.get("w_bits", 8), entry.get("w_group", 0))
+                           entry.get("w_bits", 8), entry.get("w_group", 0), entry.get("offset", False))
     if kind == "experts":
         return QuantExperts(entry["experts"], entry["hidden"], entry["inter"], skeleton.act_fn, entry["act_scheme"])
     tied = model.get_submodule(entry["tied_to"]) if entry["tied_to"] else None

@@ -8,7 +8,7 @@ from typing import Literal
 __all__ = ["ActScheme", "CalibConfig", "QuantConfig", "METHODS"]
 
 ActScheme = Literal["token", "tensor", "tender"]
-METHODS = ("rtn", "haq", "tender")
+METHODS = ("rtn", "haq", "tender", "mobilequant")
 CONFIG_VERSION = 1
 
 
@@ -32,6 +32,9 @@ class QuantConfig:
     tender: round-to-nearest int8 weights per output channel; activations decomposed per chunk
          into power-of-two channel groups (quant/tender.py, METHODS.md section 4). Its act scheme
          is always "tender".
+    mobilequant: learned transforms, weight clips and static activation ranges trained end to end
+         against the float model's final hidden states (quant/mobilequant.py, METHODS.md
+         section 2). Integer-only: its act scheme is always "tensor".
     """
 
     method: str = "haq"
@@ -53,6 +56,14 @@ class QuantConfig:
     w4_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
     # W4 weight-scale groups: 0 = one scale per output channel; 128 = one per 128 input columns.
     w_group: int = 0
+    # MobileQuant: smoothing strength of the initial transforms, training length and learning rates
+    # (transforms and clips as in the paper; ranges act on log-scale and offset in initial steps).
+    mq_alpha: float = 0.5
+    mq_epochs: int = 2
+    mq_batch: int = 2  # calibration windows per step
+    mq_lr_transform: float = 1e-3
+    mq_lr_clip: float = 1e-2
+    mq_lr_range: float = 1e-4
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = CONFIG_VERSION
 
@@ -62,8 +73,12 @@ class QuantConfig:
         if self.a_bits != 8 or self.w_bits not in (8, 4) or (self.w_bits == 4 and self.method == "tender"):
             raise ValueError(
                 f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --a-bits 8 and --w-bits 8 "
-                f"(or --w-bits 4 with rtn or haq)"
+                f"(or --w-bits 4 with rtn, haq or mobilequant)"
             )
+        if self.method == "mobilequant" and self.act_scheme != "tensor":
+            raise ValueError("mobilequant is integer-only: its activations use static per-tensor scales ('tensor')")
+        if self.mq_epochs < 0 or self.mq_batch < 1:
+            raise ValueError(f"mobilequant needs --epochs >= 0 and a batch >= 1, got {self.mq_epochs}, {self.mq_batch}")
         if (self.method == "tender") != (self.act_scheme == "tender"):
             raise ValueError("--method tender goes with its own activation scheme ('tender'), and only with it")
         if self.act_scheme not in ("token", "tensor", "tender"):

@@ -202,7 +202,7 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
     for hidden, _ in batches:
         st.add(norm(hidden))
     per_token = cfg.act_scheme == "token"
-    haq = cfg.method == "haq"
+    haq = cfg.method in ("haq", "mobilequant")  # MobileQuant's lm_head: HAQ's smoothing and rounding
     # A vocabulary-wide output gives plenty of signal per token: search on fewer tokens.
     choice = search_smoothing(st.samples(min(cfg.search_tokens, 512)), st.channel_max(), head.weight.data, cfg.alpha_grid,
                               cfg.clip_grid if haq else (1.0,), per_token, allow_smoothing=haq)
@@ -238,6 +238,11 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
 @torch.no_grad()
 def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> QuantReport:
     """Quantize a transformers CausalLM in place. calib_ids: LongTensor [N, L] calibration windows."""
+    if cfg.method == "mobilequant":  # trained end to end, not layer by layer
+        from .mobilequant import quantize_mobilequant
+
+        with torch.enable_grad():
+            return quantize_mobilequant(model, cfg, calib_ids, progress)
     spec = arch_spec(model)
     model.eval()
     layers = model.get_submodule(spec.layers_path)

@@ -27,11 +27,12 @@ class QuantLinear(nn.Module):
     w_group: torch.Tensor | None  # [] int64: columns per weight-scale group (W4 group-wise), else None
     bias: torch.Tensor | None  # [N]
     input_scale: torch.Tensor | None  # [] static activation scale
+    input_offset: torch.Tensor | None  # [] static activation offset (MobileQuant's learned range), else None
     perm: torch.Tensor | None  # [K] int64, Tender: qweight's column order
     tender_groups: torch.Tensor | None  # [] int64, Tender
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4,
-                 w_bits: int = 8, w_group: int = 0) -> None:
+                 w_bits: int = 8, w_group: int = 0, offset: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
         self.groups = groups  # Tender only
@@ -51,14 +52,23 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         # Static per-tensor activation scale ("tensor" scheme); unused for "token".
         self.register_buffer("input_scale", torch.ones(()) if act_scheme == "tensor" else None)
+        # Asymmetric static range [o - 127 s, o + 127 s]: x - o is quantized; o's product with the
+        # weights is folded into the bias at quantization time, so the matmul stays int8 x int8.
+        if offset and act_scheme != "tensor":
+            raise ValueError("an activation offset needs the static per-tensor scheme ('tensor')")
+        self.register_buffer("input_offset", torch.zeros(()) if offset else None)
         self._static: float | None = None
+        self._offset: float | None = None
 
     @classmethod
     def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4,
-                       perm: torch.Tensor | None = None, w_bits: int = 8, w_group: int = 0) -> "QuantLinear":
+                       perm: torch.Tensor | None = None, w_bits: int = 8, w_group: int = 0,
+                       input_offset: float | None = None) -> "QuantLinear":
         """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7].
-        w_group > 0: w_scale is [N, ceil(K / w_group)], one scale per group of w_group columns."""
-        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits, w_group)
+        w_group > 0: w_scale is [N, ceil(K / w_group)], one scale per group of w_group columns.
+        input_offset: the static range's centre; bias must already hold input_offset * rowsum(W)."""
+        m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits, w_group,
+                input_offset is not None)
         if w_bits == 4:
             m.qweight4 = pack_int4(qweight)
             qweight = None
@@ -71,6 +81,8 @@ class QuantLinear(nn.Module):
             m.bias = bias.float().contiguous()
         if act_scheme == "tensor":
             m.input_scale = torch.as_tensor(float(input_scale))
+        if input_offset is not None:
+            m.input_offset = torch.as_tensor(float(input_offset))
         return m
 
     def static_scale(self) -> float | None:
@@ -80,11 +92,20 @@ class QuantLinear(nn.Module):
             self._static = float(self.input_scale)
         return self._static
 
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """x minus the static activation offset (unchanged without one)."""
+        if self.input_offset is None:
+            return x
+        if self._offset is None:
+            self._offset = float(self.input_offset)
+        return x - self._offset
+
     def int8_weight(self) -> torch.Tensor:
         """[N, K] int8 (unpacked from 4 bits for W4)."""
         return unpack_int4(self.qweight4, self.in_features) if self.w_bits == 4 else self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.centred(x)
         if self.group_size > 0:
             return int8_linear_grouped(x, self.int8_weight(), self.w_scale, self.group_size, self.bias,
                                        self.static_scale()).to(x.dtype)

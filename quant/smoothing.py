@@ -14,7 +14,7 @@ import torch
 from .kernels import QMAX
 
 __all__ = ["smoothing_scales", "tie_kv_scales", "fake_quant_weight", "fake_quant_act",
-           "SmoothChoice", "search_smoothing"]
+           "SmoothChoice", "search_smoothing", "group_error"]
 
 
 def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ class SmoothChoice:
     scales: torch.Tensor  # s [K]
 
 
-def _group_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, s: torch.Tensor,
+def group_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, s: torch.Tensor,
                  act_max: float, clips: tuple[float, ...], per_token: bool) -> tuple[float, float]:
     wq = fake_quant_weight(w * s)  # [N, K]
     xs = x / s  # [T, K]
@@ -97,12 +97,12 @@ def search_smoothing(
     best: SmoothChoice | None = None
     for alpha, s in candidates:
         act_max = (x_absmax / s).max().item()
-        err, clip = _group_error(x, w, ref, s, act_max, coarse, per_token)
+        err, clip = group_error(x, w, ref, s, act_max, coarse, per_token)
         if best is None or err < best.error:
             best = SmoothChoice(alpha, clip, err, s)
     assert best is not None
     if not per_token and len(clips) > len(coarse):
-        err, clip = _group_error(x, w, ref, best.scales, (x_absmax / best.scales).max().item(), clips, per_token)
+        err, clip = group_error(x, w, ref, best.scales, (x_absmax / best.scales).max().item(), clips, per_token)
         if err < best.error:
             best = SmoothChoice(best.alpha, clip, err, best.scales)
     assert best is not None

@@ -69,6 +69,8 @@ class FusedLinear:
     perm: torch.Tensor | None = None  # Tender: qweight's column order (quant/tender.py)
     groups: int = 0  # Tender: channel groups
     w_group: int = 0  # W4 group-wise: columns per weight scale (w_scale [sum N, G])
+    bias: torch.Tensor | None = None  # [sum N] (MobileQuant: the static offset's product with the weights)
+    offset: float | None = None  # static activation offset, subtracted before quantizing
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], *prefixes: str) -> "FusedLinear":
@@ -82,24 +84,34 @@ class FusedLinear:
         if any(q is not perm and (q is None or perm is None or not torch.equal(q, perm)) for q in perms):
             raise ValueError(f"fused linears {prefixes} do not share their Tender column order")
         groups = int(tensors[f"{prefixes[0]}.tender_groups"]) if perm is not None else 0
+        offsets = {float(t) if (t := tensors.get(f"{p}.input_offset")) is not None else None for p in prefixes}
+        if len(offsets) != 1:
+            raise ValueError(f"fused linears {prefixes} do not share their activation offset")
+        offset = offsets.pop()
+        biases = [tensors.get(f"{p}.bias") for p in prefixes]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.float() if b is not None else torch.zeros(tensors[f"{p}.w_scale"].shape[0]) for p, b in zip(prefixes, biases)])
         w_groups = {int(t) if (t := tensors.get(f"{p}.w_group")) is not None else 0 for p in prefixes}
         if len(w_groups) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their weight-scale groups")
         if all(f"{p}.qweight4" in tensors for p in prefixes):  # W4: stays packed in memory
             return cls(torch.cat([tensors[f"{p}.qweight4"] for p in prefixes]).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
-                       statics.pop(), w_group=w_groups.pop())
+                       statics.pop(), w_group=w_groups.pop(), bias=bias, offset=offset)
         return cls(torch.cat([tensors[f"{p}.qweight"] for p in prefixes]).contiguous(),
                    torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
-                   None if perm is None else perm.long(), groups)
+                   None if perm is None else perm.long(), groups, bias=bias, offset=offset)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset is not None:
+            x = x - self.offset
         if self.qweight.dtype == torch.uint8 and self.w_group:  # W4 group-wise
-            return int8_linear_grouped(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.w_group, None, self.static)
+            return int8_linear_grouped(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.w_group, self.bias,
+                                       self.static)
         if self.qweight.dtype == torch.uint8:  # W4: unpack to int8 for the integer kernel
-            return int8_linear(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, None, self.static)
+            return int8_linear(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.bias, self.static)
         if self.perm is not None:
-            return tender_linear(x, self.qweight, self.w_scale, None, self.groups, perm=self.perm)
-        return int8_linear(x, self.qweight, self.w_scale, None, self.static)
+            return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups, perm=self.perm)
+        return int8_linear(x, self.qweight, self.w_scale, self.bias, self.static)
 
 
 @dataclass(frozen=True)
