@@ -292,15 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "
-                        "(ignored by --method tender)")
+                        "(tender and mobilequant set their own)")
     q.add_argument("--groups", type=int, default=4, help="tender: channel groups, scales a power of two apart")
     from quant.config import QuantConfig  # light: no torch
 
-    d = QuantConfig()
-    q.add_argument("--epochs", type=int, default=d.mq_epochs, help="mobilequant: passes over the calibration windows")
-    q.add_argument("--lr-transform", type=float, default=d.mq_lr_transform, help="mobilequant: transform scales")
-    q.add_argument("--lr-clip", type=float, default=d.mq_lr_clip, help="mobilequant: weight clipping factors")
-    q.add_argument("--lr-range", type=float, default=d.mq_lr_range,
+    qd = QuantConfig()
+    q.add_argument("--epochs", type=int, default=qd.mq_epochs, help="mobilequant: passes over the calibration windows")
+    q.add_argument("--lr-transform", type=float, default=qd.mq_lr_transform, help="mobilequant: transform scales")
+    q.add_argument("--lr-clip", type=float, default=qd.mq_lr_clip, help="mobilequant: weight clipping factors")
+    q.add_argument("--lr-range", type=float, default=qd.mq_lr_range,
                    help="mobilequant: activation ranges (log-scale and offset, in initial quantization steps)")
     q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
     q.add_argument("--calib-samples", type=int, default=64)

@@ -94,7 +94,8 @@ class _GroupQuant(nn.Module):
         if self.heads_per_kv > 1:  # [kv, hd] -> [kv, heads_per_kv, hd]: equal over the heads of one kv head
             kv = f.numel() // self.head_dim
             f = f.view(kv, 1, self.head_dim).expand(kv, self.heads_per_kv, self.head_dim).reshape(-1)
-        return self.s_init * f
+        s_init: torch.Tensor = self.s_init  # type: ignore[assignment]
+        return s_init * f
 
     def act_scale(self) -> torch.Tensor:
         return self.scale0 * torch.exp(self.log_scale)
@@ -125,9 +126,10 @@ class _SimLinear(nn.Module):
         self.theta = nn.Parameter(torch.full(shape, THETA_INIT))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.lin.weight * self.gq.s()[None, :]  # [N, K]
+        lin: nn.Linear = self.lin  # type: ignore[assignment]
+        w = lin.weight * self.gq.s()[None, :]  # [N, K]
         wq = fake_quant_weight_clipped(w, torch.sigmoid(self.theta), self.qmax, self.group)
-        return F.linear(self.gq(x), wq, self.lin.bias)
+        return F.linear(self.gq(x), wq, lin.bias)
 
 
 def _init_stats(model, spec: ArchSpec, calib_ids: torch.Tensor, keep: int) -> list[dict[str, ActStats]]:
@@ -239,8 +241,8 @@ def quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Te
     t0 = time.time()
     with torch.no_grad():
         target = torch.cat([_final_hidden(model, b) for b in calib_ids.split(cfg.mq_batch)])  # [N, L, D]
-        batches = -(-calib_ids.shape[0] // CALIB_BATCH)
-        stats = _init_stats(model, spec, calib_ids, max(1, -(-cfg.search_tokens // batches)))  # tokens kept per batch
+        n_batches = -(-calib_ids.shape[0] // CALIB_BATCH)
+        stats = _init_stats(model, spec, calib_ids, max(1, -(-cfg.search_tokens // n_batches)))  # tokens kept per batch
     qmax = QMAX4 if cfg.w_bits == 4 else QMAX
     gqs, sims = _wrap(model, spec, stats, cfg, qmax)
     del stats
@@ -275,7 +277,7 @@ def quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Te
     loss_end = _eval_loss(model, calib_ids, target, gqs, cfg.mq_batch)
     with torch.no_grad():
         _convert(model, spec, gqs, cfg, report)
-        layers = model.get_submodule(spec.layers_path)
+        layers: nn.ModuleList = model.get_submodule(spec.layers_path)  # type: ignore[assignment]
         lm_ids = calib_ids[: max(1, min(n, 16))]
         batches = _capture_first_layer_inputs(model, layers, lm_ids)
         for layer in layers:
