@@ -46,7 +46,7 @@ def _module_entry(mod) -> dict | None:
     if isinstance(mod, QuantLinear):
         return {"kind": "linear", "act_scheme": mod.act_scheme, "in": mod.in_features,
                 "out": mod.out_features, "bias": mod.bias is not None, "groups": mod.groups, "w_bits": mod.w_bits,
-                "w_group": mod.group_size, "offset": mod.input_offset is not None}
+                "w_group": mod.group_size, "offset": mod.input_offset is not None, "nnz": mod.sparse_nnz}
     if isinstance(mod, QuantExperts):
         e, two_i, d = mod.gate_up_qweight.shape
         return {"kind": "experts", "act_scheme": mod.act_scheme, "experts": e, "hidden": d, "inter": two_i // 2}
@@ -58,6 +58,10 @@ def _module_entry(mod) -> dict | None:
 
 
 def _tensor_scheme(name: str) -> str:
+    if name.endswith("wmask"):
+        return "uint8 bitmask of the nonzero weights, [N, ceil(K / 8)] (bit j % 8 of byte j // 8)"
+    if name.endswith("wvals"):
+        return "nonzero weights in row-major order: int8, or int4 packed two per byte"
     if name.endswith("qweight4"):
         return "int4 symmetric (scales in w_scale), packed two per byte (low nibble: even column)"
     if name.endswith("w_group"):
@@ -71,6 +75,17 @@ def _tensor_scheme(name: str) -> str:
     if name.endswith("_scale"):  # w_scale, gate_up_scale, down_scale
         return "float32 weight scale per output channel (or per output channel and column group)"
     return "float32"
+
+
+def _resident(name: str, modules: dict) -> dict:
+    """Sparse weights are decoded to their dense form when loaded: {"resident_bytes": ...} for the
+    planner, which counts memory, not file bytes (empty for every other tensor)."""
+    prefix, _, leaf = name.rpartition(".")
+    entry = modules.get(prefix)
+    if leaf not in ("wmask", "wvals") or entry is None:
+        return {}
+    dense = entry["out"] * (entry["in"] if entry["w_bits"] == 8 else (entry["in"] + 1) // 2)
+    return {"resident_bytes": dense if leaf == "wmask" else 0}
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -93,10 +108,10 @@ def save_checkpoint(model, tokenizer, cfg: QuantConfig, report: QuantReport, out
         "format_version": FORMAT_VERSION,
         "model_type": model.config.model_type,
         "model_config": model.config.to_dict(),
-        "method": cfg.to_dict(),
+        "method": (report.config or cfg).to_dict(),
         "modules": modules,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
-                        "scheme": _tensor_scheme(k)} for k, v in state.items()},
+                        "scheme": _tensor_scheme(k), **_resident(k, modules)} for k, v in state.items()},
         "files": files,
         "choices": report.choices,
     }
@@ -133,7 +148,8 @@ def _build_module(entry: dict, skeleton, model):
     kind = entry["kind"]
     if kind == "linear":
         return QuantLinear(entry["in"], entry["out"], entry["bias"], entry["act_scheme"], entry.get("groups", 4),
-                           entry.get("w_bits", 8), entry.get("w_group", 0), entry.get("offset", False))
+                           entry.get("w_bits", 8), entry.get("w_group", 0), entry.get("offset", False),
+                           entry.get("nnz"))
     if kind == "experts":
         return QuantExperts(entry["experts"], entry["hidden"], entry["inter"], skeleton.act_fn, entry["act_scheme"])
     tied = model.get_submodule(entry["tied_to"]) if entry["tied_to"] else None

@@ -8,7 +8,7 @@ from typing import Literal
 __all__ = ["ActScheme", "CalibConfig", "QuantConfig", "METHODS"]
 
 ActScheme = Literal["token", "tensor", "tender"]
-METHODS = ("rtn", "haq", "tender", "mobilequant")
+METHODS = ("rtn", "haq", "tender", "mobilequant", "luc")
 CONFIG_VERSION = 1
 
 
@@ -35,6 +35,10 @@ class QuantConfig:
     mobilequant: learned transforms, weight clips and static activation ranges trained end to end
          against the float model's final hidden states (quant/mobilequant.py, METHODS.md
          section 2). Integer-only: its act scheme is always "tensor".
+    luc: Edge-LLM's layer-wise unified compression: each decoder layer's sensitivity to every
+         (bits, sparsity) option in luc_options is measured, a policy is chosen under the budget
+         (target_bytes, target_ratio or avg_sparsity), then HAQ runs with the per-layer policy
+         (SparseGPT-style pruning inside the Hessian-aware rounding). quant/luc.py.
     """
 
     method: str = "haq"
@@ -64,6 +68,13 @@ class QuantConfig:
     mq_lr_transform: float = 1e-3
     mq_lr_clip: float = 1e-2
     mq_lr_range: float = 1e-4
+    # LUC: per-layer (bits, sparsity) options, the budget (one of the three), the policy it chose.
+    luc_options: tuple[tuple[int, float], ...] = ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.5))
+    target_bytes: int = 0  # the whole tensor file
+    target_ratio: float = 0.0  # the decoder layers' weight bytes as a fraction of uniform W8
+    avg_sparsity: float = 0.0  # mean fraction of decoder weights pruned (bits fixed to w_bits)
+    luc_eval_windows: int = 4  # calibration windows scoring each option's loss increase
+    layer_policy: tuple[tuple[int, float], ...] = ()  # per decoder layer (bits, sparsity); () = uniform
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = CONFIG_VERSION
 
@@ -83,9 +94,17 @@ class QuantConfig:
             raise ValueError("--method tender goes with its own activation scheme ('tender'), and only with it")
         if self.act_scheme not in ("token", "tensor", "tender"):
             raise ValueError(f"act scheme must be 'token' or 'tensor', got {self.act_scheme!r}")
-        if self.w_group < 0 or (self.w_group and (self.w_bits != 4 or self.w_group % 2)):
+        if self.w_group < 0 or (self.w_group and ((self.w_bits != 4 and self.method != "luc") or self.w_group % 2)):
             raise ValueError(f"--w-group must be 0 (per output channel) or an even column count with --w-bits 4, "
                              f"got {self.w_group} with W{self.w_bits}")
+        if self.method == "luc":
+            budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
+            if budgets != 1 and not self.layer_policy:
+                raise ValueError("--method luc needs exactly one budget: --target-bytes, --target-ratio or --avg-sparsity")
+            if self.act_scheme == "tender" or any(b not in (4, 8) or not 0 <= sp < 1 for b, sp in self.luc_options):
+                raise ValueError("luc options are (bits 4 or 8, sparsity in [0, 1)) with activation scheme token or tensor")
+        elif self.layer_policy:
+            raise ValueError("a per-layer policy belongs to --method luc")
         if not 1 <= self.tender_groups <= 16:
             raise ValueError(f"tender_groups must be in [1, 16], got {self.tender_groups}")
 
@@ -99,4 +118,7 @@ class QuantConfig:
         for key in ("alpha_grid", "clip_grid", "w4_clip_grid"):
             if key in d:
                 d[key] = tuple(d[key])
+        for key in ("luc_options", "layer_policy"):
+            if key in d:
+                d[key] = tuple((int(b), float(sp)) for b, sp in d[key])
         return cls(calib=calib, **d)

@@ -39,11 +39,17 @@ def gptq_quantize(
     act_order: bool = True,
     scale: torch.Tensor | None = None,
     group: int = 0,
+    sparsity: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale), w ~ q * scale.
     scale: what to round to: [N] per output channel (default absmax / qmax), or with group > 0
     [N, G], one per group of `group` columns, fixed before rounding (static groups, so act-order
-    and groups combine)."""
+    and groups combine).
+    sparsity > 0 (SparseGPT, Edge-LLM's Hessian-aware pruning): in each block of columns the
+    fraction `sparsity` of weights with the least w^2 / [H^-1]_jj^2 is set to zero, and their error is
+    spread over the remaining columns like rounding error."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     qmax = 2 ** (bits - 1) - 1
     w = w.detach().double().clone()  # [N, K]
     h = h.detach().double().clone()  # [K, K]
@@ -63,10 +69,16 @@ def gptq_quantize(
         w1 = w[:, i1:i2].clone()  # [N, B]
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        pruned = torch.zeros_like(w1, dtype=torch.bool)  # [N, B]
+        if sparsity > 0:  # mask chosen per block from the weights as updated so far
+            score = w1.pow(2) / torch.diag(hinv1).pow(2)[None, :]
+            n_prune = int(score.numel() * sparsity)
+            if n_prune:
+                pruned.view(-1)[torch.topk(score.view(-1), n_prune, largest=False).indices] = True
         for i in range(i2 - i1):
             col = w1[:, i]
             sc = col_scale[:, i1 + i]  # [N]
-            qcol = torch.clamp(torch.round(col / sc), -qmax, qmax)  # [N]
+            qcol = torch.clamp(torch.round(col / sc), -qmax, qmax).masked_fill(pruned[:, i], 0.0)  # [N]
             q[:, i1 + i] = qcol
             e = (col - qcol * sc) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]

@@ -237,7 +237,7 @@ def quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Te
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    report = QuantReport()
+    report = QuantReport(config=cfg)
     t0 = time.time()
     with torch.no_grad():
         target = torch.cat([_final_hidden(model, b) for b in calib_ids.split(cfg.mq_batch)])  # [N, L, D]

@@ -34,6 +34,27 @@ class QuantReport:
     """What the pipeline chose, per layer and group; stored in the manifest."""
 
     choices: dict[str, dict] = field(default_factory=dict)  # "layers.3.qkv" -> {alpha, clip, error}
+    config: QuantConfig | None = None  # the config as run (LUC: with the per-layer policy it chose)
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """How one decoder layer's linears are stored."""
+
+    bits: int  # 8 or 4
+    sparsity: float  # fraction of weights pruned (Hessian-aware), 0 for dense
+    group: int  # W4: columns per weight scale, 0: per output channel
+
+    def __iter__(self):
+        return iter((self.bits, self.sparsity, self.group))
+
+
+def layer_scheme(cfg: QuantConfig, i: int) -> LayerScheme:
+    """Layer i's scheme: from LUC's policy when there is one, else the config's uniform one."""
+    if cfg.layer_policy:
+        bits, sparsity = cfg.layer_policy[i]
+        return LayerScheme(int(bits), float(sparsity), cfg.w_group if bits == 4 else 0)
+    return LayerScheme(cfg.w_bits, 0.0, cfg.w_group)
 
 
 class _Stop(Exception):
@@ -117,18 +138,20 @@ def _fold_smoothing(layer, g: Group, s: torch.Tensor) -> None:
 
 
 def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, static: float | None,
-                      perm: torch.Tensor | None = None) -> None:
-    """perm (Tender): store the weights' columns in this order."""
+                      perm: torch.Tensor | None = None, scheme: "LayerScheme | None" = None) -> None:
+    """perm (Tender): store the weights' columns in this order. scheme: this layer's bits, sparsity and
+    weight groups (LUC's per-layer policy; default: the config's)."""
+    bits, sparsity, group = scheme or LayerScheme(cfg.w_bits, 0.0, cfg.w_group)
     w = _group_weights(layer, g)
     w4 = None
-    if cfg.w_bits == 4:  # clip search per output channel, weighted by the input's channel energy
-        w4 = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid, cfg.w_group)
-    if cfg.method == "haq" and h is not None:
-        q, scale = gptq_quantize(w, h, cfg.w_bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, cfg.w_group)
+    if bits == 4:  # clip search per output channel (or group), weighted by the input's channel energy
+        w4 = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid, group)
+    if cfg.method in ("haq", "luc") and h is not None:
+        q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, group, sparsity)
     elif w4 is not None:
-        q, scale = quantize_weight_int4(w, w4, cfg.w_group)
+        q, scale = quantize_weight_int4(w, w4, group)
     else:
-        q, scale = quantize_weight_per_channel(w, cfg.w_bits)
+        q, scale = quantize_weight_per_channel(w, bits)
     if perm is not None:
         q = q[:, perm].contiguous()
     start = 0
@@ -138,7 +161,7 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
         bias = None if lin.bias is None else lin.bias.data
         set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
                                                         bias, cfg.act_scheme, static, cfg.tender_groups, perm,
-                                                        cfg.w_bits, cfg.w_group))
+                                                        bits, group if bits == 4 else 0, sparse=sparsity > 0))
         start += n
 
 
@@ -182,13 +205,14 @@ def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, rep
     return choice.scales, static
 
 
-def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig) -> None:
+def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig,
+                   scheme: "LayerScheme | None" = None) -> None:
     if g.experts is not None:
         _quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
     else:
         h = st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
         perm = torch.argsort(st.channel_max() / s) if cfg.method == "tender" else None  # Tender's column order
-        _quantize_linears(layer, g, h, cfg, static, perm)
+        _quantize_linears(layer, g, h, cfg, static, perm, scheme)
 
 
 def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport) -> None:
@@ -238,6 +262,11 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
 @torch.no_grad()
 def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> QuantReport:
     """Quantize a transformers CausalLM in place. calib_ids: LongTensor [N, L] calibration windows."""
+    luc_info = None
+    if cfg.method == "luc" and not cfg.layer_policy:  # choose the per-layer policy first
+        from .luc import choose_policy
+
+        cfg, luc_info = choose_policy(model, cfg, calib_ids, progress)  # a config with layer_policy filled in
     if cfg.method == "mobilequant":  # trained end to end, not layer by layer
         from .mobilequant import quantize_mobilequant
 
@@ -248,13 +277,15 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     layers = model.get_submodule(spec.layers_path)
     batches = _capture_first_layer_inputs(model, layers, calib_ids)
     keep = max(1, -(-cfg.search_tokens // len(batches)))  # ceil: search tokens spread over batches
-    report = QuantReport()
+    report = QuantReport(config=cfg)
+    if luc_info is not None:
+        report.choices["luc"] = luc_info
     for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} W{cfg.w_bits}A{cfg.a_bits}-{cfg.act_scheme}", disable=not progress)):
         stats = _collect_stats(layer, spec.groups, batches, keep)
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
         chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report) for g in spec.groups]
         for g, (s, static) in zip(spec.groups, chosen, strict=True):
-            _convert_group(layer, g, stats[g.name], s, static, cfg)
+            _convert_group(layer, g, stats[g.name], s, static, cfg, layer_scheme(cfg, i))
         batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
         _lm_head_group(model, spec, batches, cfg, keep, report)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .int4 import num_groups, pack_int4, unpack_int4
 from .kernels import int8_linear, int8_linear_grouped
+from .sparse import decode_sparse, encode_sparse
 from .tender import tender_linear
 
 __all__ = ["QuantLinear", "QuantExperts", "QuantEmbedding"]
@@ -23,6 +24,8 @@ class QuantLinear(nn.Module):
 
     qweight: torch.Tensor  # [N, K] int8 (W8)
     qweight4: torch.Tensor  # [N, ceil(K / 2)] uint8, two int4 per byte (W4)
+    wmask: torch.Tensor | None  # [N, ceil(K / 8)] uint8 bitmask of nonzeros (sparse, quant/sparse.py)
+    wvals: torch.Tensor | None  # nonzeros: int8 [nnz] (W8) or uint8 [1, ceil(nnz / 2)] (W4)
     w_scale: torch.Tensor  # [N], or [N, G] with weight groups
     w_group: torch.Tensor | None  # [] int64: columns per weight-scale group (W4 group-wise), else None
     bias: torch.Tensor | None  # [N]
@@ -32,7 +35,7 @@ class QuantLinear(nn.Module):
     tender_groups: torch.Tensor | None  # [] int64, Tender
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4,
-                 w_bits: int = 8, w_group: int = 0, offset: bool = False) -> None:
+                 w_bits: int = 8, w_group: int = 0, offset: bool = False, sparse_nnz: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
         self.groups = groups  # Tender only
@@ -40,7 +43,14 @@ class QuantLinear(nn.Module):
         # Tender: qweight's column j is input channel perm[j] (ascending calibration magnitude)
         self.register_buffer("perm", torch.arange(in_features) if act_scheme == "tender" else None)
         self.register_buffer("tender_groups", torch.tensor(groups) if act_scheme == "tender" else None)
-        if w_bits == 4:  # two weights per byte, resident packed; unpacked to int8 per call for the kernel
+        self.sparse_nnz = sparse_nnz
+        self._dense: torch.Tensor | None = None  # sparse: the decoded int8 weight, built on first use
+        if sparse_nnz is not None:  # pruned: bitmask + nonzeros (quant/sparse.py)
+            self.register_buffer("wmask", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8))
+            self.register_buffer("wvals", torch.zeros(sparse_nnz, dtype=torch.int8) if w_bits == 8 else
+                                 torch.zeros(1, (sparse_nnz + 1) // 2, dtype=torch.uint8))
+            self.register_buffer("qweight", None)
+        elif w_bits == 4:  # two weights per byte, resident packed; unpacked to int8 per call for the kernel
             self.register_buffer("qweight4", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
             self.register_buffer("qweight", None)
         else:
@@ -63,13 +73,19 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4,
                        perm: torch.Tensor | None = None, w_bits: int = 8, w_group: int = 0,
-                       input_offset: float | None = None) -> "QuantLinear":
+                       input_offset: float | None = None, sparse: bool = False) -> "QuantLinear":
         """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7].
         w_group > 0: w_scale is [N, ceil(K / w_group)], one scale per group of w_group columns.
-        input_offset: the static range's centre; bias must already hold input_offset * rowsum(W)."""
+        input_offset: the static range's centre; bias must already hold input_offset * rowsum(W).
+        sparse: store only the nonzero weights and a bitmask (pruned layers; K a multiple of 8, else dense)."""
+        sparse = sparse and qweight.shape[1] % 8 == 0
+        nnz = int((qweight != 0).sum()) if sparse else None
         m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits, w_group,
-                input_offset is not None)
-        if w_bits == 4:
+                input_offset is not None, nnz)
+        if sparse:
+            m.wmask, m.wvals = encode_sparse(qweight.contiguous(), w_bits)
+            qweight = None
+        elif w_bits == 4:
             m.qweight4 = pack_int4(qweight)
             qweight = None
         if perm is not None:
@@ -101,7 +117,12 @@ class QuantLinear(nn.Module):
         return x - self._offset
 
     def int8_weight(self) -> torch.Tensor:
-        """[N, K] int8 (unpacked from 4 bits for W4)."""
+        """[N, K] int8 (unpacked from 4 bits for W4, decoded once from the sparse form)."""
+        if self.sparse_nnz is not None:
+            if self._dense is None:
+                assert self.wmask is not None and self.wvals is not None
+                self._dense = decode_sparse(self.wmask, self.wvals, self.in_features)
+            return self._dense
         return unpack_int4(self.qweight4, self.in_features) if self.w_bits == 4 else self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,15 +130,13 @@ class QuantLinear(nn.Module):
         if self.group_size > 0:
             return int8_linear_grouped(x, self.int8_weight(), self.w_scale, self.group_size, self.bias,
                                        self.static_scale()).to(x.dtype)
-        if self.w_bits == 4:
-            return int8_linear(x, self.int8_weight(), self.w_scale, self.bias, self.static_scale()).to(x.dtype)
         if self.act_scheme == "tender":
             return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups, perm=self.perm).to(x.dtype)
-        y = int8_linear(x, self.qweight, self.w_scale, self.bias, self.static_scale())
+        y = int8_linear(x, self.int8_weight(), self.w_scale, self.bias, self.static_scale())
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        g = f" group={self.group_size}" if self.group_size else ""
+        g = (f" group={self.group_size}" if self.group_size else "") + (f" nnz={self.sparse_nnz}" if self.sparse_nnz is not None else "")
         return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a8{g} act={self.act_scheme}"
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quant.int4 import unpack_int4
+from quant.int4 import pack_int4, unpack_int4
 from quant.kernels import int8_linear, int8_linear_grouped
 from quant.qlinear import QuantLinear
+from quant.sparse import decode_sparse
 from quant.tender import tender_linear
 
 __all__ = ["LlamaDims", "KVCache", "LlamaStage", "LocalLlama", "Embedder", "Head", "supports", "supports_config",
@@ -72,6 +73,16 @@ class FusedLinear:
     bias: torch.Tensor | None = None  # [sum N] (MobileQuant: the static offset's product with the weights)
     offset: float | None = None  # static activation offset, subtracted before quantizing
 
+    @staticmethod
+    def _weight(tensors: Mapping[str, torch.Tensor], p: str) -> torch.Tensor:
+        """int8 [N, K], or W4 packed uint8 [N, K / 2]; a sparse weight is decoded to that dense form here
+        (sparse storage is used only when K is a multiple of 8, so K = 8 x the mask's bytes per row)."""
+        if f"{p}.wmask" in tensors:
+            vals, mask = tensors[f"{p}.wvals"], tensors[f"{p}.wmask"]
+            q = decode_sparse(mask, vals, 8 * mask.shape[1])
+            return pack_int4(q) if vals.dtype == torch.uint8 else q
+        return tensors[f"{p}.qweight4"] if f"{p}.qweight4" in tensors else tensors[f"{p}.qweight"]
+
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], *prefixes: str) -> "FusedLinear":
         """From checkpoint tensors `{prefix}.qweight`, `.w_scale` and (static scheme) `.input_scale`,
@@ -94,10 +105,13 @@ class FusedLinear:
         w_groups = {int(t) if (t := tensors.get(f"{p}.w_group")) is not None else 0 for p in prefixes}
         if len(w_groups) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their weight-scale groups")
-        if all(f"{p}.qweight4" in tensors for p in prefixes):  # W4: stays packed in memory
-            return cls(torch.cat([tensors[f"{p}.qweight4"] for p in prefixes]).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
+        weights = [cls._weight(tensors, p) for p in prefixes]
+        if len({w.dtype for w in weights}) != 1:
+            raise ValueError(f"fused linears {prefixes} do not share their weight bits")
+        if weights[0].dtype == torch.uint8:  # W4: stays packed in memory
+            return cls(torch.cat(weights).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
                        statics.pop(), w_group=w_groups.pop(), bias=bias, offset=offset)
-        return cls(torch.cat([tensors[f"{p}.qweight"] for p in prefixes]).contiguous(),
+        return cls(torch.cat(weights).contiguous(),
                    torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
                    None if perm is None else perm.long(), groups, bias=bias, offset=offset)
 

@@ -24,7 +24,7 @@ __all__ = ["ShardRange", "shard_tensor_names", "shard_weight_bytes", "layer_coun
            "LoadedShard", "load_shard", "model_config", "check_servable", "moe_shape", "expert_unit_bytes"]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int32": 4, "int64": 8, "bool": 1}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,10 @@ def shard_tensor_names(manifest: dict, r: ShardRange) -> list[str]:
 
 
 def shard_weight_bytes(manifest: dict, r: ShardRange) -> int:
+    """Bytes the shard's weights take in memory (sparse weights are decoded to dense at load)."""
     t = manifest["tensors"]
-    return sum(math.prod(t[n]["shape"]) * _DTYPE_BYTES[t[n]["dtype"]] for n in shard_tensor_names(manifest, r))
+    return sum(t[n].get("resident_bytes", math.prod(t[n]["shape"]) * _DTYPE_BYTES[t[n]["dtype"]])
+               for n in shard_tensor_names(manifest, r))
 
 
 def kv_bytes_per_token(manifest: dict, layers: int) -> int:
