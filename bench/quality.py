@@ -1,5 +1,6 @@
-"""Perplexity and checkpoint bytes: FP vs RTN and HAQ W8A8 (per-token and per-tensor static) and
-Tender W8A8 (power-of-two channel groups per 256-token chunk, RTN weights; G = 8 and 4).
+"""Perplexity and checkpoint bytes: FP vs RTN and HAQ W8A8 (per-token and per-tensor static), HAQ W4A8
+(per-channel and group-128), Tender W8A8 (power-of-two channel groups per 256-token chunk, RTN weights;
+G = 8 and 4), MobileQuant W8A8 / W4A8 (integer-only, static) and LUC at the bytes of uniform W4A8.
 
 WikiText-2 test and the C4 sample, first N windows of 2048 tokens (METHODS.md section 6);
 calibration on C4 windows from the end of the file, so the scored windows stay unseen.
@@ -40,6 +41,10 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     "haq-w4-tensor": {"method": "haq", "act_scheme": "tensor", "w_bits": 4},
     "haq-w4g128-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128},
     "haq-w4g128-tensor": {"method": "haq", "act_scheme": "tensor", "w_bits": 4, "w_group": 128},
+    "mq-w8": {"method": "mobilequant", "act_scheme": "tensor"},
+    "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128},
+    # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
+    "luc-w4bytes": {"method": "luc", "act_scheme": "token", "w_group": 128, "target_bytes": "haq-w4g128-token"},
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 
@@ -51,6 +56,15 @@ def fp32_bytes(model) -> int:
             seen.add(p.data_ptr())
             total += p.numel() * 4
     return total
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the tensors in a safetensors file (its size less the JSON header)."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run that configuration first")
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
 
 
 def previous_rows(a: argparse.Namespace) -> dict[str, dict]:
@@ -83,7 +97,11 @@ def main() -> None:
             model, nbytes = fmodel, fp32_bytes(fmodel)
         else:
             model = copy.deepcopy(fmodel)
-            cfg = QuantConfig(**CONFIGS[name], calib=calib_cfg)
+            fields = dict(CONFIGS[name])
+            if isinstance(fields.get("target_bytes"), str):  # another row's tensor bytes
+                ref = RESULTS / "checkpoints" / fields["target_bytes"] / "model.safetensors"
+                fields["target_bytes"] = tensor_bytes(ref)
+            cfg = QuantConfig(**fields, calib=calib_cfg)
             report = quantize(model, cfg, calib)
             out = save_checkpoint(model, tok, cfg, report, RESULTS / "checkpoints" / name)
             nbytes = (out / "model.safetensors").stat().st_size
@@ -93,7 +111,8 @@ def main() -> None:
         write_results("quality", {"windows": a.windows, "ctx": a.ctx, "calib_samples": a.calib_samples, "rows": rows})
     fp = rows.get("fp")
     targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02, "haq-w4-token": 1.10,
-               "haq-w4-tensor": 1.10, "haq-w4g128-token": 1.10, "haq-w4g128-tensor": 1.10}
+               "haq-w4-tensor": 1.10, "haq-w4g128-token": 1.10, "haq-w4g128-tensor": 1.10,
+               "mq-w8": 1.02, "mq-w4g128": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

@@ -172,7 +172,7 @@ def _wrap(model, spec: ArchSpec, stats, cfg: QuantConfig, qmax: int) -> tuple[li
                               g.head_dim) if g.prev is not None else torch.ones(w.shape[1])
             x = st.samples(cfg.search_tokens)
             act_max = (st.channel_max() / s).max().item()
-            _, clip = group_error(x, w, x @ w.t(), s, act_max, cfg.clip_grid, per_token=False)
+            _, clip = group_error(x, w, x @ w.t(), s, act_max, cfg.clip_grid, False, cfg.w_bits, cfg.w_group)
             gq = _GroupQuant(s, max(clip * act_max, 1e-8) / QMAX, g.heads_per_kv, g.head_dim)
             row.append(gq)
             for p in g.linears:

@@ -189,14 +189,16 @@ def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static
     set_module(layer, g.experts, q)
 
 
-def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, report: QuantReport):
+def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, report: QuantReport,
+                  scheme: "LayerScheme | None" = None):
     """Choose and fold smoothing (float model unchanged); returns (s [K], static act scale or None)."""
     x = st.samples(cfg.search_tokens)  # [T, K]
     per_token = cfg.act_scheme == "token"
-    smooth = cfg.method == "haq" and g.prev is not None
-    clips = cfg.clip_grid if cfg.method == "haq" else (1.0,)
+    smooth = cfg.method in ("haq", "luc") and g.prev is not None
+    clips = cfg.clip_grid if cfg.method in ("haq", "luc") else (1.0,)
+    bits, _, group = scheme or LayerScheme(cfg.w_bits, 0.0, cfg.w_group)
     choice = search_smoothing(x, st.channel_max(), _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
-                              g.heads_per_kv, g.head_dim, allow_smoothing=smooth)
+                              g.heads_per_kv, g.head_dim, allow_smoothing=smooth, w_bits=bits, w_group=group)
     if choice.alpha is not None:
         _fold_smoothing(layer, g, choice.scales)
     static = None if per_token or cfg.method == "tender" else max(
@@ -226,7 +228,7 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
     for hidden, _ in batches:
         st.add(norm(hidden))
     per_token = cfg.act_scheme == "token"
-    haq = cfg.method in ("haq", "mobilequant")  # MobileQuant's lm_head: HAQ's smoothing and rounding
+    haq = cfg.method in ("haq", "mobilequant", "luc")  # their lm_head: HAQ smoothing and rounding
     # A vocabulary-wide output gives plenty of signal per token: search on fewer tokens.
     choice = search_smoothing(st.samples(min(cfg.search_tokens, 512)), st.channel_max(), head.weight.data, cfg.alpha_grid,
                               cfg.clip_grid if haq else (1.0,), per_token, allow_smoothing=haq)
@@ -283,7 +285,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} W{cfg.w_bits}A{cfg.a_bits}-{cfg.act_scheme}", disable=not progress)):
         stats = _collect_stats(layer, spec.groups, batches, keep)
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
-        chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report) for g in spec.groups]
+        chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i))
+                  for g in spec.groups]
         for g, (s, static) in zip(spec.groups, chosen, strict=True):
             _convert_group(layer, g, stats[g.name], s, static, cfg, layer_scheme(cfg, i))
         batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .int4 import QMAX4
 from .kernels import QMAX
 
 __all__ = ["smoothing_scales", "tie_kv_scales", "fake_quant_weight", "fake_quant_act",
@@ -33,10 +34,17 @@ def tie_kv_scales(s: torch.Tensor, heads_per_kv: int, head_dim: int) -> torch.Te
     return per_kv[:, None, :].expand(kv, heads_per_kv, head_dim).reshape(-1)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Simulated int8 per-output-channel RTN, float out: for searching, not for inference."""
-    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / QMAX
-    return torch.clamp(torch.round(w / scale), -QMAX, QMAX) * scale
+def fake_quant_weight(w: torch.Tensor, bits: int = 8, group: int = 0) -> torch.Tensor:
+    """Simulated symmetric RTN per output channel (or per group of `group` columns), float out:
+    for searching, not for inference."""
+    from .int4 import expand_group_scale, search_w4_scale
+
+    qmax = 2 ** (bits - 1) - 1
+    if group <= 0:
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / qmax
+    else:
+        scale = expand_group_scale(search_w4_scale(w, None, (1.0,), group) * QMAX4 / qmax, w.shape[1], group)
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
 def fake_quant_act(x: torch.Tensor, static_scale: float | None) -> torch.Tensor:
@@ -57,8 +65,9 @@ class SmoothChoice:
 
 
 def group_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, s: torch.Tensor,
-                 act_max: float, clips: tuple[float, ...], per_token: bool) -> tuple[float, float]:
-    wq = fake_quant_weight(w * s)  # [N, K]
+                act_max: float, clips: tuple[float, ...], per_token: bool, w_bits: int = 8,
+                w_group: int = 0) -> tuple[float, float]:
+    wq = fake_quant_weight(w * s, w_bits, w_group)  # [N, K]
     xs = x / s  # [T, K]
     best = (float("inf"), 1.0)
     for clip in ((1.0,) if per_token else clips):
@@ -78,8 +87,11 @@ def search_smoothing(
     heads_per_kv: int = 1,
     head_dim: int = 0,
     allow_smoothing: bool = True,
+    w_bits: int = 8,
+    w_group: int = 0,
 ) -> SmoothChoice:
-    """Pick the migration strength (and static clip) with the least group output error.
+    """Pick the migration strength (and static clip) with the least group output error, with the
+    weights rounded as they will be (w_bits, w_group): 4-bit weights tolerate less migration.
 
     x [T, K] calibration activations; x_absmax [K] over all calibration tokens; w [N, K] all
     weights reading x, concatenated. alpha=None (no smoothing) competes too.
@@ -97,12 +109,13 @@ def search_smoothing(
     best: SmoothChoice | None = None
     for alpha, s in candidates:
         act_max = (x_absmax / s).max().item()
-        err, clip = group_error(x, w, ref, s, act_max, coarse, per_token)
+        err, clip = group_error(x, w, ref, s, act_max, coarse, per_token, w_bits, w_group)
         if best is None or err < best.error:
             best = SmoothChoice(alpha, clip, err, s)
     assert best is not None
     if not per_token and len(clips) > len(coarse):
-        err, clip = group_error(x, w, ref, best.scales, (x_absmax / best.scales).max().item(), clips, per_token)
+        err, clip = group_error(x, w, ref, best.scales, (x_absmax / best.scales).max().item(), clips, per_token,
+                                w_bits, w_group)
         if err < best.error:
             best = SmoothChoice(best.alpha, clip, err, best.scales)
     assert best is not None

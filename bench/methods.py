@@ -1,0 +1,106 @@
+"""Side by side: every quantization method's checkpoint with its quality, file bytes, resident bytes
+and decode speed (issue 5's table).
+
+Perplexities come from bench/quality.py (bench/results/quality.json, same checkpoints). This script
+adds, per checkpoint in bench/results/checkpoints/NAME:
+  - resident bytes: what a worker holding the whole model keeps in memory for its weights
+    (workers.shard.shard_weight_bytes over every layer, the embedding and the head: the planner's
+    own count, sparse layers decoded to dense);
+  - decode tokens/s: greedy, --tokens new tokens through the integer decoder (LocalLlama), median of
+    --reps, measured in one run for all configs so their ratios compare (this machine is shared).
+
+    python bench/methods.py [--configs haq-token,tender-g8,...] [--reps 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.decode import PROMPT, decode_rate  # noqa: E402
+from bench.report import RESULTS, table, update_section, write_results  # noqa: E402
+from quant.checkpoint import load_checkpoint, read_manifest  # noqa: E402
+from quant.generate import make_decoder  # noqa: E402
+from workers.shard import ShardRange, layer_count, shard_weight_bytes  # noqa: E402
+
+# name -> (method, scheme) for the table; the quality rows use the same names
+ROWS = {
+    "rtn-token": ("RTN", "W8A8 per-token"),
+    "rtn-tensor": ("RTN", "W8A8 per-tensor static"),
+    "haq-token": ("HAQ", "W8A8 per-token"),
+    "haq-tensor": ("HAQ", "W8A8 per-tensor static"),
+    "haq-w4-token": ("HAQ", "W4A8 per-channel, per-token"),
+    "haq-w4g128-token": ("HAQ", "W4A8 group-128, per-token"),
+    "haq-w4g128-tensor": ("HAQ", "W4A8 group-128, per-tensor static"),
+    "tender-g8": ("Tender", "W8A8 power-of-two groups (G=8), per chunk"),
+    "tender-g4": ("Tender", "W8A8 power-of-two groups (G=4), per chunk"),
+    "mq-w8": ("MobileQuant", "W8A8 per-tensor static (integer-only)"),
+    "mq-w4g128": ("MobileQuant", "W4A8 group-128, per-tensor static (integer-only)"),
+    "luc-w4bytes": ("LUC", "W8/W4 x sparsity per layer, at the bytes of haq-w4g128-token"),
+}
+TARGETS = {"tender-g8": 1.02, "mq-w8": 1.02, "haq-w4g128-token": 1.10, "haq-w4-token": 1.10, "mq-w4g128": 1.10,
+           "haq-w4g128-tensor": 1.10}
+
+
+def resident_bytes(manifest: dict) -> int:
+    return shard_weight_bytes(manifest, ShardRange(0, layer_count(manifest), True, True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=",".join(ROWS))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    a = ap.parse_args()
+    quality = json.loads((RESULTS / "quality.json").read_text())["rows"]
+    fp = quality["fp"]["ppl"]
+    rows = {}
+    for name in a.configs.split(","):
+        ckpt = RESULTS / "checkpoints" / name
+        if not (ckpt / "edgeweave.json").is_file() or name not in quality:
+            print(f"skip {name}: no checkpoint or no quality row yet", file=sys.stderr)
+            continue
+        manifest = read_manifest(ckpt)
+        model, tok, _ = load_checkpoint(ckpt)
+        dec = make_decoder(model)
+        ids = tok(PROMPT)["input_ids"]
+        decode_rate(dec, ids, 8)  # warm-up
+        rates = [decode_rate(dec, ids, a.tokens)[0] for _ in range(a.reps)]
+        rows[name] = {"ppl": quality[name]["ppl"], "file_bytes": quality[name]["bytes"],
+                      "resident_bytes": resident_bytes(manifest), "decode_tok_s": statistics.median(rates),
+                      "policy": manifest["method"].get("layer_policy") or None}
+        print(name, rows[name], flush=True)
+        del model, dec
+    write_results("methods", {"tokens": a.tokens, "reps": a.reps, "fp_ppl": fp, "rows": rows})
+    base = rows.get("haq-token", {}).get("decode_tok_s")
+    lines = []
+    for name, r in rows.items():
+        method, scheme = ROWS[name]
+        rel = {k: r["ppl"][k] / fp[k] for k in fp}
+        t = TARGETS.get(name)
+        verdict = "" if t is None else (f"<= {t}x: " + ("met" if rel["wikitext2"] <= t else "**missed**"))
+        speed = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / base:.2f}x)" if base else "")
+        lines.append([method, scheme, f"{r['ppl']['wikitext2']:.3f} ({rel['wikitext2']:.3f}x)",
+                      f"{r['ppl']['c4']:.3f} ({rel['c4']:.3f}x)", f"{r['file_bytes']:,}", f"{r['resident_bytes']:,}",
+                      speed, verdict])
+    update_section("methods", f"""## Methods side by side (`bench/methods.py`)
+
+Command: `python bench/quality.py --windows 8 --calib-samples 64 --configs ...` (perplexity, file bytes), then
+`python bench/methods.py --reps {a.reps} --tokens {a.tokens}` (resident bytes, decode speed). SmolLM2-135M-Instruct,
+FP WikiText-2 {fp['wikitext2']:.3f}, C4 {fp['c4']:.3f} (first 8 windows of 2048). Resident: weight bytes a worker
+holding the whole model keeps (the planner's count). Decode: greedy, {a.tokens} new tokens through the integer
+decoder, median of {a.reps}, all rows in one run; in brackets, relative to HAQ W8A8 per-token.
+torch threads: {torch.get_num_threads()}.
+
+{table(["method", "scheme", "WikiText-2 PPL (x FP)", "C4 PPL (x FP)", "file bytes", "resident bytes", "decode tok/s", "target"], lines)}
+""")
+
+
+if __name__ == "__main__":
+    main()
