@@ -25,6 +25,34 @@ def _load_any(name_or_dir: str):
     return model, tok, "fp32"
 
 
+def _luc_options(text: str) -> tuple[tuple[int, float], ...]:
+    """"8,8:0.5,4,4:0.5" -> ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.5))."""
+    out = []
+    for item in text.split(","):
+        bits, _, sp = item.strip().partition(":")
+        try:
+            out.append((int(bits), float(sp or 0)))
+        except ValueError as e:
+            raise SystemExit(f"edgeweave quantize: --luc-options item {item!r} is not BITS or BITS:SPARSITY") from e
+    return tuple(out)
+
+
+def _byte_count(text: str) -> int:
+    """"67MB", "512KiB", "1000000" -> bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for u, f in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * f)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 67MB, 64MiB, 70000000)") from e
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
     import torch
 
@@ -38,8 +66,10 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     scheme: ActScheme = {"tender": "tender", "mobilequant": "tensor"}.get(a.method, a.act_scheme)  # type: ignore[assignment]
     try:
         cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
-                          tender_groups=a.groups, w_group=a.w_group, mq_epochs=a.epochs, mq_lr_transform=a.lr_transform,
-                          mq_lr_clip=a.lr_clip, mq_lr_range=a.lr_range)
+                          tender_groups=a.groups, w_group=(128 if a.method == "luc" else 0) if a.w_group is None else a.w_group,
+                          mq_epochs=a.epochs, mq_lr_transform=a.lr_transform, mq_lr_clip=a.lr_clip,
+                          mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
+                          avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options))
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
     torch.manual_seed(0)
@@ -282,13 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="post-training quantization to an int8 checkpoint")
     q.add_argument("model", help="smollm2-135m, a Hugging Face model directory, or a .gguf file")
-    q.add_argument("--method", choices=("rtn", "haq", "tender", "mobilequant"), default="haq",
+    q.add_argument("--method", choices=("rtn", "haq", "tender", "mobilequant", "luc"), default="haq",
                    help="haq: smoothing + Hessian-aware rounding; rtn: round to nearest; tender: power-of-two "
                         "channel groups for activations (--groups), RTN weights; mobilequant: transforms, weight clips "
-                        "and static activation ranges learned end to end (integer-only, static scales)")
+                        "and static activation ranges learned end to end (integer-only, static scales); luc: per-layer bits "
+                        "and sparsity chosen by measured sensitivity under a budget (--target-bytes, --target-ratio "
+                        "or --avg-sparsity)")
     q.add_argument("--w-bits", type=int, default=8, help="8, or 4 (packed two per byte; rtn, haq and mobilequant)")
-    q.add_argument("--w-group", type=int, default=0,
-                   help="W4: input columns per weight scale (128 = group-128); 0: one scale per output channel")
+    q.add_argument("--w-group", type=int, default=None,
+                   help="W4: input columns per weight scale (128 = group-128); 0: one scale per output channel "
+                        "(default 0; 128 for luc)")
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "
@@ -302,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr-clip", type=float, default=qd.mq_lr_clip, help="mobilequant: weight clipping factors")
     q.add_argument("--lr-range", type=float, default=qd.mq_lr_range,
                    help="mobilequant: activation ranges (log-scale and offset, in initial quantization steps)")
+    q.add_argument("--target-bytes", type=_byte_count, default=0,
+                   help="luc: the checkpoint's tensor bytes (e.g. 70MB); per-layer bits and sparsity are chosen to fit")
+    q.add_argument("--target-ratio", type=float, default=0.0,
+                   help="luc: the decoder layers' weight bytes as a fraction of uniform W8 (e.g. 0.5)")
+    q.add_argument("--avg-sparsity", type=float, default=0.0,
+                   help="luc: mean fraction of decoder weights pruned (bits stay at --w-bits)")
+    q.add_argument("--luc-options", default=",".join(f"{b}:{sp:g}" if sp else str(b) for b, sp in qd.luc_options),
+                   help="luc: per-layer choices, BITS or BITS:SPARSITY, comma-separated")
     q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")

@@ -84,3 +84,33 @@ def test_plan_prints_a_table_and_refuses_with_missing_bytes(tmp_path):
 def test_generate_from_an_unreachable_server_fails_cleanly():
     r = run_cli("generate", "--server", "127.0.0.1:9", "hello", "--timeout", "3")
     assert r.returncode == 2 and "server 127.0.0.1:9: UNAVAILABLE" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("method,extra", [("luc", ["--target-ratio", "0.6"]), ("mobilequant", ["--epochs", "1"])])
+def test_quantize_luc_and_mobilequant_from_the_command_line(tmp_path, capsys, method, extra):
+    """A user's model directory in, a servable checkpoint out; plan reads its real per-layer sizes."""
+    import random
+
+    from quant.checkpoint import read_manifest
+    from workers.shard import ShardRange, shard_weight_bytes
+
+    src = tmp_path / "model"
+    tiny_model("llama", layers=2, init_range=0.2).save_pretrained(src)
+    _tokenizer().save_pretrained(src)
+    rng = random.Random(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"t{rng.randrange(2, 256)}" for _ in range(2000)))
+    out = tmp_path / method
+    assert main(["quantize", str(src), "--method", method, *extra, "--calib", str(text), "--calib-samples", "4",
+                 "--calib-len", "32", "--out", str(out)]) == 0
+    m = read_manifest(out)
+    assert m["method"]["method"] == method
+    if method == "luc":
+        assert len(m["method"]["layer_policy"]) == 2 and m["choices"]["luc"]["predicted"] <= m["choices"]["luc"]["budget"]
+    else:
+        assert m["method"]["act_scheme"] == "tensor" and "model.layers.0.self_attn.q_proj.input_offset" in m["tensors"]
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps([{"node_id": "a", "budget_bytes": "4MB", "int8_gops": 2.0}]))
+    assert main(["plan", str(out), "--nodes", str(nodes), "--context", "64", "--json", str(tmp_path / "p.json")]) == 0
+    stage = json.loads((tmp_path / "p.json").read_text())["stages"][0]
+    assert stage["weight_bytes"] == shard_weight_bytes(m, ShardRange(0, 2, True, True))
