@@ -91,10 +91,50 @@ def cmd_eval(a: argparse.Namespace) -> int:
     text_path = a.text or SHARED_DATA / "wikitext2" / "test.txt"
     text = read_text(text_path)
     model, tok, label = _load_any(a.model)
-    res = perplexity(model, tokenize_for_eval(tok, text), ctx=a.ctx, windows=a.windows)
+    ids = tokenize_for_eval(tok, text)
+    if a.vote_exits:
+        from quant.voting import voting_perplexity
+
+        exits = tuple(int(e) for e in a.vote_exits.split(","))
+        res = voting_perplexity(model, ids, a.ctx, a.windows or ids.numel() // a.ctx, exits)
+        label += f", voting over exits {exits}"
+    else:
+        res = perplexity(model, ids, ctx=a.ctx, windows=a.windows)
     print(f"{a.model} [{label}] perplexity {res.ppl:.4f} on {res.windows} windows x {res.ctx} tokens of {text_path}")
     if a.json:
         Path(a.json).write_text(json.dumps({**res.to_dict(), "model": a.model, "text": str(text_path), "label": label}, indent=1))
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    import torch
+
+    from quant.calibration import calibration_windows, read_text
+    from quant.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+    from quant.config import CalibConfig, QuantConfig
+    from quant.evaluate import tokenize_for_eval
+    from quant.pipeline import QuantReport
+    from quant.tune import TuneConfig, tune
+
+    if not is_checkpoint(a.checkpoint):
+        raise ValueError(f"{a.checkpoint} is not a quantized checkpoint: run edgeweave quantize first")
+    torch.manual_seed(0)
+    model, tok, manifest = load_checkpoint(a.checkpoint)
+    # held out: the text's first windows; training windows are drawn from its end
+    held = tokenize_for_eval(tok, read_text(a.text, max_chars=a.held_out * a.seq_len * 12))
+    n_held = min(a.held_out, held.numel() // a.seq_len)
+    if n_held < 1:
+        raise ValueError(f"{a.text} has fewer than {a.seq_len} tokens; use a smaller --seq-len")
+    eval_ids = held[: n_held * a.seq_len].view(n_held, a.seq_len)
+    train_ids = calibration_windows(tok, CalibConfig(path=a.text, samples=a.samples, seq_len=a.seq_len, seed=1))
+    cfg = TuneConfig(window=a.window, steps=a.steps, batch=a.batch, lr=a.lr)
+    r = tune(model, train_ids, eval_ids, cfg)
+    report = QuantReport(choices={**manifest["choices"], "tune": {**r.to_dict(), "text": str(a.text), **cfg.__dict__}},
+                         config=QuantConfig.from_dict(manifest["method"]))
+    out = save_checkpoint(model, tok, report.config, report, a.out)  # type: ignore[arg-type]
+    print(f"tuned {r.windows} windows of {a.window} layers: held-out loss {r.loss_before:.4f} -> {r.loss_after:.4f}; "
+          f"tuning memory {r.peak_window_bytes / 2**20:.1f} MiB per window vs {r.full_model_bytes / 2**20:.1f} MiB for "
+          f"the whole model; wrote {out}")
     return 0
 
 
@@ -355,7 +395,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=int, default=2048)
     e.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
     e.add_argument("--json", default=None, help="write {ppl, windows, ctx, tokens, ...} here")
+    e.add_argument("--vote-exits", default=None,
+                   help="voting: average the predictions after these layers, e.g. 28,30 (30 = the model's output); off by default")
     e.set_defaults(fn=cmd_eval)
+
+    t = sub.add_parser("tune", help="adaptive layer tuning of a quantized checkpoint on your text (a window of layers at a time)")
+    t.add_argument("checkpoint")
+    t.add_argument("--text", required=True, help="the text to adapt to (.txt or .jsonl)")
+    t.add_argument("--out", required=True, help="where the tuned checkpoint goes")
+    t.add_argument("--window", type=int, default=2, help="layers tuned together (back-propagation depth)")
+    t.add_argument("--steps", type=int, default=16, help="optimizer steps per window")
+    t.add_argument("--batch", type=int, default=2, help="text windows per step (at most 4)")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--samples", type=int, default=32, help="training windows drawn from the text")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    t.add_argument("--held-out", type=int, default=4, help="windows from the text's start scoring the loss before/after")
+    t.set_defaults(fn=cmd_tune)
 
     g = sub.add_parser("generate", help="stream text from a model, a checkpoint, or a server (--server)")
     g.add_argument("model", nargs="?", help="model or checkpoint directory (with --server: the prompt)")

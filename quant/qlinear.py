@@ -18,6 +18,28 @@ from .tender import tender_linear
 __all__ = ["QuantLinear", "QuantExperts", "QuantEmbedding"]
 
 
+class _TrainableScales(torch.autograd.Function):
+    """y = z * w_scale + bias, z = the integer kernel's output with unit weight scales.
+
+    Forward runs the int8 kernel unchanged; backward gives w_scale (and bias) their exact gradients
+    and the input a straight-through one (activation rounding treated as identity):
+    dL/dx = (dL/dy * w_scale) @ W_int. So layers can be tuned (quant/tune.py) on integer weights."""
+
+    @staticmethod
+    def forward(ctx, x2, w_scale, bias, q, static):  # x2 [M, K], q int8 [N, K]
+        z = int8_linear(x2, q, torch.ones_like(w_scale), None, static)  # [M, N]
+        ctx.save_for_backward(z, q, w_scale)
+        ctx.has_bias = bias is not None
+        y = z * w_scale
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, gy):
+        z, q, w_scale = ctx.saved_tensors
+        gx = (gy * w_scale) @ q.float()  # [M, K]
+        return gx, (gy * z).sum(dim=0), gy.sum(dim=0) if ctx.has_bias else None, None, None
+
+
 class QuantLinear(nn.Module):
     """y = int8_linear(x): activations quantized per token, or with a static per-tensor scale; or
     act_scheme "tender": Tender's power-of-two channel groups per chunk (quant/tender.py)."""
@@ -125,8 +147,16 @@ class QuantLinear(nn.Module):
             return self._dense
         return unpack_int4(self.qweight4, self.in_features) if self.w_bits == 4 else self.qweight
 
+    def trainable(self) -> bool:
+        """Whether tuning can train this module's weight scales (per output channel, not Tender)."""
+        return self.group_size == 0 and self.act_scheme != "tender"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.centred(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.w_scale.requires_grad) and self.trainable():
+            x2 = x.reshape(-1, self.in_features).float()
+            y = _TrainableScales.apply(x2, self.w_scale, self.bias, self.int8_weight(), self.static_scale())
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.group_size > 0:
             return int8_linear_grouped(x, self.int8_weight(), self.w_scale, self.group_size, self.bias,
                                        self.static_scale()).to(x.dtype)

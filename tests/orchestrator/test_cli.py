@@ -114,3 +114,25 @@ def test_quantize_luc_and_mobilequant_from_the_command_line(tmp_path, capsys, me
     assert main(["plan", str(out), "--nodes", str(nodes), "--context", "64", "--json", str(tmp_path / "p.json")]) == 0
     stage = json.loads((tmp_path / "p.json").read_text())["stages"][0]
     assert stage["weight_bytes"] == shard_weight_bytes(m, ShardRange(0, 2, True, True))
+
+
+def test_tune_then_eval_with_voting(tmp_path, capsys):
+    import random
+
+    from quant.checkpoint import read_manifest
+    from tests.conftest import tiny_checkpoint
+
+    ck = tiny_checkpoint(tmp_path / "ck", layers=2, init_range=0.2)
+    rng = random.Random(1)
+    text = tmp_path / "mine.txt"
+    text.write_text(" ".join(f"t{rng.choice([5, 6, 7, 8, 9, 10])}" for _ in range(3000)))  # a narrow "domain"
+    out = tmp_path / "tuned"
+    assert main(["tune", str(ck), "--text", str(text), "--out", str(out), "--window", "1", "--steps", "10",
+                 "--lr", "0.03", "--samples", "8", "--seq-len", "32", "--held-out", "2"]) == 0
+    line = capsys.readouterr().out
+    assert "held-out loss" in line and "MiB per window" in line
+    t = read_manifest(out)["choices"]["tune"]
+    assert t["loss_after"] < t["loss_before"] and t["peak_window_bytes"] < t["full_model_bytes"]
+    assert main(["eval", str(out), "--text", str(text), "--ctx", "64", "--windows", "2", "--vote-exits", "1,2"]) == 0
+    assert "voting over exits (1, 2)" in capsys.readouterr().out
+    assert main(["tune", str(tmp_path), "--text", str(text), "--out", str(tmp_path / "x")]) == 2
