@@ -82,10 +82,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.a_bits != 8 or self.w_bits not in (8, 4) or (self.w_bits == 4 and self.method == "tender"):
+        if self.a_bits != 8 or self.w_bits not in (8, 4) or (self.w_bits == 4 and self.method == "tender" and self.w_group):
             raise ValueError(
-                f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --a-bits 8 and --w-bits 8 "
-                f"(or --w-bits 4 with rtn, haq or mobilequant)"
+                f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --a-bits 8 and --w-bits 8 or 4 "
+                f"(tender: 4-bit weights per output channel, no --w-group)"
             )
         if self.method == "mobilequant" and self.act_scheme != "tensor":
             raise ValueError("mobilequant is integer-only: its activations use static per-tensor scales ('tensor')")

@@ -161,7 +161,7 @@ class QuantLinear(nn.Module):
             return int8_linear_grouped(x, self.int8_weight(), self.w_scale, self.group_size, self.bias,
                                        self.static_scale()).to(x.dtype)
         if self.act_scheme == "tender":
-            return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups, perm=self.perm).to(x.dtype)
+            return tender_linear(x, self.int8_weight(), self.w_scale, self.bias, self.groups, perm=self.perm).to(x.dtype)
         y = int8_linear(x, self.int8_weight(), self.w_scale, self.bias, self.static_scale())
         return y.to(x.dtype)
 

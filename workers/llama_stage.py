@@ -110,7 +110,8 @@ class FusedLinear:
             raise ValueError(f"fused linears {prefixes} do not share their weight bits")
         if weights[0].dtype == torch.uint8:  # W4: stays packed in memory
             return cls(torch.cat(weights).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
-                       statics.pop(), w_group=w_groups.pop(), bias=bias, offset=offset)
+                       statics.pop(), None if perm is None else perm.long(), groups, w_group=w_groups.pop(), bias=bias,
+                       offset=offset)
         return cls(torch.cat(weights).contiguous(),
                    torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
                    None if perm is None else perm.long(), groups, bias=bias, offset=offset)
@@ -118,13 +119,14 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.offset is not None:
             x = x - self.offset
+        if self.perm is not None:  # Tender (W8, or W4 unpacked to int8)
+            q = unpack_int4(self.qweight, x.shape[-1]) if self.qweight.dtype == torch.uint8 else self.qweight
+            return tender_linear(x, q, self.w_scale, self.bias, self.groups, perm=self.perm)
         if self.qweight.dtype == torch.uint8 and self.w_group:  # W4 group-wise
             return int8_linear_grouped(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.w_group, self.bias,
                                        self.static)
         if self.qweight.dtype == torch.uint8:  # W4: unpack to int8 for the integer kernel
             return int8_linear(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.bias, self.static)
-        if self.perm is not None:
-            return tender_linear(x, self.qweight, self.w_scale, self.bias, self.groups, perm=self.perm)
         return int8_linear(x, self.qweight, self.w_scale, self.bias, self.static)
 
 

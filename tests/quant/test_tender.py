@@ -103,3 +103,31 @@ def test_tender_is_only_its_own_activation_scheme():
         QuantConfig(method="tender", act_scheme="token")
     with pytest.raises(ValueError, match="tender"):
         QuantConfig(method="haq", act_scheme="tender")
+
+
+def test_tender_with_w4_weights_round_trips_and_serves(tmp_path):
+    """Tender's W4 variant: 4-bit weights (packed, in the stored column order) with more groups."""
+    from quant.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+    from quant.config import QuantConfig
+    from quant.generate import HFDecoder, SamplingConfig, generate_tokens
+    from quant.pipeline import quantize
+    from tests.conftest import VOCAB, sqnr_db, tiny_model, tiny_tokenizer
+    from workers.llama_stage import LocalLlama
+
+    model = tiny_model("llama", layers=2, init_range=0.2)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+    cfg = QuantConfig(method="tender", act_scheme="tender", w_bits=4, tender_groups=8, search_tokens=128)
+    report = quantize(model, cfg, torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1)),
+                      progress=False)
+    out = save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "t4")
+    t = read_manifest(out)["tensors"]
+    assert t["model.layers.0.mlp.down_proj.qweight4"]["dtype"] == "uint8" and "model.layers.0.mlp.down_proj.perm" in t
+    loaded, _, _ = load_checkpoint(out)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert torch.allclose(got, model(ids).logits, atol=1e-5) and sqnr_db(ref, got) > 3
+    s = SamplingConfig(max_new_tokens=8)
+    assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], s, set())) == \
+        list(generate_tokens(HFDecoder(loaded), [3, 4, 5], s, set()))
