@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +106,17 @@ class StatsWeights:
     hysteresis: float = 0.4  # log-score margin an expert needs to replace a resident one
 
 
+def transition_sources(route: Sequence[tuple[int, ...] | None], prev_token: Sequence[tuple[int, ...] | None] | None,
+                       layer: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """The expert sets a token's experts at `layer` are counted against, by kind: "l1" / "l2" the
+    same token one / two layers earlier, "t1" the previous token at the same layer (known ones only).
+    PathStats and the Redis writer (redis_stats.route_deltas) both count exactly these."""
+    for kind, src in (("l1", route[layer - 1] if layer >= 1 else None), ("l2", route[layer - 2] if layer >= 2 else None),
+                      ("t1", prev_token[layer] if prev_token is not None and layer < len(prev_token) else None)):
+        if src is not None:
+            yield kind, src
+
+
 class PathStats:
     """Counts of expert activations and transitions for a model of L layers x E experts."""
 
@@ -125,10 +136,8 @@ class PathStats:
                 continue
             cols = list(now)
             self.act[l, cols] += 1
-            for kind, src in (("l1", route[l - 1] if l >= 1 else None), ("l2", route[l - 2] if l >= 2 else None),
-                              ("t1", prev_token[l] if prev_token is not None else None)):
-                if src is not None:
-                    self.trans[kind][l][np.ix_(list(src), cols)] += 1
+            for kind, src in transition_sources(route, prev_token, l):
+                self.trans[kind][l][np.ix_(list(src), cols)] += 1
 
     def decay(self, factor: float) -> None:
         self.act *= factor

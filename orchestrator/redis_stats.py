@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .experts import PathStats
+from .experts import PathStats, transition_sources
 
 __all__ = ["SCHEMA", "key", "model_key", "route_deltas", "StatsRecorder", "RecorderCounters", "read_stats",
            "RedisServer", "redis_server_binary", "connect", "ENV_URL", "default_url"]
@@ -68,10 +68,7 @@ def route_deltas(model: str, window: int, route: Sequence[tuple[int, ...] | None
         for f in now:
             k = (key(model, "act", l, window), str(f))
             d[k] = d.get(k, 0) + 1
-        for kind, src in (("l1", route[l - 1] if l >= 1 else None), ("l2", route[l - 2] if l >= 2 else None),
-                          ("t1", prev_token[l] if prev_token is not None and l < len(prev_token) else None)):
-            if src is None:
-                continue
+        for kind, src in transition_sources(route, prev_token, l):
             for e in src:
                 for f in now:
                     k = (key(model, kind, l, window), f"{e},{f}")
