@@ -70,13 +70,13 @@ class ActStats:
     tokens: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
     keep_per_batch: int = 256
-    hessian: bool = True  # False: skip X^T X (callers that only need maxima and samples)
+    with_hessian: bool = True  # False: skip X^T X (callers that only need maxima and samples)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, K]
         amax = x.abs().amax(dim=0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        if self.hessian:
+        if self.with_hessian:
             xtx = (x.t() @ x).double()  # float32 product per batch, float64 running sum
             self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.tokens += x.shape[0]

@@ -137,7 +137,7 @@ def _init_stats(model, spec: ArchSpec, calib_ids: torch.Tensor, keep: int) -> li
     from .pipeline import CALIB_BATCH
 
     layers = model.get_submodule(spec.layers_path)
-    stats = [{g.name: ActStats(keep_per_batch=keep, hessian=False) for g in spec.groups} for _ in layers]
+    stats = [{g.name: ActStats(keep_per_batch=keep, with_hessian=False) for g in spec.groups} for _ in layers]
     handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(lambda _m, a, st=stats[i][g.name]: st.add(a[0]))
                for i, layer in enumerate(layers) for g in spec.groups]
     try:
