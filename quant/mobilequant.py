@@ -3,9 +3,11 @@ activation ranges, trained jointly end to end; integer-only W8A8 / W4A8 inferenc
 
 Per smoothing group (the linears reading one activation, arch.py) three things are learned:
   - transform scales s [K] = s_init * exp(u): X -> X / s at the producer, W -> W * s at every reader
-    (s_init: SmoothQuant with a = 0.5; under GQA one u per kv channel, repeated over its heads);
+    (s_init: smoothing with HAQ's per-group strength and static clip searched on the group's output
+    error, or, with mq_alpha set, the paper's fixed SmoothQuant strength (0.5); under GQA one u per
+    kv channel, repeated over its heads);
   - one static activation quantizer: scale d and offset o, x_hat = d * clamp(round((x/s - o) / d),
-    -127, 127) + o (initialized by a clip search on the group's output error, o = 0);
+    -127, 127) + o (initialized from that clip, o = 0);
   - per linear, weight clipping gamma = sigmoid(theta) per output row (or per row and column
     group for W4 group-wise): the weight scale is gamma * absmax / qmax.
 Rounding passes gradients straight through. The loss is the MSE between the full-precision and
@@ -38,7 +40,7 @@ from .calibration import ActStats
 from .config import QuantConfig
 from .int4 import QMAX4, expand_group_scale, num_groups
 from .kernels import QMAX
-from .smoothing import group_error, smoothing_scales, tie_kv_scales
+from .smoothing import group_error, search_smoothing, smoothing_scales, tie_kv_scales
 
 __all__ = ["round_ste", "fake_quant_static", "fake_quant_weight_clipped", "quantize_mobilequant"]
 
@@ -168,11 +170,18 @@ def _wrap(model, spec: ArchSpec, stats, cfg: QuantConfig, qmax: int) -> tuple[li
         for g in spec.groups:
             st = stats[i][g.name]
             w = _group_weights(layer, g)
-            s = tie_kv_scales(smoothing_scales(st.channel_max(), w.abs().amax(dim=0), cfg.mq_alpha), g.heads_per_kv,
-                              g.head_dim) if g.prev is not None else torch.ones(w.shape[1])
             x = st.samples(cfg.search_tokens)
+            if cfg.mq_alpha is None:  # HAQ's search: strength and static clip per group, on the output error
+                choice = search_smoothing(x, st.channel_max(), w, cfg.alpha_grid, cfg.clip_grid, False, g.heads_per_kv,
+                                          g.head_dim, allow_smoothing=g.prev is not None, w_bits=cfg.w_bits,
+                                          w_group=cfg.w_group)
+                s, clip = choice.scales, choice.clip
+            else:  # the paper's fixed SmoothQuant strength, then the clip search
+                s = tie_kv_scales(smoothing_scales(st.channel_max(), w.abs().amax(dim=0), cfg.mq_alpha), g.heads_per_kv,
+                                  g.head_dim) if g.prev is not None else torch.ones(w.shape[1])
+                act_max = (st.channel_max() / s).max().item()
+                _, clip = group_error(x, w, x @ w.t(), s, act_max, cfg.clip_grid, False, cfg.w_bits, cfg.w_group)
             act_max = (st.channel_max() / s).max().item()
-            _, clip = group_error(x, w, x @ w.t(), s, act_max, cfg.clip_grid, False, cfg.w_bits, cfg.w_group)
             gq = _GroupQuant(s, max(clip * act_max, 1e-8) / QMAX, g.heads_per_kv, g.head_dim)
             row.append(gq)
             for p in g.linears:
