@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .arch import arch_spec
-from .calibration import ActStats
 from .config import QuantConfig
 from .gptq import gptq_quantize
 from .int4 import expand_group_scale, num_groups, search_w4_scale
+from .pipeline import model_group_stats
 from .sparse import sparse_bytes
 
 __all__ = ["linear_bytes", "allocate", "choose_policy", "RESOLUTION"]
@@ -119,23 +119,6 @@ def _fixed_bytes(model, spec, linear_names: set[str]) -> int:
     return total
 
 
-@torch.no_grad()
-def _hessians(model, spec, calib_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    from .pipeline import CALIB_BATCH
-
-    layers = model.get_submodule(spec.layers_path)
-    stats = [{g.name: ActStats(keep_per_batch=1) for g in spec.groups} for _ in layers]
-    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(lambda _m, a, st=stats[i][g.name]: st.add(a[0]))
-               for i, layer in enumerate(layers) for g in spec.groups]
-    try:
-        for batch in calib_ids.split(CALIB_BATCH):
-            model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [{name: st.hessian() for name, st in row.items()} for row in stats]
-
-
 def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> tuple[QuantConfig, dict]:
     """Measure every layer's sensitivity to every option and choose the per-layer policy under the
     budget -> (cfg with layer_policy, what was measured and chosen, for the manifest)."""
@@ -164,7 +147,7 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
             raise ValueError(f"--target-bytes {cfg.target_bytes:,} leaves nothing for the decoder layers: the rest of "
                              f"the model alone takes {fixed:,} bytes")
     eval_ids = calib_ids[: cfg.luc_eval_windows]
-    hess = _hessians(model, spec, calib_ids)
+    hess = [{name: st.hessian() for name, st in row.items()} for row in model_group_stats(model, spec, calib_ids, 1)]
     base = _nll(model, eval_ids)
     costs: list[list[float]] = []
     bar = tqdm(total=len(layers) * len(options), desc="luc sensitivity", disable=not progress)

@@ -36,7 +36,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, Group, arch_spec
-from .calibration import ActStats
 from .config import QuantConfig
 from .int4 import QMAX4, expand_group_scale, num_groups
 from .kernels import QMAX
@@ -134,23 +133,6 @@ class _SimLinear(nn.Module):
         return F.linear(self.gq(x), wq, lin.bias)
 
 
-def _init_stats(model, spec: ArchSpec, calib_ids: torch.Tensor, keep: int) -> list[dict[str, ActStats]]:
-    """Per layer and group, statistics of the full-precision model's group inputs."""
-    from .pipeline import CALIB_BATCH
-
-    layers = model.get_submodule(spec.layers_path)
-    stats = [{g.name: ActStats(keep_per_batch=keep, with_hessian=False) for g in spec.groups} for _ in layers]
-    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(lambda _m, a, st=stats[i][g.name]: st.add(a[0]))
-               for i, layer in enumerate(layers) for g in spec.groups]
-    try:
-        for batch in calib_ids.split(CALIB_BATCH):
-            model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
 def _group_weights(layer, g: Group) -> torch.Tensor:
     return torch.cat([layer.get_submodule(p).weight.data for p in g.linears])  # [sum N, K]
 
@@ -238,7 +220,8 @@ def _eval_loss(model, ids: torch.Tensor, target: torch.Tensor, gqs, batch: int) 
 
 def quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True):
     """Quantize a transformers CausalLM in place with MobileQuant -> QuantReport."""
-    from .pipeline import CALIB_BATCH, QuantReport, _capture_first_layer_inputs, _lm_head_group, _run_layer
+    from .pipeline import (CALIB_BATCH, QuantReport, _capture_first_layer_inputs, _lm_head_group, _run_layer,
+                           model_group_stats)
 
     spec = arch_spec(model)
     if any(g.experts is not None for g in spec.groups):
@@ -251,7 +234,7 @@ def quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Te
     with torch.no_grad():
         target = torch.cat([_final_hidden(model, b) for b in calib_ids.split(cfg.mq_batch)])  # [N, L, D]
         n_batches = -(-calib_ids.shape[0] // CALIB_BATCH)
-        stats = _init_stats(model, spec, calib_ids, max(1, -(-cfg.search_tokens // n_batches)))  # tokens kept per batch
+        stats = model_group_stats(model, spec, calib_ids, max(1, -(-cfg.search_tokens // n_batches)), with_hessian=False)
     qmax = QMAX4 if cfg.w_bits == 4 else QMAX
     gqs, sims = _wrap(model, spec, stats, cfg, qmax)
     del stats

@@ -111,6 +111,24 @@ def _collect_stats(layer, groups, batches, keep_per_batch: int) -> dict[str, Act
     return stats
 
 
+@torch.no_grad()
+def model_group_stats(model, spec: ArchSpec, calib_ids: torch.Tensor, keep: int,
+                      with_hessian: bool = True) -> list[dict[str, ActStats]]:
+    """Per decoder layer and group, statistics of the unmodified model's group inputs (one forward
+    over the calibration windows; for methods that look at every layer at once: LUC, MobileQuant)."""
+    layers = model.get_submodule(spec.layers_path)
+    stats = [{g.name: ActStats(keep_per_batch=keep, with_hessian=with_hessian) for g in spec.groups} for _ in layers]
+    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(lambda _m, a, st=stats[i][g.name]: st.add(a[0]))
+               for i, layer in enumerate(layers) for g in spec.groups]
+    try:
+        for batch in calib_ids.split(CALIB_BATCH):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
 def _group_weights(layer, g: Group) -> torch.Tensor:
     """All weights reading the group's input, rows concatenated: [sum N, K]."""
     if g.experts is not None:

@@ -71,14 +71,14 @@ def test_folded_integer_model_computes_what_was_trained():
     (transforms folded into norms and v/up rows, int8 kernels, offsets in the bias) agree."""
     from quant import mobilequant as mqm
     from quant.arch import arch_spec
-    from quant.pipeline import QuantReport
+    from quant.pipeline import QuantReport, model_group_stats
 
     model = tiny_model("llama", layers=2, init_range=0.2)
     cfg = QuantConfig(method="mobilequant", act_scheme="tensor", search_tokens=128, quantize_lm_head=False)
     calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
     spec = arch_spec(model)
     with torch.no_grad():
-        stats = mqm._init_stats(model, spec, calib, 64)
+        stats = model_group_stats(model, spec, calib, 64, with_hessian=False)
     gqs, _ = mqm._wrap(model, spec, stats, cfg, 127)
     with torch.no_grad():  # move the learned parameters away from their initial values
         g = torch.Generator().manual_seed(0)
