@@ -44,7 +44,8 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
-    "luc-w4bytes": {"method": "luc", "act_scheme": "token", "w_group": 128, "target_bytes": "haq-w4g128-token"},
+    "luc-w4bytes": {"method": "luc", "act_scheme": "token", "w_group": 128, "target_bytes": "haq-w4g128-token",
+                    "luc_eval_windows": 2},
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 
