@@ -57,24 +57,20 @@ def _module_entry(mod) -> dict | None:
     return None
 
 
+_SCHEMES = (  # tensor-name suffix -> what the manifest says of it; first match wins
+    ("wmask", "uint8 bitmask of the nonzero weights, [N, ceil(K / 8)] (bit j % 8 of byte j // 8)"),
+    ("wvals", "nonzero weights in row-major order: int8, or int4 packed two per byte"),
+    ("qweight4", "int4 symmetric (scales in w_scale), packed two per byte (low nibble: even column)"),
+    ("w_group", "int64: input columns per weight-scale group (w_scale is [N, groups])"),
+    ("qweight", "int8 symmetric per output channel"),
+    ("input_offset", "float32 static per-tensor activation offset (x - offset is quantized)"),
+    ("input_scale", "float32 static per-tensor activation scale"),
+    ("_scale", "float32 weight scale per output channel (or per output channel and column group)"),
+)
+
+
 def _tensor_scheme(name: str) -> str:
-    if name.endswith("wmask"):
-        return "uint8 bitmask of the nonzero weights, [N, ceil(K / 8)] (bit j % 8 of byte j // 8)"
-    if name.endswith("wvals"):
-        return "nonzero weights in row-major order: int8, or int4 packed two per byte"
-    if name.endswith("qweight4"):
-        return "int4 symmetric (scales in w_scale), packed two per byte (low nibble: even column)"
-    if name.endswith("w_group"):
-        return "int64: input columns per weight-scale group (w_scale is [N, groups])"
-    if name.endswith("qweight"):
-        return "int8 symmetric per output channel"
-    if name.endswith("input_offset"):
-        return "float32 static per-tensor activation offset (x - offset is quantized)"
-    if name.endswith("input_scale"):
-        return "float32 static per-tensor activation scale"
-    if name.endswith("_scale"):  # w_scale, gate_up_scale, down_scale
-        return "float32 weight scale per output channel (or per output channel and column group)"
-    return "float32"
+    return next((text for suffix, text in _SCHEMES if name.endswith(suffix)), "float32")
 
 
 def _resident(name: str, modules: dict) -> dict:

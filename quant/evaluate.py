@@ -32,6 +32,16 @@ def tokenize_for_eval(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+@torch.no_grad()
+def mean_window_loss(model, ids: torch.Tensor) -> float:
+    """Mean next-token loss (nats) over windows [N, L], one window at a time (the logits are large)."""
+    total = 0.0
+    for row in ids:
+        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()  # [L-1, V]
+        total += F.cross_entropy(logits, row[1:]).item()
+    return total / ids.shape[0]
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, ctx: int = 2048, windows: int | None = None,
                progress: bool = True) -> PerplexityResult:

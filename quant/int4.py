@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["QMAX4", "pack_int4", "unpack_int4", "quantize_weight_int4", "search_w4_scale", "expand_group_scale",
-           "num_groups"]
+           "num_groups", "group_absmax"]
 
 QMAX4 = 7  # symmetric int4: [-7, 7]
 
@@ -56,6 +56,12 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     g = num_groups(k, group)
     size = k if group <= 0 else group
     return torch.nn.functional.pad(w, (0, g * size - k)).reshape(n, g, size)
+
+
+def group_absmax(w: torch.Tensor, group: int) -> torch.Tensor:
+    """w [N, K] -> max |w| per row [N] (group 0) or per row and column group [N, G]."""
+    m = _grouped(w, group).abs().amax(dim=2)  # [N, G]
+    return m[:, 0] if group <= 0 else m
 
 
 def search_w4_scale(w: torch.Tensor, energy: torch.Tensor | None, grid: tuple[float, ...], group: int = 0) -> torch.Tensor:

@@ -20,11 +20,11 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .arch import arch_spec
 from .config import QuantConfig
+from .evaluate import mean_window_loss
 from .gptq import gptq_quantize
 from .int4 import expand_group_scale, num_groups, search_w4_scale
 from .pipeline import model_group_stats
@@ -92,16 +92,6 @@ def _allocate(costs, sizes, budget: int, resolution: int) -> list[int] | None:
     return out[::-1]
 
 
-@torch.no_grad()
-def _nll(model, ids: torch.Tensor) -> float:
-    """Mean next-token loss over the windows [N, L], one window at a time (the logits are large)."""
-    total = 0.0
-    for row in ids:
-        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()  # [L-1, V]
-        total += F.cross_entropy(logits, row[1:]).item()
-    return total / ids.shape[0]
-
-
 def _fixed_bytes(model, spec, linear_names: set[str]) -> int:
     """Bytes of everything but the decoder linears in the quantized file: lm_head (and an untied
     embedding) as int8 rows with float32 scales, every other tensor float32."""
@@ -148,7 +138,7 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
                              f"the model alone takes {fixed:,} bytes")
     eval_ids = calib_ids[: cfg.luc_eval_windows]
     hess = [{name: st.hessian() for name, st in row.items()} for row in model_group_stats(model, spec, calib_ids, 1)]
-    base = _nll(model, eval_ids)
+    base = mean_window_loss(model, eval_ids)
     costs: list[list[float]] = []
     bar = tqdm(total=len(layers) * len(options), desc="luc sensitivity", disable=not progress)
     for i, layer in enumerate(layers):
@@ -167,7 +157,7 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
                     lin = layer.get_submodule(p)
                     lin.weight.data.copy_(deq[start:start + lin.out_features])
                     start += lin.out_features
-            row.append(_nll(model, eval_ids) - base)
+            row.append(mean_window_loss(model, eval_ids) - base)
             for p, w0 in originals.items():
                 layer.get_submodule(p).weight.data.copy_(w0)
             bar.update(1)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, Group, arch_spec
 from .config import QuantConfig
-from .int4 import QMAX4, expand_group_scale, num_groups
+from .int4 import QMAX4, expand_group_scale, group_absmax, num_groups
 from .kernels import QMAX
 from .smoothing import group_error, search_smoothing, smoothing_scales, tie_kv_scales
 
@@ -56,18 +56,9 @@ def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     return torch.clamp(round_ste((x - offset) / scale), -QMAX, QMAX) * scale + offset
 
 
-def _row_group_absmax(w: torch.Tensor, group: int) -> torch.Tensor:
-    """w [N, K] -> absmax per row [N] (group 0) or per row and column group [N, G]."""
-    if group <= 0:
-        return w.abs().amax(dim=1)
-    n, k = w.shape
-    g = num_groups(k, group)
-    return F.pad(w, (0, g * group - k)).reshape(n, g, group).abs().amax(dim=2)
-
-
 def weight_scale(w: torch.Tensor, gamma: torch.Tensor, qmax: int, group: int) -> torch.Tensor:
     """The clipped weight scale: gamma * absmax / qmax, [N] or [N, G] like gamma."""
-    return (gamma * _row_group_absmax(w, group)).clamp_min(1e-8) / qmax
+    return (gamma * group_absmax(w, group)).clamp_min(1e-8) / qmax
 
 
 def fake_quant_weight_clipped(w: torch.Tensor, gamma: torch.Tensor, qmax: int, group: int = 0) -> torch.Tensor:

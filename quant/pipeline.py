@@ -45,9 +45,6 @@ class LayerScheme:
     sparsity: float  # fraction of weights pruned (Hessian-aware), 0 for dense
     group: int  # W4: columns per weight scale, 0: per output channel
 
-    def __iter__(self):
-        return iter((self.bits, self.sparsity, self.group))
-
 
 def layer_scheme(cfg: QuantConfig, i: int) -> LayerScheme:
     """Layer i's scheme: from LUC's policy when there is one, else the config's uniform one."""
@@ -156,10 +153,10 @@ def _fold_smoothing(layer, g: Group, s: torch.Tensor) -> None:
 
 
 def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, static: float | None,
-                      perm: torch.Tensor | None = None, scheme: "LayerScheme | None" = None) -> None:
+                      perm: torch.Tensor | None, scheme: LayerScheme) -> None:
     """perm (Tender): store the weights' columns in this order. scheme: this layer's bits, sparsity and
-    weight groups (LUC's per-layer policy; default: the config's)."""
-    bits, sparsity, group = scheme or LayerScheme(cfg.w_bits, 0.0, cfg.w_group)
+    weight groups (layer_scheme: LUC's per-layer policy, else the config's)."""
+    bits, sparsity, group = scheme.bits, scheme.sparsity, scheme.group
     w = _group_weights(layer, g)
     w4 = None
     if bits == 4:  # clip search per output channel (or group), weighted by the input's channel energy
@@ -208,15 +205,15 @@ def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static
 
 
 def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, report: QuantReport,
-                  scheme: "LayerScheme | None" = None):
+                  scheme: LayerScheme):
     """Choose and fold smoothing (float model unchanged); returns (s [K], static act scale or None)."""
     x = st.samples(cfg.search_tokens)  # [T, K]
     per_token = cfg.act_scheme == "token"
     smooth = cfg.method in ("haq", "luc") and g.prev is not None
     clips = cfg.clip_grid if cfg.method in ("haq", "luc") else (1.0,)
-    bits, _, group = scheme or LayerScheme(cfg.w_bits, 0.0, cfg.w_group)
     choice = search_smoothing(x, st.channel_max(), _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
-                              g.heads_per_kv, g.head_dim, allow_smoothing=smooth, w_bits=bits, w_group=group)
+                              g.heads_per_kv, g.head_dim, allow_smoothing=smooth, w_bits=scheme.bits,
+                              w_group=scheme.group)
     if choice.alpha is not None:
         _fold_smoothing(layer, g, choice.scales)
     static = None if per_token or cfg.method == "tender" else max(
@@ -226,7 +223,7 @@ def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, rep
 
 
 def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig,
-                   scheme: "LayerScheme | None" = None) -> None:
+                   scheme: LayerScheme) -> None:
     if g.experts is not None:
         _quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
     else:

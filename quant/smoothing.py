@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .int4 import QMAX4
+from .int4 import expand_group_scale, group_absmax
 from .kernels import QMAX
 
 __all__ = ["smoothing_scales", "tie_kv_scales", "fake_quant_weight", "fake_quant_act",
@@ -37,13 +37,8 @@ def tie_kv_scales(s: torch.Tensor, heads_per_kv: int, head_dim: int) -> torch.Te
 def fake_quant_weight(w: torch.Tensor, bits: int = 8, group: int = 0) -> torch.Tensor:
     """Simulated symmetric RTN per output channel (or per group of `group` columns), float out:
     for searching, not for inference."""
-    from .int4 import expand_group_scale, search_w4_scale
-
     qmax = 2 ** (bits - 1) - 1
-    if group <= 0:
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / qmax
-    else:
-        scale = expand_group_scale(search_w4_scale(w, None, (1.0,), group) * QMAX4 / qmax, w.shape[1], group)
+    scale = expand_group_scale(group_absmax(w, group).clamp(min=1e-8) / qmax, w.shape[1], group)  # [N, K]
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 

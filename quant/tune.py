@@ -16,6 +16,7 @@ run and for one step of tuning the whole model at once (same parameters, full de
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import arch_spec
+from .evaluate import mean_window_loss
 from .qlinear import QuantLinear
 
 __all__ = ["TuneConfig", "TuneReport", "tune", "exit_logits"]
@@ -134,15 +136,6 @@ def _layer(layer, h, kwargs):
     return y[0] if isinstance(y, tuple) else y
 
 
-@torch.no_grad()
-def held_out_loss(model, ids: torch.Tensor) -> float:
-    total = 0.0
-    for row in ids:
-        logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
-        total += F.cross_entropy(logits, row[1:]).item()
-    return total / ids.shape[0]
-
-
 def tune(model, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: TuneConfig, progress: bool = True) -> TuneReport:
     """Tune a loaded quantized model in place, window by window, on train_ids [N, L] -> report."""
     t0 = time.time()
@@ -157,7 +150,7 @@ def tune(model, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: TuneConfig
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.w_scale.requires_grad_(False)
-    loss_before = held_out_loss(model, eval_ids)
+    loss_before = mean_window_loss(model, eval_ids)
     with torch.no_grad():
         batches = _inputs(model, model.get_submodule(spec.layers_path), train_ids, cfg.batch)  # [(h, kwargs)]
     id_batches = list(train_ids.split(cfg.batch))
@@ -171,16 +164,19 @@ def tune(model, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: TuneConfig
     for s in starts:
         win = layers[s:s + cfg.window]
         params = _params(win)
-        peak = max(peak, _step_bytes(model, win, params, batches[0][0], batches[0][1], id_batches[0]))
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             k = int(torch.randint(len(batches), (1,), generator=g))
             h, kwargs = batches[k]
-            for layer in win:
-                h = _layer(layer, h, kwargs)
-            loss = _loss(model, h, id_batches[k])
+            saved = _SavedBytes()
+            with saved if step == 0 else contextlib.nullcontext():  # the window's activation memory, first step
+                for layer in win:
+                    h = _layer(layer, h, kwargs)
+                loss = _loss(model, h, id_batches[k])
+            if step == 0:
+                peak = max(peak, saved.total + 3 * sum(p.numel() * p.element_size() for p in params))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -197,5 +193,5 @@ def tune(model, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: TuneConfig
                 new.append((h, kwargs))
             batches = new
     bar.close()
-    return TuneReport(len(starts), sum(p.numel() for p in all_params), loss_before, held_out_loss(model, eval_ids), peak,
+    return TuneReport(len(starts), sum(p.numel() for p in all_params), loss_before, mean_window_loss(model, eval_ids), peak,
                       full_bytes, round(time.time() - t0, 1))

@@ -5,7 +5,8 @@ import torch
 
 from quant.kernels import quantize_activations_reference
 from quant.qlinear import QuantLinear
-from quant.tune import TuneConfig, held_out_loss, tune
+from quant.evaluate import mean_window_loss
+from quant.tune import TuneConfig, tune
 from quant.voting import voting_perplexity
 from tests.conftest import VOCAB
 
@@ -60,7 +61,7 @@ def test_windowed_tuning_lowers_the_loss_with_less_memory(tiny_ckpt_model, tmp_p
     out = save_checkpoint(model, tok, report.config, report, tmp_path / "tuned")
     loaded, _, m2 = load_checkpoint(out)
     assert m2["choices"]["tune"]["windows"] == 3
-    assert held_out_loss(loaded, held) == pytest.approx(r.loss_after, rel=1e-5)
+    assert mean_window_loss(loaded, held) == pytest.approx(r.loss_after, rel=1e-5)
 
 
 def test_voting_over_exits(tiny_ckpt_model):
