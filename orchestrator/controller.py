@@ -60,6 +60,8 @@ class ServeOptions:
     step_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     health_interval_s: float = 2.0
+    health_timeout_s: float = 2.0  # one health check's deadline
+    health_patience_s: float = 10.0  # a second, longer check for a node Ray still reports alive
     # MoE checkpoints (docs/moe.md)
     fast_slots: int = 0  # experts per layer in each node's fast tier (0: half)
     remote_experts: int = 0  # experts per layer placed on another node than their layer
@@ -200,18 +202,30 @@ class Controller:
     def nodes_used(self) -> list[str]:
         return self._nodes_of(self.placement)
 
-    def _answers(self, node_id: str, timeout_s: float = 2.0) -> bool:
-        """The worker's standard gRPC health check (no token needed) within the deadline."""
+    def _check(self, node_id: str, timeout_s: float) -> grpc.StatusCode:
+        """The worker's standard gRPC health check (no token needed) -> OK when it answers SERVING
+        within the deadline; UNAVAILABLE when it is not serving or unknown; else the RPC's code
+        (DEADLINE_EXCEEDED: a live but slow process; UNAVAILABLE: refused, the process is gone)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         if node_id not in self.addresses:
-            return False
+            return grpc.StatusCode.UNAVAILABLE
         try:
             r = health_pb2_grpc.HealthStub(self._channel(node_id)).Check(health_pb2.HealthCheckRequest(service=""),
                                                                          timeout=timeout_s)
-            return r.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK if r.status == health_pb2.HealthCheckResponse.SERVING else grpc.StatusCode.UNAVAILABLE
+
+    def _answers(self, node_id: str, patient: bool = False) -> bool:
+        """One health check; patient: when it only ran out of time (the process is there but busy,
+        say a loaded machine), a second check with health_patience_s decides. A refused connection
+        fails at once either way, so a node that is really gone is taken out without waiting."""
+        code = self._check(node_id, self.opts.health_timeout_s)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and patient:
+            log.info("node %s slow to answer a health check; giving it %.0fs", node_id[:8], self.opts.health_patience_s)
+            code = self._check(node_id, self.opts.health_patience_s)
+        return code == grpc.StatusCode.OK
 
     def _ray_alive(self) -> set[str] | None:
         import ray
@@ -232,7 +246,7 @@ class Controller:
         for n in nodes:
             if alive is not None and n not in alive:
                 dead[n] = "Ray reports the node dead"
-            elif not self._answers(n):
+            elif not self._answers(n, patient=True):  # Ray has not reported it dead (or cannot say)
                 dead[n] = "no answer to a health check"
             elif n == suspect and err is not None and err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 dead[n] = f"a step passed its {self.opts.step_timeout_s:g}s deadline"
