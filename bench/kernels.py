@@ -6,6 +6,7 @@ and the machine's measured read bandwidth; at M=512 a breakdown of where the tim
 
     python bench/kernels.py [--reps 15]
     python bench/kernels.py --tender [--reps 15]   # Tender's kernel next to plain W8A8 (own section)
+    python bench/kernels.py --w4 [--reps 15]       # the packed W4A8 kernel next to W8A8 (own section)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import machine, median_time, table, update_section, write_results  # noqa: E402
-from quant.kernels import int8_linear, int8_matmul, quantize_activations  # noqa: E402
+from quant.int4 import pack_int4, unpack_int4  # noqa: E402
+from quant.kernels import int4_linear, int8_linear, int8_linear_grouped, int8_matmul, quantize_activations  # noqa: E402
 from quant.tender import tender_linear  # noqa: E402
 
 LLC_BYTES = 32 << 20
@@ -144,13 +146,68 @@ scales: see the quality table (G = 8: 1.020x FP).
 """)
 
 
+W4_SHAPES = ("smollm2 q/o 576x576", "smollm2 gate/up 1536x576", "smollm2 down 576x1536", "4096x4096")
+
+
+def bench_w4(reps: int) -> None:
+    """Packed W4A8 (group-128 with zero points; per channel) vs W8A8 vs float32, and the path it
+    replaced (unpack to int8 with torch, then the grouped GEMM). Same rotating-weights rule."""
+    results = {}
+    for name in W4_SHAPES:
+        n, k = SHAPES[name]
+        wf, wq, ws, g = rotating_weights(n, k)
+        w4 = [pack_int4(torch.randint(0, 16, (n, k), dtype=torch.int8, generator=g), signed=False)
+              for _ in range(copies_for(n * k // 2))]
+        groups = -(-k // 128)
+        sg = torch.rand(n, groups, generator=g) * 0.01
+        zero = torch.randint(0, 16, (n, groups), dtype=torch.uint8, generator=g)
+        rows = []
+        for m in (1, 8, 64):
+            x = torch.randn(m, k, generator=g)
+            i = [0]
+
+            def nxt(lst):
+                i[0] += 1
+                return lst[i[0] % len(lst)]
+
+            r = max(3, reps // (1 + m // 64))
+            t = {"f32": median_time(lambda: F.linear(x, nxt(wf)), r),
+                 "w8a8": median_time(lambda: int8_linear(x, nxt(wq), ws), r),
+                 "w4g128": median_time(lambda: int4_linear(x, nxt(w4), sg, 128, zero=zero), r),
+                 "w4ch": median_time(lambda: int4_linear(x, nxt(w4), ws, 0), r),
+                 "w4_unpack": median_time(lambda: int8_linear_grouped(x, unpack_int4(nxt(w4), k), sg, 128), max(3, r // 3))}
+            rows.append({"m": m, **{f"{k_}_us": v * 1e6 for k_, v in t.items()}})
+            print(name, m, {k_: round(v * 1e6) for k_, v in t.items()}, flush=True)
+        results[name] = rows
+    write_results("kernels_w4", {"shapes": results, "machine": machine()})
+    md_rows = [[name, r["m"], f"{r['f32_us']:.0f}", f"{r['w8a8_us']:.0f}", f"{r['w4g128_us']:.0f}",
+                f"{r['w4ch_us']:.0f}", f"{r['w4_unpack_us']:.0f}", f"{r['w8a8_us'] / r['w4g128_us']:.2f}x",
+                f"{r['w4_unpack_us'] / r['w4g128_us']:.1f}x"]
+               for name, rs in results.items() for r in rs]
+    update_section("kernels-w4", f"""## The packed W4A8 kernel (`bench/kernels.py --w4`)
+
+Command: `python bench/kernels.py --w4 --reps {reps}`. `quant/kernels.int4_linear`: up to 8 rows, one C call
+(`ew_linear_w4a8`) unpacks the nibbles in registers (minus the zero point), int8 x int4 -> int32 per
+128-column group, one scale per group; above 8 rows the weights are unpacked once and the int8 GEMM runs.
+"unpack path" is what W4 layers ran before: torch unpacking to int8 on every call, then the grouped GEMM.
+Median microseconds; weights rotate as above (at M = 64 the fused kernel is not used).
+
+{table(["shape (out x in)", "M", "f32 us", "W8A8 us", "W4 g128 asym us", "W4 per-channel us", "unpack path us",
+        "W8A8 / W4 g128", "unpack / W4 g128"], md_rows)}
+""")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--tender", action="store_true", help="only Tender vs W8A8 (its own BENCHMARKS.md section)")
+    ap.add_argument("--w4", action="store_true", help="only packed W4A8 vs W8A8 (its own BENCHMARKS.md section)")
     args = ap.parse_args()
     if args.tender:
         bench_tender(args.reps)
+        return
+    if args.w4:
+        bench_w4(args.reps)
         return
     torch.set_num_threads(torch.get_num_threads())
     bw = read_bandwidth()

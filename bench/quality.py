@@ -41,11 +41,20 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     "haq-w4-tensor": {"method": "haq", "act_scheme": "tensor", "w_bits": 4},
     "haq-w4g128-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128},
     "haq-w4g128-tensor": {"method": "haq", "act_scheme": "tensor", "w_bits": 4, "w_group": 128},
+    # zero point per group (--w-asym): 16 levels over [min, max]
+    "haq-w4g128a-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True},
+    "haq-w4a-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_asym": True},
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
     "luc-w4bytes": {"method": "luc", "act_scheme": "token", "w_group": 128, "target_bytes": "haq-w4g128-token",
-                    "luc_eval_windows": 2},
+                    "luc_eval_windows": 2, "luc_cost": "loss"},
+    # the issue's budget, 0.5 x the decoder's uniform-W8 bytes: per-channel W4 is the uniform policy there
+    # (compare with haq-w4a-token); KL costs on 4 x 512 tokens
+    "luc-half": {"method": "luc", "act_scheme": "token", "w_group": 0, "w_asym": True, "target_ratio": 0.5},
+    # the same bytes as uniform group-128 W4 with zero points (compare with haq-w4g128a-token)
+    "luc-w4abytes": {"method": "luc", "act_scheme": "token", "w_group": 128, "w_asym": True,
+                     "target_bytes": "haq-w4g128a-token"},
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 
@@ -113,7 +122,7 @@ def main() -> None:
     fp = rows.get("fp")
     targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02, "haq-w4-token": 1.10,
                "haq-w4-tensor": 1.10, "haq-w4g128-token": 1.10, "haq-w4g128-tensor": 1.10,
-               "mq-w8": 1.02, "mq-w4g128": 1.10}
+               "haq-w4g128a-token": 1.10, "haq-w4a-token": 1.10, "mq-w8": 1.02, "mq-w4g128": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

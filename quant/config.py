@@ -60,6 +60,9 @@ class QuantConfig:
     w4_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
     # W4 weight-scale groups: 0 = one scale per output channel; 128 = one per 128 input columns.
     w_group: int = 0
+    # W4 with a zero point per channel or group (16 levels over [min, max]; quant/int4.py) instead of
+    # symmetric [-7, 7]. Dense W4 layers only: LUC's pruned W4 layers stay symmetric.
+    w_asym: bool = False
     # MobileQuant: smoothing strength of the initial transforms, training length and learning rates
     # (transforms and clips as in the paper; ranges act on log-scale and offset in initial
     # quantization steps, kept nearly fixed as in the paper).
@@ -77,7 +80,10 @@ class QuantConfig:
     target_bytes: int = 0  # the whole tensor file
     target_ratio: float = 0.0  # the decoder layers' weight bytes as a fraction of uniform W8
     avg_sparsity: float = 0.0  # mean fraction of decoder weights pruned (bits fixed to w_bits)
-    luc_eval_windows: int = 4  # calibration windows scoring each option's loss increase
+    luc_eval_windows: int = 4  # calibration windows scoring each option
+    # what an option costs: "kl" = mean KL divergence of the next-token distribution from the float
+    # model's (never negative); "loss" = the calibration loss increase (noisy: can go below zero)
+    luc_cost: str = "kl"
     layer_policy: tuple[tuple[int, float], ...] = ()  # per decoder layer (bits, sparsity); () = uniform
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = CONFIG_VERSION
@@ -101,10 +107,15 @@ class QuantConfig:
         if self.w_group < 0 or (self.w_group and ((self.w_bits != 4 and self.method != "luc") or self.w_group % 2)):
             raise ValueError(f"--w-group must be 0 (per output channel) or an even column count with --w-bits 4, "
                              f"got {self.w_group} with W{self.w_bits}")
+        if self.w_asym and (self.method not in ("rtn", "haq", "luc") or (self.w_bits != 4 and self.method != "luc")):
+            raise ValueError(f"--w-asym (4-bit weights with zero points) works with rtn, haq and luc at --w-bits 4, "
+                             f"not {self.method} W{self.w_bits}")
         if self.method == "luc":
             budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
             if budgets != 1 and not self.layer_policy:
                 raise ValueError("--method luc needs exactly one budget: --target-bytes, --target-ratio or --avg-sparsity")
+            if self.luc_cost not in ("kl", "loss"):
+                raise ValueError(f"luc_cost must be 'kl' or 'loss', got {self.luc_cost!r}")
             if self.act_scheme == "tender" or any(b not in (4, 8) or not 0 <= sp < 1 for b, sp in self.luc_options):
                 raise ValueError("luc options are (bits 4 or 8, sparsity in [0, 1)) with activation scheme token or tensor")
         elif self.layer_policy:

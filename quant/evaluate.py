@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "perplexity", "tokenize_for_eval"]
+__all__ = ["PerplexityResult", "perplexity", "tokenize_for_eval", "mean_window_loss", "window_log_probs",
+           "mean_window_kl"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,25 @@ def mean_window_loss(model, ids: torch.Tensor) -> float:
     for row in ids:
         logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()  # [L-1, V]
         total += F.cross_entropy(logits, row[1:]).item()
+    return total / ids.shape[0]
+
+
+@torch.no_grad()
+def window_log_probs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per window of ids [N, L], the model's next-token log-probabilities [L, V] (float32: N * L * V * 4
+    bytes in all, about 100 MB per 512-token window at SmolLM2's 49k vocabulary)."""
+    return [F.log_softmax(model(input_ids=row[None], use_cache=False).logits[0].float(), dim=-1) for row in ids]
+
+
+@torch.no_grad()
+def mean_window_kl(model, ids: torch.Tensor, ref: list[torch.Tensor]) -> float:
+    """Mean KL(ref || model) per token (nats) over windows ids [N, L], ref from window_log_probs of the
+    reference model. Never negative, and less noisy than a loss difference: every token's whole
+    distribution counts, not only the probability of the next token in the text."""
+    total = 0.0
+    for row, p in zip(ids, ref, strict=True):
+        q = F.log_softmax(model(input_ids=row[None], use_cache=False).logits[0].float(), dim=-1)  # [L, V]
+        total += F.kl_div(q, p, log_target=True, reduction="batchmean").item()
     return total / ids.shape[0]
 
 

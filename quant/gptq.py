@@ -40,11 +40,14 @@ def gptq_quantize(
     scale: torch.Tensor | None = None,
     group: int = 0,
     sparsity: float = 0.0,
+    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale), w ~ q * scale.
     scale: what to round to: [N] per output channel (default absmax / qmax), or with group > 0
     [N, G], one per group of `group` columns, fixed before rounding (static groups, so act-order
     and groups combine).
+    zero (4 bits, asymmetric): integer zero points shaped like scale; each weight becomes u - z with
+    u in [0, 15] (quant/int4.py), and q holds u - z in [-15, 15].
     sparsity > 0 (SparseGPT, Edge-LLM's Hessian-aware pruning): in each block of columns the
     fraction `sparsity` of weights with the least w^2 / [H^-1]_jj^2 is set to zero, and their error is
     spread over the remaining columns like rounding error."""
@@ -57,11 +60,16 @@ def gptq_quantize(
     if scale is None:
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
     col_scale = expand_group_scale(scale.double(), k, group)  # [N, K]
+    if zero is not None:  # per column: q in [-z, 2^bits - 1 - z]
+        col_lo = -expand_group_scale(zero.double(), k, group)  # [N, K]
+        col_hi = col_lo + (2 ** bits - 1)
+    else:
+        col_lo, col_hi = torch.full_like(col_scale, -qmax), torch.full_like(col_scale, qmax)
     dead = torch.diag(h) == 0  # channels never active in calibration
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
+    w, h, col_scale, col_lo, col_hi = w[:, perm], h[perm][:, perm], col_scale[:, perm], col_lo[:, perm], col_hi[:, perm]
     hinv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
     q = torch.zeros_like(w)
     for i1 in range(0, k, block):
@@ -78,7 +86,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = w1[:, i]
             sc = col_scale[:, i1 + i]  # [N]
-            qcol = torch.clamp(torch.round(col / sc), -qmax, qmax).masked_fill(pruned[:, i], 0.0)  # [N]
+            qcol = torch.clamp(torch.round(col / sc), col_lo[:, i1 + i], col_hi[:, i1 + i]).masked_fill(pruned[:, i], 0.0)
             q[:, i1 + i] = qcol
             e = (col - qcol * sc) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]

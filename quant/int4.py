@@ -1,26 +1,31 @@
 """4-bit weights packed two per byte (pure tensor math; the W4A8 methods build on it).
 
-A signed 4-bit value v in [-7, 7] is stored as its two's-complement nibble. Column 2j goes in
-the low nibble of byte j, column 2j+1 in the high nibble; an odd K is padded with a zero nibble.
-Unpacking gives int8 again, so the int8 x int8 -> int32 kernels run W4A8 unchanged.
+Symmetric: a signed value v in [-7, 7] is stored as its two's-complement nibble, w ~ v * scale.
+Asymmetric: an unsigned value u in [0, 15] is stored with an integer zero point z in [0, 15] per
+output channel or group, w ~ (u - z) * scale: 16 levels placed over [min, max] instead of 15 over
+[-absmax, absmax]. Column 2j goes in the low nibble of byte j, column 2j+1 in the high nibble; an
+odd K is padded with a zero nibble. Unpacking gives int8 again (u - z is in [-15, 15]), so the
+int8 x int8 -> int32 kernels run W4A8 unchanged either way.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["QMAX4", "pack_int4", "unpack_int4", "quantize_weight_int4", "search_w4_scale", "expand_group_scale",
-           "num_groups", "group_absmax"]
+__all__ = ["QMAX4", "UMAX4", "pack_int4", "unpack_int4", "unpack_int4_zero", "quantize_weight_int4",
+           "search_w4_scale", "expand_group_scale", "num_groups", "group_absmax"]
 
 QMAX4 = 7  # symmetric int4: [-7, 7]
+UMAX4 = 15  # asymmetric int4: [0, 15] with a zero point
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] with values in [-7, 7] -> uint8 [N, ceil(K / 2)]."""
+def pack_int4(q: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """int8 [N, K] with values in [-7, 7] (signed) or [0, 15] (unsigned) -> uint8 [N, ceil(K / 2)]."""
     if q.dtype != torch.int8 or q.dim() != 2:
         raise TypeError(f"pack_int4 takes int8 [N, K], got {q.dtype} {tuple(q.shape)}")
-    if q.numel() and (int(q.min()) < -QMAX4 or int(q.max()) > QMAX4):
-        raise ValueError(f"int4 values must be in [-{QMAX4}, {QMAX4}]")
+    lo, hi = (-QMAX4, QMAX4) if signed else (0, UMAX4)
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"{'signed' if signed else 'unsigned'} int4 values must be in [{lo}, {hi}]")
     n, k = q.shape
     if k % 2:
         q = torch.cat([q, q.new_zeros(n, 1)], dim=1)
@@ -28,14 +33,22 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
-def unpack_int4(p: torch.Tensor, k: int) -> torch.Tensor:
-    """uint8 [N, ceil(K / 2)] -> int8 [N, K]."""
+def unpack_int4(p: torch.Tensor, k: int, signed: bool = True) -> torch.Tensor:
+    """uint8 [N, ceil(K / 2)] -> int8 [N, K] in [-8, 7] (signed) or [0, 15]."""
     if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != (k + 1) // 2:
         raise ValueError(f"packed int4 must be uint8 [N, {(k + 1) // 2}] for K = {k}, got {p.dtype} {tuple(p.shape)}")
     lo = (p & 0xF).to(torch.int8)
     hi = (p >> 4).to(torch.int8)
     both = torch.stack([lo, hi], dim=2).reshape(p.shape[0], -1)[:, :k]  # [N, K] nibbles
+    if not signed:
+        return both.contiguous()
     return torch.where(both > 7, both - 16, both).to(torch.int8).contiguous()
+
+
+def unpack_int4_zero(p: torch.Tensor, zero: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """Asymmetric: packed u [N, ceil(K / 2)], zero uint8 [N] or [N, G] -> int8 u - z [N, K] in [-15, 15]."""
+    u = unpack_int4(p, k, signed=False)
+    return (u - expand_group_scale(zero, k, group).to(torch.int8)).contiguous()
 
 
 def num_groups(k: int, group: int) -> int:
@@ -64,30 +77,61 @@ def group_absmax(w: torch.Tensor, group: int) -> torch.Tensor:
     return m[:, 0] if group <= 0 else m
 
 
-def search_w4_scale(w: torch.Tensor, energy: torch.Tensor | None, grid: tuple[float, ...], group: int = 0) -> torch.Tensor:
-    """Per output channel (group 0) or per group of `group` columns, the 4-bit scale absmax * c / 7
-    with c from grid minimizing sum_k energy_k (w_nk - round-to-nearest(w_nk))^2.
+def _round4(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """wg [..., S] rounded to 4 bits with step s [..., 1] (and zero point z [..., 1]) -> the integers
+    the kernel multiplies: v in [-7, 7], or u - z in [-z, 15 - z]."""
+    if z is None:
+        return torch.clamp(torch.round(wg / s), -QMAX4, QMAX4)
+    return torch.clamp(torch.round(wg / s) + z, 0, UMAX4) - z
+
+
+def _range4(wg: torch.Tensor, c: float, asym: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """wg [N, G, S], clip ratio c -> (step [N, G], zero [N, G] or None): symmetric absmax * c / 7, or
+    asymmetric (max - min) * c / 15 over the range [min, max] (which always contains 0), with the
+    integer zero point that maps 0 exactly."""
+    if not asym:
+        return (wg.abs().amax(dim=2) * c / QMAX4).clamp(min=1e-8), None
+    lo, hi = wg.amin(dim=2).clamp(max=0) * c, wg.amax(dim=2).clamp(min=0) * c
+    s = ((hi - lo) / UMAX4).clamp(min=1e-8)
+    return s, torch.clamp(torch.round(-lo / s), 0, UMAX4)
+
+
+def search_w4_scale(w: torch.Tensor, energy: torch.Tensor | None, grid: tuple[float, ...], group: int = 0,
+                    asym: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per output channel (group 0) or per group of `group` columns, the 4-bit step from the clip
+    ratio c in grid minimizing sum_k energy_k (w_nk - round-to-nearest(w_nk))^2: absmax * c / 7
+    (symmetric), or (max - min) * c / 15 with a zero point (asym).
     energy [K]: the input's per-channel mean square (diag of the Hessian), None: all ones.
-    -> scale [N] (group 0) or [N, G]."""
+    -> (scale, zero): scale float [N] (group 0) or [N, G]; zero the same shape (float holding
+    integers in [0, 15]) when asym, else None."""
     w = w.float()
     e = torch.ones(w.shape[1]) if energy is None else energy.float().clamp_min(0)
     wg = _grouped(w, group)  # [N, G, S]
     eg = _grouped(e[None, :], group)  # [1, G, S]
-    amax = wg.abs().amax(dim=2).clamp(min=1e-8)  # [N, G]
-    best, best_err = amax / QMAX4, torch.full(amax.shape, float("inf"))
+    best_s, best_z = _range4(wg, 1.0, asym)
+    best_err = torch.full(best_s.shape, float("inf"))
     for c in grid:
-        s = (amax * c / QMAX4)[..., None]  # [N, G, 1]
-        err = ((wg - torch.clamp(torch.round(wg / s), -QMAX4, QMAX4) * s) ** 2 * eg).sum(dim=2)
+        s, z = _range4(wg, c, asym)
+        err = ((wg - _round4(wg, s[..., None], None if z is None else z[..., None]) * s[..., None]) ** 2 * eg).sum(dim=2)
         better = err < best_err
-        best, best_err = torch.where(better, s[..., 0], best), torch.where(better, err, best_err)
-    return best[:, 0] if group <= 0 else best
+        best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+        if z is not None and best_z is not None:
+            best_z = torch.where(better, z, best_z)
+    if group <= 0:
+        return best_s[:, 0], None if best_z is None else best_z[:, 0]
+    return best_s, best_z
 
 
-def quantize_weight_int4(w: torch.Tensor, scale: torch.Tensor | None = None, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest symmetric 4-bit weights: w [N, K] -> (int8 [N, K] in [-7, 7], scale [N] or,
-    with group > 0, [N, G]). scale None: absmax / 7 per channel or group."""
+def quantize_weight_int4(w: torch.Tensor, scale: torch.Tensor | None = None, group: int = 0,
+                         zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit weights: w [N, K] -> (int8 [N, K], scale [N] or, with group > 0,
+    [N, G]). The int8 values are what the kernel multiplies: in [-7, 7], or with a zero point u - z
+    in [-15, 15]. scale None: absmax / 7 per channel or group (symmetric; zero must be None)."""
     if scale is None:
-        scale = search_w4_scale(w, None, (1.0,), group)
-    full = expand_group_scale(scale, w.shape[1], group)  # [N, K]
-    q = torch.clamp(torch.round(w / full), -QMAX4, QMAX4).to(torch.int8)
-    return q, scale.float()
+        if zero is not None:
+            raise ValueError("a zero point needs its scale")
+        scale, _ = search_w4_scale(w, None, (1.0,), group)
+    k = w.shape[1]
+    full = expand_group_scale(scale, k, group)  # [N, K]
+    z = None if zero is None else expand_group_scale(zero.float(), k, group)
+    return _round4(w.float(), full, z).to(torch.int8), scale.float()

@@ -26,7 +26,12 @@ __all__ = [
     "int8_linear_grouped",
     "int8_linear_grouped_reference",
     "quantize_weight_per_channel",
+    "int4_linear",
+    "int4_linear_reference",
+    "W4_FUSED_MAX_M",
 ]
+
+W4_FUSED_MAX_M = 8  # up to this many rows the packed-W4 kernel runs; above, unpack once and use the GEMM
 
 QMAX = 127  # symmetric int8: [-127, 127], so negation never overflows
 
@@ -198,3 +203,59 @@ def int8_linear_grouped_reference(x: torch.Tensor, w: torch.Tensor, w_scale: tor
     """The same with exact int64 products."""
     return _grouped(x, w, w_scale, group, bias, static_scale, quantize_activations_reference,
                     lambda a, b, k0, k1: int8_matmul_reference(a[:, k0:k1], b[:, k0:k1]))
+
+
+def _unpacked(packed: torch.Tensor, zero: torch.Tensor | None, k: int, group: int) -> torch.Tensor:
+    from .int4 import unpack_int4, unpack_int4_zero
+
+    return unpack_int4(packed, k) if zero is None else unpack_int4_zero(packed, zero, k, group)
+
+
+def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, group: int,
+                          bias: torch.Tensor | None = None, static_scale: float | None = None,
+                          zero: torch.Tensor | None = None) -> torch.Tensor:
+    """int4_linear with the weights unpacked to int8 and exact int64 products."""
+    k = x.shape[-1]
+    q = _unpacked(packed, zero, k, group)
+    if group <= 0:
+        return int8_linear_reference(x, q, w_scale, bias, static_scale)
+    return int8_linear_grouped_reference(x, q, w_scale, group, bias, static_scale)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None, static_scale: float | None = None,
+                zero: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A8 linear on packed 4-bit weights (quant/int4.py): x float [..., K], packed uint8
+    [N, ceil(K / 2)], w_scale [N] (group 0) or [N, G], zero None (signed nibbles) or uint8 like
+    w_scale -> float32 [..., N]. Activations int8 as in int8_linear; each group's products
+    accumulate in int32, then take their group's scale.
+
+    On CPU with at most W4_FUSED_MAX_M rows (decoding), one C call unpacks the nibbles in
+    registers, so the weights are read at half a byte each; with more rows (prefill) the weights
+    are unpacked to int8 once and the int8 GEMM runs."""
+    n, k = packed.shape[0], x.shape[-1]
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
+        raise ValueError(f"packed int4 weight must be uint8 [N, {(k + 1) // 2}] for K = {k}, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    want = (n,) if group <= 0 else (n, -(-k // group))
+    if w_scale.shape != want or (zero is not None and zero.shape != want):
+        raise ValueError(f"weight scales (and zero points) must be {list(want)}, got {list(w_scale.shape)}"
+                         + ("" if zero is None else f" and {list(zero.shape)}"))
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if x.device.type != "cpu" or m > W4_FUSED_MAX_M or (group > 0 and group % 2):
+        q = _unpacked(packed, zero, k, group)
+        if group <= 0:
+            return int8_linear(x, q, w_scale, bias, static_scale)
+        return int8_linear_grouped(x, q, w_scale, group, bias, static_scale)
+    x2 = x2.float().contiguous()
+    packed, w_scale = packed.contiguous(), w_scale.float().contiguous()
+    zero = None if zero is None else zero.contiguous()
+    q = torch.empty((m, k), dtype=torch.int8)
+    sx = torch.empty((m,), dtype=torch.float32)
+    y = torch.empty((m, n), dtype=torch.float32)
+    load_kernels().ew_linear_w4a8(
+        m, n, k, x2.data_ptr(), float(static_scale or 0.0), packed.data_ptr(), _ptr(zero), w_scale.data_ptr(),
+        k if group <= 0 else group, _ptr(bias), q.data_ptr(), sx.data_ptr(), y.data_ptr(),
+    )
+    return y.reshape(*x.shape[:-1], n)

@@ -2,8 +2,9 @@
 
 1. Sensitivity: for every decoder layer l and every option o = (bits, sparsity), only layer l is
    compressed with o (Hessian-aware rounding, with SparseGPT-style pruning when sparsity > 0, on
-   the float model's own inputs) and the mean next-token loss on calibration windows is measured;
-   cost[l][o] = that loss minus the float model's.
+   the float model's own inputs) and cost[l][o] = the mean KL divergence of its next-token
+   distributions from the float model's on calibration windows (luc_cost "kl"; "loss": the
+   calibration loss increase, which is noisier and can fall below zero for a harmful option).
 2. Policy: one option per layer minimizing the summed cost under the budget (`allocate`, an exact
    knapsack over sizes rounded up to 1/4000 of the budget, so the budget is never exceeded). The
    budget is the whole tensor file (--target-bytes), a fraction of the decoder's uniform-W8 bytes
@@ -24,10 +25,10 @@ from tqdm.auto import tqdm
 
 from .arch import arch_spec
 from .config import QuantConfig
-from .evaluate import mean_window_loss
+from .evaluate import mean_window_kl, mean_window_loss, window_log_probs
 from .gptq import gptq_quantize
 from .int4 import expand_group_scale, num_groups, search_w4_scale
-from .pipeline import model_group_stats
+from .pipeline import LayerScheme, model_group_stats
 from .sparse import sparse_bytes
 
 __all__ = ["linear_bytes", "allocate", "choose_policy", "RESOLUTION"]
@@ -35,11 +36,14 @@ __all__ = ["linear_bytes", "allocate", "choose_policy", "RESOLUTION"]
 RESOLUTION = 4000  # knapsack units per budget
 
 
-def linear_bytes(n: int, k: int, bits: int, sparsity: float, group: int, block: int = 128, static: bool = False) -> int:
+def linear_bytes(n: int, k: int, bits: int, sparsity: float, group: int, block: int = 128, static: bool = False,
+                 asym: bool = False) -> int:
     """Upper bound of the bytes one quantized [N, K] linear stores with (bits, sparsity): weights
-    (dense, or bitmask + nonzeros), float32 scales, and the small extras QuantLinear keeps."""
+    (dense, or bitmask + nonzeros), float32 scales (and uint8 zero points for dense asymmetric
+    W4), and the small extras QuantLinear keeps."""
     g = group if bits == 4 else 0
-    extra = 4 * n * num_groups(k, g) + (8 if g else 0) + (4 if static else 0)
+    zeros = bits == 4 and asym and sparsity <= 0
+    extra = (4 + zeros) * n * num_groups(k, g) + (8 if g else 0) + (4 if static else 0)
     if sparsity <= 0 or k % 8:
         return (n * k if bits == 8 else n * ((k + 1) // 2)) + extra
     pruned = sum(int(n * min(block, k - i) * sparsity) for i in range(0, k, block))  # at least this many, per GPTQ block
@@ -127,7 +131,8 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
         sizes = [[sum(math.ceil(n * k * (1 - sp)) for n, k in sh) for _, sp in options] for sh in shapes]
         budget = int(sum(n * k for sh in shapes for n, k in sh) * (1 - cfg.avg_sparsity))
     else:
-        sizes = [[sum(linear_bytes(n, k, b, sp, cfg.w_group, cfg.gptq_block, static) for n, k in sh) for b, sp in options]
+        sizes = [[sum(linear_bytes(n, k, b, sp, cfg.w_group, cfg.gptq_block, static, cfg.w_asym) for n, k in sh)
+                  for b, sp in options]
                  for sh in shapes]
         w8 = sum(linear_bytes(n, k, 8, 0.0, 0, cfg.gptq_block, static) for sh in shapes for n, k in sh)
         names = {f"{spec.layers_path}.{i}.{p}" for i in range(len(layers)) for g in spec.groups for p in g.linears}
@@ -139,32 +144,38 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
     eval_ids = calib_ids[: cfg.luc_eval_windows]
     hess = [{name: st.hessian() for name, st in row.items()} for row in model_group_stats(model, spec, calib_ids, 1)]
     base = mean_window_loss(model, eval_ids)
+    ref = window_log_probs(model, eval_ids) if cfg.luc_cost == "kl" else None
+
+    def cost() -> float:
+        return mean_window_kl(model, eval_ids, ref) if ref is not None else mean_window_loss(model, eval_ids) - base
     costs: list[list[float]] = []
     bar = tqdm(total=len(layers) * len(options), desc="luc sensitivity", disable=not progress)
     for i, layer in enumerate(layers):
         originals = {p: layer.get_submodule(p).weight.data.clone() for g in spec.groups for p in g.linears}
         row = []
         for bits, sp in options:
-            group = cfg.w_group if bits == 4 else 0
+            scheme = LayerScheme.of(cfg, bits, sp)
             for g in spec.groups:
                 w = torch.cat([originals[p] for p in g.linears])  # [sum N, K]
                 h = hess[i][g.name]
-                w4 = search_w4_scale(w, torch.diag(h).float(), cfg.w4_clip_grid, group) if bits == 4 else None
-                q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, group, sp)
-                deq = q.float() * expand_group_scale(scale, w.shape[1], group)  # only layer i changes
+                w4, zero = (search_w4_scale(w, torch.diag(h).float(), cfg.w4_clip_grid, scheme.group, scheme.asym)
+                            if bits == 4 else (None, None))
+                q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4,
+                                         scheme.group, sp, zero)
+                deq = q.float() * expand_group_scale(scale, w.shape[1], scheme.group)  # only layer i changes
                 start = 0
                 for p in g.linears:
                     lin = layer.get_submodule(p)
                     lin.weight.data.copy_(deq[start:start + lin.out_features])
                     start += lin.out_features
-            row.append(mean_window_loss(model, eval_ids) - base)
+            row.append(cost())
             for p, w0 in originals.items():
                 layer.get_submodule(p).weight.data.copy_(w0)
             bar.update(1)
-            bar.set_postfix(layer=i, loss_up=f"{row[-1]:.4f}")
+            bar.set_postfix(layer=i, cost=f"{row[-1]:.4f}")
         costs.append(row)
     bar.close()
-    del hess
+    del hess, ref
     picks = allocate(costs, sizes, budget)
     policy = tuple(options[o] for o in picks)
     info = {
@@ -173,9 +184,10 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
         "budget_kind": "kept weights" if cfg.avg_sparsity else "decoder linear bytes",
         "predicted": sum(sizes[i][o] for i, o in enumerate(picks)),
         "base_loss": base,
-        "sensitivity": costs,  # [layer][option]: calibration loss increase with only that layer compressed
+        "cost": cfg.luc_cost,
+        "sensitivity": costs,  # [layer][option]: KL from the float model (or loss increase) with only that layer compressed
         "sizes": sizes,
-        "predicted_loss_increase": sum(costs[i][o] for i, o in enumerate(picks)),
+        "predicted_cost": sum(costs[i][o] for i, o in enumerate(picks)),
         "seconds": round(time.time() - t0, 1),
     }
     return dataclasses.replace(cfg, layer_policy=policy), info

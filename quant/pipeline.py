@@ -44,14 +44,20 @@ class LayerScheme:
     bits: int  # 8 or 4
     sparsity: float  # fraction of weights pruned (Hessian-aware), 0 for dense
     group: int  # W4: columns per weight scale, 0: per output channel
+    asym: bool = False  # W4 with zero points (dense layers only)
+
+    @classmethod
+    def of(cls, cfg: QuantConfig, bits: int, sparsity: float) -> "LayerScheme":
+        w4 = bits == 4
+        return cls(bits, sparsity, cfg.w_group if w4 else 0, cfg.w_asym and w4 and sparsity == 0)
 
 
 def layer_scheme(cfg: QuantConfig, i: int) -> LayerScheme:
     """Layer i's scheme: from LUC's policy when there is one, else the config's uniform one."""
     if cfg.layer_policy:
         bits, sparsity = cfg.layer_policy[i]
-        return LayerScheme(int(bits), float(sparsity), cfg.w_group if bits == 4 else 0)
-    return LayerScheme(cfg.w_bits, 0.0, cfg.w_group)
+        return LayerScheme.of(cfg, int(bits), float(sparsity))
+    return LayerScheme.of(cfg, cfg.w_bits, 0.0)
 
 
 class _Stop(Exception):
@@ -158,13 +164,15 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
     weight groups (layer_scheme: LUC's per-layer policy, else the config's)."""
     bits, sparsity, group = scheme.bits, scheme.sparsity, scheme.group
     w = _group_weights(layer, g)
-    w4 = None
+    w4 = zero = None
     if bits == 4:  # clip search per output channel (or group), weighted by the input's channel energy
-        w4 = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid, group)
+        w4, zero = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid, group,
+                                   scheme.asym)
     if cfg.method in ("haq", "luc") and h is not None:
-        q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, group, sparsity)
+        q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, group, sparsity,
+                                 zero)
     elif w4 is not None:
-        q, scale = quantize_weight_int4(w, w4, group)
+        q, scale = quantize_weight_int4(w, w4, group, zero)
     else:
         q, scale = quantize_weight_per_channel(w, bits)
     if perm is not None:
@@ -176,7 +184,8 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
         bias = None if lin.bias is None else lin.bias.data
         set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
                                                         bias, cfg.act_scheme, static, cfg.tender_groups, perm,
-                                                        bits, group if bits == 4 else 0, sparse=sparsity > 0))
+                                                        bits, group if bits == 4 else 0, sparse=sparsity > 0,
+                                                        w_zero=None if zero is None else zero[start:start + n]))
         start += n
 
 
@@ -213,7 +222,7 @@ def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, rep
     clips = cfg.clip_grid if cfg.method in ("haq", "luc") else (1.0,)
     choice = search_smoothing(x, st.channel_max(), _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
                               g.heads_per_kv, g.head_dim, allow_smoothing=smooth, w_bits=scheme.bits,
-                              w_group=scheme.group)
+                              w_group=scheme.group, w_asym=scheme.asym)
     if choice.alpha is not None:
         _fold_smoothing(layer, g, choice.scales)
     static = None if per_token or cfg.method == "tender" else max(

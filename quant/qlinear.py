@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int4 import num_groups, pack_int4, unpack_int4
-from .kernels import int8_linear, int8_linear_grouped
+from .int4 import expand_group_scale, num_groups, pack_int4, unpack_int4, unpack_int4_zero
+from .kernels import int4_linear, int8_linear, int8_linear_grouped
 from .sparse import decode_sparse, encode_sparse
 from .tender import tender_linear
 
@@ -45,11 +45,12 @@ class QuantLinear(nn.Module):
     act_scheme "tender": Tender's power-of-two channel groups per chunk (quant/tender.py)."""
 
     qweight: torch.Tensor  # [N, K] int8 (W8)
-    qweight4: torch.Tensor  # [N, ceil(K / 2)] uint8, two int4 per byte (W4)
+    qweight4: torch.Tensor  # [N, ceil(K / 2)] uint8, two int4 per byte (W4), read packed by int4_linear
     wmask: torch.Tensor | None  # [N, ceil(K / 8)] uint8 bitmask of nonzeros (sparse, quant/sparse.py)
     wvals: torch.Tensor | None  # nonzeros: int8 [nnz] (W8) or uint8 [1, ceil(nnz / 2)] (W4)
     w_scale: torch.Tensor  # [N], or [N, G] with weight groups
     w_group: torch.Tensor | None  # [] int64: columns per weight-scale group (W4 group-wise), else None
+    w_zero: torch.Tensor | None  # uint8 like w_scale: W4 zero points (qweight4 then holds u in [0, 15]), else None
     bias: torch.Tensor | None  # [N]
     input_scale: torch.Tensor | None  # [] static activation scale
     input_offset: torch.Tensor | None  # [] static activation offset (MobileQuant's learned range), else None
@@ -57,7 +58,8 @@ class QuantLinear(nn.Module):
     tender_groups: torch.Tensor | None  # [] int64, Tender
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4,
-                 w_bits: int = 8, w_group: int = 0, offset: bool = False, sparse_nnz: int | None = None) -> None:
+                 w_bits: int = 8, w_group: int = 0, offset: bool = False, sparse_nnz: int | None = None,
+                 zero: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
         self.groups = groups  # Tender only
@@ -72,7 +74,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("wvals", torch.zeros(sparse_nnz, dtype=torch.int8) if w_bits == 8 else
                                  torch.zeros(1, (sparse_nnz + 1) // 2, dtype=torch.uint8))
             self.register_buffer("qweight", None)
-        elif w_bits == 4:  # two weights per byte, resident packed; unpacked to int8 per call for the kernel
+        elif w_bits == 4:  # two weights per byte, resident packed; the W4 kernel reads them packed
             self.register_buffer("qweight4", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
             self.register_buffer("qweight", None)
         else:
@@ -81,6 +83,9 @@ class QuantLinear(nn.Module):
         ng = num_groups(in_features, w_group)
         self.register_buffer("w_scale", torch.ones(out_features, ng) if w_group > 0 else torch.ones(out_features))
         self.register_buffer("w_group", torch.tensor(w_group) if w_group > 0 else None)
+        if zero and (w_bits != 4 or sparse_nnz is not None):
+            raise ValueError("zero points are for dense 4-bit weights")
+        self.register_buffer("w_zero", torch.zeros(self.w_scale.shape, dtype=torch.uint8) if zero else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         # Static per-tensor activation scale ("tensor" scheme); unused for "token".
         self.register_buffer("input_scale", torch.ones(()) if act_scheme == "tensor" else None)
@@ -95,17 +100,24 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4,
                        perm: torch.Tensor | None = None, w_bits: int = 8, w_group: int = 0,
-                       input_offset: float | None = None, sparse: bool = False) -> "QuantLinear":
-        """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7].
+                       input_offset: float | None = None, sparse: bool = False,
+                       w_zero: torch.Tensor | None = None) -> "QuantLinear":
+        """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7],
+        or with w_zero (integer zero points shaped like w_scale) u - z in [-15, 15].
         w_group > 0: w_scale is [N, ceil(K / w_group)], one scale per group of w_group columns.
         input_offset: the static range's centre; bias must already hold input_offset * rowsum(W).
         sparse: store only the nonzero weights and a bitmask (pruned layers; K a multiple of 8, else dense)."""
-        sparse = sparse and qweight.shape[1] % 8 == 0
+        sparse = sparse and qweight.shape[1] % 8 == 0 and w_zero is None
         nnz = int((qweight != 0).sum()) if sparse else None
         m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits, w_group,
-                input_offset is not None, nnz)
+                input_offset is not None, nnz, zero=w_zero is not None)
         if sparse:
             m.wmask, m.wvals = encode_sparse(qweight.contiguous(), w_bits)
+            qweight = None
+        elif w_zero is not None:  # store u = q + z in [0, 15]
+            m.w_zero = w_zero.round().to(torch.uint8).contiguous()
+            u = qweight.to(torch.int16) + expand_group_scale(m.w_zero, qweight.shape[1], w_group).to(torch.int16)
+            m.qweight4 = pack_int4(u.to(torch.int8), signed=False)
             qweight = None
         elif w_bits == 4:
             m.qweight4 = pack_int4(qweight)
@@ -145,6 +157,8 @@ class QuantLinear(nn.Module):
                 assert self.wmask is not None and self.wvals is not None
                 self._dense = decode_sparse(self.wmask, self.wvals, self.in_features)
             return self._dense
+        if self.w_zero is not None:
+            return unpack_int4_zero(self.qweight4, self.w_zero, self.in_features, self.group_size)
         return unpack_int4(self.qweight4, self.in_features) if self.w_bits == 4 else self.qweight
 
     def trainable(self) -> bool:
@@ -157,6 +171,9 @@ class QuantLinear(nn.Module):
             x2 = x.reshape(-1, self.in_features).float()
             y = _TrainableScales.apply(x2, self.w_scale, self.bias, self.int8_weight(), self.static_scale())
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if self.w_bits == 4 and self.sparse_nnz is None and self.act_scheme != "tender":  # packed W4
+            return int4_linear(x, self.qweight4, self.w_scale, self.group_size, self.bias, self.static_scale(),
+                               self.w_zero).to(x.dtype)
         if self.group_size > 0:
             return int8_linear_grouped(x, self.int8_weight(), self.w_scale, self.group_size, self.bias,
                                        self.static_scale()).to(x.dtype)
@@ -166,7 +183,7 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        g = (f" group={self.group_size}" if self.group_size else "") + (f" nnz={self.sparse_nnz}" if self.sparse_nnz is not None else "")
+        g = (f" group={self.group_size}" if self.group_size else "") + (" asym" if self.w_zero is not None else "") + (f" nnz={self.sparse_nnz}" if self.sparse_nnz is not None else "")
         return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a8{g} act={self.act_scheme}"
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .int4 import expand_group_scale, group_absmax
+from .int4 import expand_group_scale, group_absmax, quantize_weight_int4, search_w4_scale
 from .kernels import QMAX
 
 __all__ = ["smoothing_scales", "tie_kv_scales", "fake_quant_weight", "fake_quant_act",
@@ -34,9 +34,15 @@ def tie_kv_scales(s: torch.Tensor, heads_per_kv: int, head_dim: int) -> torch.Te
     return per_kv[:, None, :].expand(kv, heads_per_kv, head_dim).reshape(-1)
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int = 8, group: int = 0) -> torch.Tensor:
-    """Simulated symmetric RTN per output channel (or per group of `group` columns), float out:
-    for searching, not for inference."""
+def fake_quant_weight(w: torch.Tensor, bits: int = 8, group: int = 0, asym: bool = False) -> torch.Tensor:
+    """Simulated RTN per output channel (or per group of `group` columns), float out: symmetric, or
+    (4 bits, asym) with a zero point as quant/int4.py stores it. For searching, not for inference."""
+    if asym:
+        if bits != 4:
+            raise ValueError("asymmetric weights are 4-bit only")
+        scale, zero = search_w4_scale(w, None, (1.0,), group, asym=True)
+        q, _ = quantize_weight_int4(w, scale, group, zero)
+        return q.float() * expand_group_scale(scale, w.shape[1], group)
     qmax = 2 ** (bits - 1) - 1
     scale = expand_group_scale(group_absmax(w, group).clamp(min=1e-8) / qmax, w.shape[1], group)  # [N, K]
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
@@ -61,8 +67,8 @@ class SmoothChoice:
 
 def group_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, s: torch.Tensor,
                 act_max: float, clips: tuple[float, ...], per_token: bool, w_bits: int = 8,
-                w_group: int = 0) -> tuple[float, float]:
-    wq = fake_quant_weight(w * s, w_bits, w_group)  # [N, K]
+                w_group: int = 0, w_asym: bool = False) -> tuple[float, float]:
+    wq = fake_quant_weight(w * s, w_bits, w_group, w_asym)  # [N, K]
     xs = x / s  # [T, K]
     best = (float("inf"), 1.0)
     for clip in ((1.0,) if per_token else clips):
@@ -84,9 +90,10 @@ def search_smoothing(
     allow_smoothing: bool = True,
     w_bits: int = 8,
     w_group: int = 0,
+    w_asym: bool = False,
 ) -> SmoothChoice:
     """Pick the migration strength (and static clip) with the least group output error, with the
-    weights rounded as they will be (w_bits, w_group): 4-bit weights tolerate less migration.
+    weights rounded as they will be (w_bits, w_group, w_asym): 4-bit weights tolerate less migration.
 
     x [T, K] calibration activations; x_absmax [K] over all calibration tokens; w [N, K] all
     weights reading x, concatenated. alpha=None (no smoothing) competes too.
@@ -104,13 +111,13 @@ def search_smoothing(
     best: SmoothChoice | None = None
     for alpha, s in candidates:
         act_max = (x_absmax / s).max().item()
-        err, clip = group_error(x, w, ref, s, act_max, coarse, per_token, w_bits, w_group)
+        err, clip = group_error(x, w, ref, s, act_max, coarse, per_token, w_bits, w_group, w_asym)
         if best is None or err < best.error:
             best = SmoothChoice(alpha, clip, err, s)
     assert best is not None
     if not per_token and len(clips) > len(coarse):
         err, clip = group_error(x, w, ref, best.scales, (x_absmax / best.scales).max().item(), clips, per_token,
-                                w_bits, w_group)
+                                w_bits, w_group, w_asym)
         if err < best.error:
             best = SmoothChoice(best.alpha, clip, err, best.scales)
     assert best is not None

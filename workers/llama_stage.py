@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quant.int4 import pack_int4, unpack_int4
-from quant.kernels import int8_linear, int8_linear_grouped
+from quant.int4 import pack_int4, unpack_int4, unpack_int4_zero
+from quant.kernels import int4_linear, int8_linear
 from quant.qlinear import QuantLinear
 from quant.sparse import decode_sparse
 from quant.tender import tender_linear
@@ -72,6 +72,7 @@ class FusedLinear:
     w_group: int = 0  # W4 group-wise: columns per weight scale (w_scale [sum N, G])
     bias: torch.Tensor | None = None  # [sum N] (MobileQuant: the static offset's product with the weights)
     offset: float | None = None  # static activation offset, subtracted before quantizing
+    w_zero: torch.Tensor | None = None  # W4 zero points like w_scale (qweight then holds u in [0, 15])
 
     @staticmethod
     def _weight(tensors: Mapping[str, torch.Tensor], p: str) -> torch.Tensor:
@@ -108,26 +109,34 @@ class FusedLinear:
         weights = [cls._weight(tensors, p) for p in prefixes]
         if len({w.dtype for w in weights}) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their weight bits")
+        zeros = [tensors.get(f"{p}.w_zero") for p in prefixes]
+        if len({z is None for z in zeros}) != 1:
+            raise ValueError(f"fused linears {prefixes} do not share their weight format (zero points or not)")
         if weights[0].dtype == torch.uint8:  # W4: stays packed in memory
             return cls(torch.cat(weights).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
                        statics.pop(), None if perm is None else perm.long(), groups, w_group=w_groups.pop(), bias=bias,
-                       offset=offset)
+                       offset=offset, w_zero=None if zeros[0] is None else torch.cat([z for z in zeros if z is not None]))
         return cls(torch.cat(weights).contiguous(),
                    torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
                    None if perm is None else perm.long(), groups, bias=bias, offset=offset)
 
+    def int8(self, k: int) -> torch.Tensor:
+        """The int8 [sum N, K] the kernel multiplies (Tender's W4 is unpacked on every call: it stays packed)."""
+        if self.qweight.dtype != torch.uint8:
+            return self.qweight
+        if self.w_zero is not None:
+            return unpack_int4_zero(self.qweight, self.w_zero, k, self.w_group)
+        return unpack_int4(self.qweight, k)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.offset is not None:
             x = x - self.offset
-        if self.perm is not None:  # Tender (W8, or W4 unpacked to int8)
-            q = unpack_int4(self.qweight, x.shape[-1]) if self.qweight.dtype == torch.uint8 else self.qweight
+        if self.qweight.dtype == torch.uint8 and self.perm is None:  # W4: read packed
+            return int4_linear(x, self.qweight, self.w_scale, self.w_group, self.bias, self.static, self.w_zero)
+        q = self.int8(x.shape[-1])
+        if self.perm is not None:  # Tender
             return tender_linear(x, q, self.w_scale, self.bias, self.groups, perm=self.perm)
-        if self.qweight.dtype == torch.uint8 and self.w_group:  # W4 group-wise
-            return int8_linear_grouped(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.w_group, self.bias,
-                                       self.static)
-        if self.qweight.dtype == torch.uint8:  # W4: unpack to int8 for the integer kernel
-            return int8_linear(x, unpack_int4(self.qweight, x.shape[-1]), self.w_scale, self.bias, self.static)
-        return int8_linear(x, self.qweight, self.w_scale, self.bias, self.static)
+        return int8_linear(x, q, self.w_scale, self.bias, self.static)
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,72 @@ void ew_linear_w8a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
   ew_gemm_s8s8s32(M, N, K, Q, W, C);
   ew_rescale(M, N, C, sx, sw, bias, Y);
 }
+
+/* ------------------------------------------------------------------ W4A8 on packed weights
+ * P [N, ldp = ceil(K / 2)] uint8: column 2j in the low nibble of byte j, 2j+1 in the high one.
+ * zero NULL: signed nibbles (two's complement, w = v); else uint8 [N, G]: w = u - zero[n, g].
+ * sw [N, G] float32 weight scales, G = ceil(K / group) (group = K: one scale per row).
+ * The nibbles are unpacked in registers; the weights never exist as int8 in memory, so a decode
+ * step (M = 1) reads half the bytes of W8. group must be even (groups start on a byte). */
+
+/* int32 dot of activation row a[k0, k1) with weight row p's nibbles over the same columns. */
+static int32_t dot4_scalar(const int8_t* a, const uint8_t* p, int64_t k0, int64_t k1, int zero,
+                           int is_signed) {
+  int32_t acc = 0;
+  for (int64_t k = k0; k < k1; ++k) {
+    int v = (p[k >> 1] >> ((k & 1) * 4)) & 0xF;
+    v = is_signed ? ((v ^ 8) - 8) : v - zero;
+    acc += (int32_t)a[k] * v;
+  }
+  return acc;
+}
+
+#ifdef EW_X86
+__attribute__((target("avx2"))) static int32_t dot4_avx2(const int8_t* a, const uint8_t* p,
+                                                        int64_t k0, int64_t k1, int zero,
+                                                        int is_signed) {
+  const __m128i mask = _mm_set1_epi16(0xF);
+  const __m256i off = _mm256_set1_epi16(is_signed ? 8 : (int16_t)zero);
+  const __m256i flip = _mm256_set1_epi16(is_signed ? 8 : 0);
+  __m256i s = _mm256_setzero_si256();
+  int64_t k = k0;
+  for (; k + 16 <= k1; k += 16) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + (k >> 1))));  /* 8 bytes */
+    __m128i lo = _mm_and_si128(b, mask), hi = _mm_srli_epi16(b, 4);
+    __m256i w = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
+    w = _mm256_sub_epi16(_mm256_xor_si256(w, flip), off); /* signed: (v ^ 8) - 8; else u - z */
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(load16_s8_as_s16(a + k), w));
+  }
+  return hsum_epi32(s) + dot4_scalar(a, p, k, k1, zero, is_signed);
+}
+#endif
+
+void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float static_scale,
+                    const uint8_t* P, const uint8_t* zero, const float* sw, int64_t group,
+                    const float* bias, int8_t* Q, float* sx, float* Y) {
+  const int64_t ldp = (K + 1) / 2, G = (K + group - 1) / group;
+  ew_quantize_rows(M, K, X, static_scale, Q, sx);
+  int avx2 = use_avx2(K);
+#pragma omp parallel for schedule(static) if (M * N * K > 65536)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* p = P + n * ldp;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* a = Q + m * K;
+      float y = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+        int z = zero ? zero[n * G + g] : 0;
+        int32_t acc;
+#ifdef EW_X86
+        if (avx2) acc = dot4_avx2(a, p, k0, k1, z, zero == NULL);
+        else
+#endif
+          acc = dot4_scalar(a, p, k0, k1, z, zero == NULL);
+        y += (float)acc * sw[n * G + g];
+      }
+      y *= sx[m];
+      Y[m * N + n] = bias ? y + bias[n] : y;
+    }
+  }
+  (void)avx2;
+}
