@@ -86,8 +86,9 @@ def test_generate_from_an_unreachable_server_fails_cleanly():
     assert r.returncode == 2 and "server 127.0.0.1:9: UNAVAILABLE" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("method,extra", [("luc", ["--target-ratio", "0.6"]), ("mobilequant", ["--epochs", "1"])])
-def test_quantize_luc_and_mobilequant_from_the_command_line(tmp_path, capsys, method, extra):
+@pytest.mark.parametrize("method,extra", [("luc", ["--target-ratio", "0.6", "--w-asym"]), ("mobilequant", ["--epochs", "1"]),
+                                          ("haq", ["--w-bits", "4", "--w-group", "16", "--w-asym"])])
+def test_quantize_luc_mobilequant_and_w4_from_the_command_line(tmp_path, capsys, method, extra):
     """A user's model directory in, a servable checkpoint out; plan reads its real per-layer sizes."""
     import random
 
@@ -107,6 +108,10 @@ def test_quantize_luc_and_mobilequant_from_the_command_line(tmp_path, capsys, me
     assert m["method"]["method"] == method
     if method == "luc":
         assert len(m["method"]["layer_policy"]) == 2 and m["choices"]["luc"]["predicted"] <= m["choices"]["luc"]["budget"]
+        assert m["method"]["w_asym"] and m["choices"]["luc"]["cost"] == "kl"
+    elif method == "haq":
+        assert m["tensors"]["model.layers.0.mlp.down_proj.w_zero"]["shape"] == [64, 128 // 16]
+        assert m["modules"]["model.layers.0.mlp.down_proj"]["w_zero"]
     else:
         assert m["method"]["act_scheme"] == "tensor" and "model.layers.0.self_attn.q_proj.input_offset" in m["tensors"]
     nodes = tmp_path / "nodes.json"
