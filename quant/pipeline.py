@@ -306,7 +306,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     report = QuantReport(config=cfg)
     if luc_info is not None:
         report.choices["luc"] = luc_info
-    for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} W{cfg.w_bits}A{cfg.a_bits}-{cfg.act_scheme}", disable=not progress)):
+    bits = "per-layer bits" if cfg.layer_policy else f"W{cfg.w_bits}A{cfg.a_bits}"
+    for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} {bits}-{cfg.act_scheme}", disable=not progress)):
         stats = _collect_stats(layer, spec.groups, batches, keep)
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
         chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i))
