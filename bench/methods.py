@@ -46,7 +46,6 @@ ROWS = {
     "mq-w4g128": ("MobileQuant", "W4A8 group-128, per-tensor static (integer-only)"),
     "luc-w4bytes": ("LUC", "W8/W4 x sparsity per layer (loss-difference costs), at the bytes of haq-w4g128-token"),
     "luc-half": ("LUC", "W8/W4 (per-channel, zero points) x sparsity per layer at 0.5x uniform-W8 bytes"),
-    "luc-w4abytes": ("LUC", "W8/W4 (group-128, zero points) x sparsity per layer, at the bytes of haq-w4g128a-token"),
 }
 TARGETS = {"tender-g8": 1.02, "mq-w8": 1.02, "haq-w4g128-token": 1.10, "haq-w4-token": 1.10, "mq-w4g128": 1.10,
            "haq-w4g128-tensor": 1.10, "haq-w4a-token": 1.10, "haq-w4g128a-token": 1.10}

@@ -52,9 +52,6 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # the issue's budget, 0.5 x the decoder's uniform-W8 bytes: per-channel W4 is the uniform policy there
     # (compare with haq-w4a-token); KL costs on 4 x 512 tokens
     "luc-half": {"method": "luc", "act_scheme": "token", "w_group": 0, "w_asym": True, "target_ratio": 0.5},
-    # the same bytes as uniform group-128 W4 with zero points (compare with haq-w4g128a-token)
-    "luc-w4abytes": {"method": "luc", "act_scheme": "token", "w_group": 128, "w_asym": True,
-                     "target_bytes": "haq-w4g128a-token"},
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 

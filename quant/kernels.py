@@ -29,9 +29,10 @@ __all__ = [
     "int4_linear",
     "int4_linear_reference",
     "W4_FUSED_MAX_M",
+    "unpack_w4",
 ]
 
-W4_FUSED_MAX_M = 8  # up to this many rows the packed-W4 kernel runs; above, unpack once and use the GEMM
+W4_FUSED_MAX_M = 16  # up to this many rows the packed-W4 kernel runs; above, unpack once and use the GEMM
 
 QMAX = 127  # symmetric int8: [-127, 127], so negation never overflows
 
@@ -205,18 +206,34 @@ def int8_linear_grouped_reference(x: torch.Tensor, w: torch.Tensor, w_scale: tor
                     lambda a, b, k0, k1: int8_matmul_reference(a[:, k0:k1], b[:, k0:k1]))
 
 
-def _unpacked(packed: torch.Tensor, zero: torch.Tensor | None, k: int, group: int) -> torch.Tensor:
+def unpack_w4(packed: torch.Tensor, zero: torch.Tensor | None, k: int, group: int) -> torch.Tensor:
+    """Packed int4 [N, ceil(K / 2)] -> the int8 [N, K] the kernels multiply: signed nibbles (zero None)
+    or u - zero (zero uint8 [N] or [N, G]). In C on CPU; quant/int4.py's torch versions elsewhere."""
     from .int4 import unpack_int4, unpack_int4_zero
 
-    return unpack_int4(packed, k) if zero is None else unpack_int4_zero(packed, zero, k, group)
+    n = packed.shape[0]
+    if packed.device.type != "cpu":
+        return unpack_int4(packed, k) if zero is None else unpack_int4_zero(packed, zero, k, group)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
+        raise ValueError(f"packed int4 must be uint8 [N, {(k + 1) // 2}] for K = {k}, got {packed.dtype} {tuple(packed.shape)}")
+    g = k if group <= 0 else group
+    if zero is not None and zero.numel() != n * (-(-k // g)):
+        raise ValueError(f"zero points must be [{n}, {-(-k // g)}], got {tuple(zero.shape)}")
+    packed = packed.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    out = torch.empty((n, k), dtype=torch.int8)
+    load_kernels().ew_unpack_int4(n, k, packed.data_ptr(), _ptr(zero), g, out.data_ptr())
+    return out
 
 
 def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, group: int,
                           bias: torch.Tensor | None = None, static_scale: float | None = None,
                           zero: torch.Tensor | None = None) -> torch.Tensor:
-    """int4_linear with the weights unpacked to int8 and exact int64 products."""
+    """int4_linear with the weights unpacked to int8 by torch ops and exact int64 products."""
+    from .int4 import unpack_int4, unpack_int4_zero
+
     k = x.shape[-1]
-    q = _unpacked(packed, zero, k, group)
+    q = unpack_int4(packed, k) if zero is None else unpack_int4_zero(packed, zero, k, group)
     if group <= 0:
         return int8_linear_reference(x, q, w_scale, bias, static_scale)
     return int8_linear_grouped_reference(x, q, w_scale, group, bias, static_scale)
@@ -244,7 +261,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, gr
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if x.device.type != "cpu" or m > W4_FUSED_MAX_M or (group > 0 and group % 2):
-        q = _unpacked(packed, zero, k, group)
+        q = unpack_w4(packed, zero, k, group)
         if group <= 0:
             return int8_linear(x, q, w_scale, bias, static_scale)
         return int8_linear_grouped(x, q, w_scale, group, bias, static_scale)

@@ -31,6 +31,7 @@ _SIGNATURES = {
     "ew_rescale": [_I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "ew_linear_w8a8": [_I64, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "ew_linear_w4a8": [_I64, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR],
+    "ew_unpack_int4": [_I64, _I64, _PTR, _PTR, _I64, _PTR],
 }
 
 

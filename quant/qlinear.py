@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int4 import expand_group_scale, num_groups, pack_int4, unpack_int4, unpack_int4_zero
-from .kernels import int4_linear, int8_linear, int8_linear_grouped
+from .int4 import expand_group_scale, num_groups, pack_int4
+from .kernels import int4_linear, int8_linear, int8_linear_grouped, unpack_w4
 from .sparse import decode_sparse, encode_sparse
 from .tender import tender_linear
 
@@ -157,9 +157,7 @@ class QuantLinear(nn.Module):
                 assert self.wmask is not None and self.wvals is not None
                 self._dense = decode_sparse(self.wmask, self.wvals, self.in_features)
             return self._dense
-        if self.w_zero is not None:
-            return unpack_int4_zero(self.qweight4, self.w_zero, self.in_features, self.group_size)
-        return unpack_int4(self.qweight4, self.in_features) if self.w_bits == 4 else self.qweight
+        return unpack_w4(self.qweight4, self.w_zero, self.in_features, self.group_size) if self.w_bits == 4 else self.qweight
 
     def trainable(self) -> bool:
         """Whether tuning can train this module's weight scales (per output channel, not Tender)."""

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quant.int4 import pack_int4, unpack_int4, unpack_int4_zero
-from quant.kernels import int4_linear, int8_linear
+from quant.int4 import pack_int4
+from quant.kernels import int4_linear, int8_linear, unpack_w4
 from quant.qlinear import QuantLinear
 from quant.sparse import decode_sparse
 from quant.tender import tender_linear
@@ -124,9 +124,7 @@ class FusedLinear:
         """The int8 [sum N, K] the kernel multiplies (Tender's W4 is unpacked on every call: it stays packed)."""
         if self.qweight.dtype != torch.uint8:
             return self.qweight
-        if self.w_zero is not None:
-            return unpack_int4_zero(self.qweight, self.w_zero, k, self.w_group)
-        return unpack_int4(self.qweight, k)
+        return unpack_w4(self.qweight, self.w_zero, k, self.w_group)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.offset is not None:

@@ -226,23 +226,29 @@ static int32_t dot4_scalar(const int8_t* a, const uint8_t* p, int64_t k0, int64_
   return acc;
 }
 
+#define W4_ROWS 8 /* activation rows sharing one unpacked weight vector */
+
 #ifdef EW_X86
-__attribute__((target("avx2"))) static int32_t dot4_avx2(const int8_t* a, const uint8_t* p,
-                                                        int64_t k0, int64_t k1, int zero,
-                                                        int is_signed) {
+/* out[m] = int32 dot of activation rows A[m, k0:k1) (m < M <= W4_ROWS, row stride K) with one
+ * weight row's nibbles: each 16 weights are unpacked once, in registers, for all M rows. */
+__attribute__((target("avx2"))) static void dot4_rows_avx2(const int8_t* A, int64_t M, int64_t K,
+                                                          const uint8_t* p, int64_t k0, int64_t k1,
+                                                          int zero, int is_signed, int32_t* out) {
   const __m128i mask = _mm_set1_epi16(0xF);
   const __m256i off = _mm256_set1_epi16(is_signed ? 8 : (int16_t)zero);
   const __m256i flip = _mm256_set1_epi16(is_signed ? 8 : 0);
-  __m256i s = _mm256_setzero_si256();
+  __m256i s[W4_ROWS];
+  for (int64_t m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
   int64_t k = k0;
   for (; k + 16 <= k1; k += 16) {
     __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + (k >> 1))));  /* 8 bytes */
     __m128i lo = _mm_and_si128(b, mask), hi = _mm_srli_epi16(b, 4);
     __m256i w = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
     w = _mm256_sub_epi16(_mm256_xor_si256(w, flip), off); /* signed: (v ^ 8) - 8; else u - z */
-    s = _mm256_add_epi32(s, _mm256_madd_epi16(load16_s8_as_s16(a + k), w));
+    for (int64_t m = 0; m < M; ++m)
+      s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(load16_s8_as_s16(A + m * K + k), w));
   }
-  return hsum_epi32(s) + dot4_scalar(a, p, k, k1, zero, is_signed);
+  for (int64_t m = 0; m < M; ++m) out[m] = hsum_epi32(s[m]) + dot4_scalar(A + m * K, p, k, k1, zero, is_signed);
 }
 #endif
 
@@ -255,23 +261,45 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
 #pragma omp parallel for schedule(static) if (M * N * K > 65536)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* p = P + n * ldp;
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* a = Q + m * K;
-      float y = 0.0f;
+    for (int64_t m0 = 0; m0 < M; m0 += W4_ROWS) {
+      const int64_t rows = M - m0 < W4_ROWS ? M - m0 : W4_ROWS;
+      const int8_t* a = Q + m0 * K;
+      float y[W4_ROWS] = {0};
+      int32_t acc[W4_ROWS];
       for (int64_t g = 0; g < G; ++g) {
         int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
         int z = zero ? zero[n * G + g] : 0;
-        int32_t acc;
 #ifdef EW_X86
-        if (avx2) acc = dot4_avx2(a, p, k0, k1, z, zero == NULL);
+        if (avx2) dot4_rows_avx2(a, rows, K, p, k0, k1, z, zero == NULL, acc);
         else
 #endif
-          acc = dot4_scalar(a, p, k0, k1, z, zero == NULL);
-        y += (float)acc * sw[n * G + g];
+          for (int64_t m = 0; m < rows; ++m) acc[m] = dot4_scalar(a + m * K, p, k0, k1, z, zero == NULL);
+        for (int64_t m = 0; m < rows; ++m) y[m] += (float)acc[m] * sw[n * G + g];
       }
-      y *= sx[m];
-      Y[m * N + n] = bias ? y + bias[n] : y;
+      for (int64_t m = 0; m < rows; ++m) {
+        float v = y[m] * sx[m0 + m];
+        Y[(m0 + m) * N + n] = bias ? v + bias[n] : v;
+      }
     }
   }
   (void)avx2;
+}
+
+/* Packed int4 [N, ceil(K / 2)] -> int8 [N, K]: signed nibbles (zero NULL), or u - zero[n, k / group]. */
+void ew_unpack_int4(int64_t N, int64_t K, const uint8_t* P, const uint8_t* zero, int64_t group,
+                    int8_t* out) {
+  const int64_t ldp = (K + 1) / 2, G = (K + group - 1) / group;
+#pragma omp parallel for schedule(static) if (N * K > 65536)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* p = P + n * ldp;
+    int8_t* o = out + n * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+      const int z = zero ? zero[n * G + g] : 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        int v = (p[k >> 1] >> ((k & 1) * 4)) & 0xF;
+        o[k] = (int8_t)(zero ? v - z : ((v ^ 8) - 8));
+      }
+    }
+  }
 }

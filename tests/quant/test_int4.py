@@ -201,7 +201,8 @@ def test_w4a8_checkpoint_is_packed_reloads_and_stays_close(tmp_path):
 
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("group", [0, 128, 16])
-@pytest.mark.parametrize("m,k", [(1, 576), (3, 200), (8, 1536), (1, 37), (12, 256)])  # 37: odd K, scalar tail; 12: unpack path
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 200), (8, 1536), (1, 37), (11, 256), (40, 256)])
+# 37: odd K, the scalar tail; 11: a second block of rows in the packed kernel; 40: unpacked once, then the GEMM
 def test_packed_w4_kernel_matches_the_unpacked_reference(m, k, group, asym):
     """The decode kernel reads the nibbles directly: same int32 group sums as the int8 reference."""
     from quant.kernels import int4_linear, int4_linear_reference
@@ -225,3 +226,7 @@ def test_packed_w4_kernel_matches_the_unpacked_reference(m, k, group, asym):
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="weight scales"):
         int4_linear(x, packed, scale[:5], group, bias)
+    from quant.int4 import unpack_int4, unpack_int4_zero
+    from quant.kernels import unpack_w4
+    torch_unpacked = unpack_int4(packed, k) if zero8 is None else unpack_int4_zero(packed, zero8, k, group)
+    assert torch.equal(unpack_w4(packed, zero8, k, group), torch_unpacked)  # the C unpacking, bit for bit
