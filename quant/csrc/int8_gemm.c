@@ -252,12 +252,52 @@ __attribute__((target("avx2"))) static void dot4_rows_avx2(const int8_t* A, int6
 }
 #endif
 
+#ifdef EW_X86
+/* The common case, every group a multiple of 16 columns (K % 16 == 0, group % 16 == 0): y[m] = sum_g
+ * sw[g] * int32 group sum, with the int32 sums scaled in vector registers and added into float
+ * accumulators, so there is one horizontal sum per row instead of one per group. */
+__attribute__((target("avx2,fma"))) static void row4_avx2(const int8_t* A, int64_t M, int64_t K,
+                                                         const uint8_t* p, const uint8_t* zero,
+                                                         const float* sw, int64_t group, float* y) {
+  const __m128i mask = _mm_set1_epi16(0xF);
+  const int64_t G = (K + group - 1) / group; /* the last group may be shorter, still a multiple of 16 */
+  __m256 f[W4_ROWS];
+  for (int64_t m = 0; m < M; ++m) f[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256i off = _mm256_set1_epi16(zero ? (int16_t)zero[g] : 8);
+    const __m256i flip = _mm256_set1_epi16(zero ? 0 : 8);
+    __m256i s[W4_ROWS];
+    for (int64_t m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
+    const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+    for (int64_t k = g * group; k < k1; k += 16) {
+      __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + (k >> 1))));
+      __m128i lo = _mm_and_si128(b, mask), hi = _mm_srli_epi16(b, 4);
+      __m256i w = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
+      w = _mm256_sub_epi16(_mm256_xor_si256(w, flip), off);
+      for (int64_t m = 0; m < M; ++m)
+        s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(load16_s8_as_s16(A + m * K + k), w));
+    }
+    const __m256 scale = _mm256_set1_ps(sw[g]);
+    for (int64_t m = 0; m < M; ++m) f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m]), scale, f[m]);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(f[m]), _mm256_extractf128_ps(f[m], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    y[m] = _mm_cvtss_f32(v);
+  }
+}
+#endif
+
 void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float static_scale,
                     const uint8_t* P, const uint8_t* zero, const float* sw, int64_t group,
                     const float* bias, int8_t* Q, float* sx, float* Y) {
   const int64_t ldp = (K + 1) / 2, G = (K + group - 1) / group;
   ew_quantize_rows(M, K, X, static_scale, Q, sx);
   int avx2 = use_avx2(K);
+#ifdef EW_X86
+  int fma = avx2 && __builtin_cpu_supports("fma");
+#endif
 #pragma omp parallel for schedule(static) if (M * N * K > 65536)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* p = P + n * ldp;
@@ -266,6 +306,11 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
       const int8_t* a = Q + m0 * K;
       float y[W4_ROWS] = {0};
       int32_t acc[W4_ROWS];
+#ifdef EW_X86
+      if (fma && K % 16 == 0 && group % 16 == 0) {
+        row4_avx2(a, rows, K, p, zero ? zero + n * G : NULL, sw + n * G, group, y);
+      } else
+#endif
       for (int64_t g = 0; g < G; ++g) {
         int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
         int z = zero ? zero[n * G + g] : 0;
