@@ -44,6 +44,10 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # zero point per group (--w-asym): 16 levels over [min, max]
     "haq-w4g128a-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True},
     "haq-w4a-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_asym": True},
+    # GPTQ's true-sequential order inside each layer (gptq_sequential)
+    "haq-w4g128as-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                           "gptq_sequential": True},
+    "haq-token-seq": {"method": "haq", "act_scheme": "token", "gptq_sequential": True},
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
@@ -119,7 +123,8 @@ def main() -> None:
     fp = rows.get("fp")
     targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02, "haq-w4-token": 1.10,
                "haq-w4-tensor": 1.10, "haq-w4g128-token": 1.10, "haq-w4g128-tensor": 1.10,
-               "haq-w4g128a-token": 1.10, "haq-w4a-token": 1.10, "mq-w8": 1.02, "mq-w4g128": 1.10}
+               "haq-w4g128a-token": 1.10, "haq-w4a-token": 1.10,
+               "haq-w4g128as-token": 1.10, "haq-token-seq": 1.01, "mq-w8": 1.02, "mq-w4g128": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

@@ -487,7 +487,7 @@ class Controller:
                 "hop_overhead_ms_median": med, "compute_ms_median": comp, "health": dict(self.health),
                 "placement_id": self.placement.placement_id, "recoveries": st.recoveries,
                 "recovery_s": list(st.recovery_s), "replayed_tokens": st.replayed_tokens,
-                "unavailable": self.engine.unavailable}
+                "unavailable": self.engine.unavailable, "replanning": self.engine.replanning}
 
     def reset_stats(self) -> None:
         st = self.engine.stats

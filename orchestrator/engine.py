@@ -141,6 +141,7 @@ class Engine:
         self.unavailable = ""  # why the model cannot be served now ("" when it can)
         self._replan = False
         self._replan_at = 0.0
+        self._recovering = False  # recover() is running on the engine thread
         self._failures = 0  # recoveries since the last successful step
         self._recovery_t0: float | None = None  # when the failure being recovered from was seen
         self._stop = False
@@ -192,6 +193,12 @@ class Engine:
                 self._replan, self._replan_at = True, time.monotonic()
             self.cv.notify()
 
+    @property
+    def replanning(self) -> bool:
+        """A re-plan is asked for and not done yet, or a recovery is loading a new placement."""
+        with self.cv:
+            return self._replan or self._recovering
+
     def close(self) -> None:
         with self.cv:
             self._stop = True
@@ -228,7 +235,7 @@ class Engine:
                 replan = self._replan and (not self.active or bool(self.unavailable)
                                            or time.monotonic() - self._replan_at > self.opts.replan_defer_s)
                 if replan:
-                    self._replan = False
+                    self._replan, self._recovering = False, True
                 gone = [s for s in self.active if s.cancelled]
                 self.active = [s for s in self.active if not s.cancelled]
                 if not self.unavailable:
@@ -269,6 +276,16 @@ class Engine:
         replay. On Unavailable, fails the admitted and waiting requests fast."""
         assert self.recover is not None
         t0 = time.perf_counter()
+        with self.cv:
+            self._recovering = True
+        try:
+            self._recover_now(err, t0)
+        finally:
+            with self.cv:
+                self._recovering = False
+
+    def _recover_now(self, err: StageError | None, t0: float) -> None:
+        assert self.recover is not None
         try:
             placement, addresses = self.recover(err)
         except Exception as e:  # Unavailable, or the controller itself failing: nothing can run now

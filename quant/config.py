@@ -52,6 +52,10 @@ class QuantConfig:
     gptq_block: int = 128
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    # Inside a decoder layer, take each group's Hessian after the groups before it are rounded
+    # (o after q/k/v, down after gate/up): GPTQ's "true sequential" order. False: one pass of
+    # statistics per layer, all groups seeing float inputs.
+    gptq_sequential: bool = False
     search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
     quantize_lm_head: bool = True
     tender_groups: int = 4  # Tender: channel groups (power-of-two scales apart)

@@ -312,8 +312,13 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
         chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i))
                   for g in spec.groups]
-        for g, (s, static) in zip(spec.groups, chosen, strict=True):
-            _convert_group(layer, g, stats[g.name], s, static, cfg, layer_scheme(cfg, i))
+        for j, (g, (s, static)) in enumerate(zip(spec.groups, chosen, strict=True)):
+            st = stats[g.name]
+            if cfg.gptq_sequential and j > 0 and g.experts is None and cfg.method in ("haq", "luc"):
+                # this group's input with the groups before it already rounded; the folds are in the
+                # weights now, so these statistics are of x / s already
+                st, s = _collect_stats(layer, [g], batches, keep)[g.name], torch.ones_like(s)
+            _convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i))
         batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
         _lm_head_group(model, spec, batches, cfg, keep, report)
