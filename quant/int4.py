@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["QMAX4", "UMAX4", "pack_int4", "unpack_int4", "unpack_int4_zero", "quantize_weight_int4",
+__all__ = ["QMAX4", "UMAX4", "check_packed", "pack_int4", "unpack_int4", "unpack_int4_zero", "quantize_weight_int4",
            "search_w4_scale", "expand_group_scale", "num_groups", "group_absmax"]
 
 QMAX4 = 7  # symmetric int4: [-7, 7]
@@ -33,10 +33,18 @@ def pack_int4(q: torch.Tensor, signed: bool = True) -> torch.Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
-def unpack_int4(p: torch.Tensor, k: int, signed: bool = True) -> torch.Tensor:
-    """uint8 [N, ceil(K / 2)] -> int8 [N, K] in [-8, 7] (signed) or [0, 15]."""
+def check_packed(p: torch.Tensor, k: int, zero: torch.Tensor | None = None, groups: int = 1) -> None:
+    """Raises ValueError unless p is packed int4 uint8 [N, ceil(K / 2)] and zero (if any) uint8 with
+    N * groups entries."""
     if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != (k + 1) // 2:
         raise ValueError(f"packed int4 must be uint8 [N, {(k + 1) // 2}] for K = {k}, got {p.dtype} {tuple(p.shape)}")
+    if zero is not None and (zero.dtype != torch.uint8 or zero.numel() != p.shape[0] * groups):
+        raise ValueError(f"int4 zero points must be uint8 [{p.shape[0]}, {groups}], got {zero.dtype} {tuple(zero.shape)}")
+
+
+def unpack_int4(p: torch.Tensor, k: int, signed: bool = True) -> torch.Tensor:
+    """uint8 [N, ceil(K / 2)] -> int8 [N, K] in [-8, 7] (signed) or [0, 15]."""
+    check_packed(p, k)
     lo = (p & 0xF).to(torch.int8)
     hi = (p >> 4).to(torch.int8)
     both = torch.stack([lo, hi], dim=2).reshape(p.shape[0], -1)[:, :k]  # [N, K] nibbles

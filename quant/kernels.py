@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .int4 import check_packed, num_groups, unpack_int4, unpack_int4_zero
 from .native import load_kernels
 
 __all__ = [
@@ -209,16 +210,11 @@ def int8_linear_grouped_reference(x: torch.Tensor, w: torch.Tensor, w_scale: tor
 def unpack_w4(packed: torch.Tensor, zero: torch.Tensor | None, k: int, group: int) -> torch.Tensor:
     """Packed int4 [N, ceil(K / 2)] -> the int8 [N, K] the kernels multiply: signed nibbles (zero None)
     or u - zero (zero uint8 [N] or [N, G]). In C on CPU; quant/int4.py's torch versions elsewhere."""
-    from .int4 import unpack_int4, unpack_int4_zero
-
     n = packed.shape[0]
     if packed.device.type != "cpu":
         return unpack_int4(packed, k) if zero is None else unpack_int4_zero(packed, zero, k, group)
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
-        raise ValueError(f"packed int4 must be uint8 [N, {(k + 1) // 2}] for K = {k}, got {packed.dtype} {tuple(packed.shape)}")
+    check_packed(packed, k, zero, num_groups(k, group))
     g = k if group <= 0 else group
-    if zero is not None and zero.numel() != n * (-(-k // g)):
-        raise ValueError(f"zero points must be [{n}, {-(-k // g)}], got {tuple(zero.shape)}")
     packed = packed.contiguous()
     zero = None if zero is None else zero.contiguous()
     out = torch.empty((n, k), dtype=torch.int8)
@@ -230,8 +226,6 @@ def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.
                           bias: torch.Tensor | None = None, static_scale: float | None = None,
                           zero: torch.Tensor | None = None) -> torch.Tensor:
     """int4_linear with the weights unpacked to int8 by torch ops and exact int64 products."""
-    from .int4 import unpack_int4, unpack_int4_zero
-
     k = x.shape[-1]
     q = unpack_int4(packed, k) if zero is None else unpack_int4_zero(packed, zero, k, group)
     if group <= 0:
@@ -251,10 +245,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, gr
     registers, so the weights are read at half a byte each; with more rows (prefill) the weights
     are unpacked to int8 once and the int8 GEMM runs."""
     n, k = packed.shape[0], x.shape[-1]
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
-        raise ValueError(f"packed int4 weight must be uint8 [N, {(k + 1) // 2}] for K = {k}, "
-                         f"got {packed.dtype} {tuple(packed.shape)}")
-    want = (n,) if group <= 0 else (n, -(-k // group))
+    check_packed(packed, k, zero, num_groups(k, group))
+    want = (n,) if group <= 0 else (n, num_groups(k, group))
     if w_scale.shape != want or (zero is not None and zero.shape != want):
         raise ValueError(f"weight scales (and zero points) must be {list(want)}, got {list(w_scale.shape)}"
                          + ("" if zero is None else f" and {list(zero.shape)}"))

@@ -226,6 +226,9 @@ def test_packed_w4_kernel_matches_the_unpacked_reference(m, k, group, asym):
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="weight scales"):
         int4_linear(x, packed, scale[:5], group, bias)
+    if zero8 is not None:  # zero points of the wrong type are refused, not read as bytes
+        with pytest.raises(ValueError, match="zero points must be uint8"):
+            int4_linear(x, packed, scale, group, bias, None, zero8.float())
     from quant.int4 import unpack_int4, unpack_int4_zero
     from quant.kernels import unpack_w4
     torch_unpacked = unpack_int4(packed, k) if zero8 is None else unpack_int4_zero(packed, zero8, k, group)
