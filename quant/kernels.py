@@ -31,6 +31,7 @@ __all__ = [
     "int4_linear_reference",
     "W4_FUSED_MAX_M",
     "unpack_w4",
+    "attention_row",
 ]
 
 W4_FUSED_MAX_M = 16  # up to this many rows the packed-W4 kernel runs; above, unpack once and use the GEMM
@@ -268,3 +269,18 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, gr
         k if group <= 0 else group, _ptr(bias), q.data_ptr(), sx.data_ptr(), y.data_ptr(),
     )
     return y.reshape(*x.shape[:-1], n)
+
+
+def attention_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, simd: bool = True) -> torch.Tensor:
+    """The C stage's attention for one query row (quant/csrc/llama_stage.c): q [hd], keys and values
+    [S, hd] float32 -> softmax(keys @ q * scale) @ values, [hd]. simd False: the portable C path."""
+    s, hd = keys.shape
+    if q.shape != (hd,) or values.shape != (s, hd) or s < 1:
+        raise ValueError(f"need q [hd], keys and values [S >= 1, hd]; got {list(q.shape)}, {list(keys.shape)}, "
+                         f"{list(values.shape)}")
+    q, keys, values = (t.float().contiguous() for t in (q, keys, values))
+    out = torch.empty(hd, dtype=torch.float32)
+    if load_kernels().ew_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), s, hd, float(scale), int(simd),
+                                out.data_ptr()) != 0:
+        raise MemoryError(f"no memory for {s} attention scores")
+    return out

@@ -10,6 +10,7 @@ Greedy output equals the transformers path on the same checkpoint (tests/workers
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from quant.int4 import pack_int4
 from quant.kernels import int4_linear, int8_linear, unpack_w4
+from quant.native import EwLinear, EwLlamaDims, EwLlamaLayer, load_kernels
 from quant.qlinear import QuantLinear
 from quant.sparse import decode_sparse
 from quant.tender import tender_linear
@@ -136,6 +138,25 @@ class FusedLinear:
             return tender_linear(x, q, self.w_scale, self.bias, self.groups, perm=self.perm)
         return int8_linear(x, q, self.w_scale, self.bias, self.static)
 
+    def native(self, k: int, keep: list[torch.Tensor]) -> EwLinear | None:
+        """This linear as the C stage's struct (quant/csrc/llama_stage.c), or None where the C stage
+        has no kernel for it (Tender's channel groups, odd W4 groups). keep: collects the tensors the
+        struct points into, which must outlive it."""
+        if self.perm is not None:
+            return None
+        w4 = self.qweight.dtype == torch.uint8
+        group = (self.w_group or k) if w4 else 0
+        if w4 and group % 2:
+            return None
+        parts = [self.qweight.contiguous(), self.w_scale.float().contiguous(),
+                 None if self.w_zero is None else self.w_zero.contiguous(),
+                 None if self.bias is None else self.bias.float().contiguous()]
+        keep.extend(t for t in parts if t is not None)
+        w, sw, zero, bias = (None if t is None else t.data_ptr() for t in parts)
+        return EwLinear(bits=4 if w4 else 8, n=self.qweight.shape[0], k=k, w=w, sw=sw, zero=zero, group=group,
+                        bias=bias, static_scale=float(self.static or 0.0), offset=float(self.offset or 0.0),
+                        has_offset=int(self.offset is not None))
+
 
 @dataclass(frozen=True)
 class LayerWeights:
@@ -188,10 +209,12 @@ class LlamaStage:
     """Decoder layers [first, last) of a quantized Llama-family checkpoint, run on hidden states.
 
     tensors: checkpoint tensor names -> tensors; only the layers in range are read, so a worker
-    can hold just its shard (workers/shard.py)."""
+    can hold just its shard (workers/shard.py).
+    native: run dense stages in one C call per step (quant/csrc/llama_stage.c) instead of torch ops;
+    stages it cannot run (MoE layers, Tender) use torch ops either way (see `native_ready`)."""
 
     def __init__(self, dims: LlamaDims, tensors: Mapping[str, torch.Tensor], first: int, last: int,
-                 max_positions: int = 8192, moe: MoEHook | None = None) -> None:
+                 max_positions: int = 8192, moe: MoEHook | None = None, native: bool = True) -> None:
         self.dims = d = dims
         self.first, self.last = first, last
         self.layers = [self._extract(tensors, layer_prefix(i)) for i in range(first, last)]
@@ -202,8 +225,38 @@ class LlamaStage:
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float) / d.head_dim))
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]  # [P, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos, self.sin = emb.cos().contiguous(), emb.sin().contiguous()
         self.max_positions = max_positions
+        self._keep: list[torch.Tensor] = []  # tensors the C structs point into
+        self._native = self._native_layers() if native else None
+
+    @property
+    def native_ready(self) -> bool:
+        """Whether steps run in the C stage."""
+        return self._native is not None
+
+    def _native_layers(self):
+        """ctypes array of the layers' C structs, or None if a layer is MoE or has a linear without a C kernel."""
+        d = self.dims
+        layers = []
+        for lw in self.layers:
+            if lw.gate_up is None or lw.down is None:
+                return None
+            ln = [lw.ln1.float().contiguous(), lw.ln2.float().contiguous()]
+            self._keep.extend(ln)
+            widths = ((lw.qkv, d.hidden), (lw.o, d.heads * d.head_dim), (lw.gate_up, d.hidden),
+                      (lw.down, self._down_in(lw)))
+            lins = [f.native(k, self._keep) for f, k in widths]
+            if any(x is None for x in lins):
+                return None
+            layers.append(EwLlamaLayer(ln[0].data_ptr(), ln[1].data_ptr(), *lins))
+        return (EwLlamaLayer * len(layers))(*layers) if layers else None
+
+    @staticmethod
+    def _down_in(lw: LayerWeights) -> int:
+        """down_proj's input width I (gate_up's rows are gate | up)."""
+        assert lw.gate_up is not None
+        return lw.gate_up.qweight.shape[0] // 2
 
     @classmethod
     def of_model(cls, model, first: int = 0, last: int | None = None, max_positions: int = 8192) -> "LlamaStage":
@@ -251,6 +304,8 @@ class LlamaStage:
                 raise ValueError(f"session would reach {c.length + h.shape[0]} tokens, over the {self.max_positions} positions served")
         d = self.dims
         rows = [h.shape[0] for h in hs]
+        if self._native is not None and all(h.device.type == "cpu" for h in hs):
+            return self._forward_native(hs, caches, rows)
         h = torch.cat(hs) if len(hs) > 1 else hs[0]  # [sum T, D]
         for i, lw in enumerate(self.layers):
             qkv = lw.qkv(_rms_norm(h, lw.ln1, d.eps))  # [sum T, (H + 2KV) hd]
@@ -267,6 +322,32 @@ class LlamaStage:
                 assert lw.gate_up is not None and lw.down is not None
                 gate, up = lw.gate_up(x).chunk(2, dim=-1)  # [sum T, I] each
                 h = h + lw.down(F.silu(gate) * up)
+        for c, t in zip(caches, rows):
+            c.length += t
+        return list(h.split(rows))
+
+    def _forward_native(self, hs: list[torch.Tensor], caches: list[KVCache], rows: list[int]) -> list[torch.Tensor]:
+        """forward_batch in one C call: every row's norms, linears, RoPE, cache append and attention."""
+        d = self.dims
+        h = torch.cat(hs).float().contiguous() if len(hs) > 1 else hs[0].float().clone().contiguous()  # [R, D]
+        kp: list[int] = []
+        vp: list[int] = []
+        ml: list[int] = []
+        pos: list[int] = []
+        for c, t in zip(caches, rows):
+            kp += [c.k.data_ptr()] * t
+            vp += [c.v.data_ptr()] * t
+            ml += [c.max_len] * t
+            pos += range(c.length, c.length + t)
+        meta = torch.tensor([kp, vp, ml, pos], dtype=torch.int64)  # [4, R]
+        r = h.shape[0]
+        dims = EwLlamaDims(d.hidden, d.heads, d.kv_heads, d.head_dim, self._down_in(self.layers[0]), d.eps)
+        rc = load_kernels().ew_llama_stage_forward(
+            ctypes.byref(dims), len(self.layers), self._native, r, h.data_ptr(),
+            meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr(),
+            self.cos.data_ptr(), self.sin.data_ptr())
+        if rc != 0:
+            raise MemoryError(f"the C stage could not allocate scratch memory for {r} rows")
         for c, t in zip(caches, rows):
             c.length += t
         return list(h.split(rows))

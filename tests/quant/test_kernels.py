@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant.kernels import (int8_linear, int8_linear_reference, int8_matmul, int8_matmul_reference,
+from quant.kernels import (attention_row, int8_linear, int8_linear_reference, int8_matmul, int8_matmul_reference,
                            quantize_activations, quantize_activations_reference, quantize_weight_per_channel)
 from tests.conftest import sqnr_db
 
@@ -63,3 +63,24 @@ def test_vector_kernel_handles_any_k(m, k):
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
     b = torch.randint(-127, 128, (9, k), dtype=torch.int8, generator=g)
     assert torch.equal(int8_matmul(a, b), int8_matmul_reference(a, b))
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("s,hd", [(1, 64), (7, 16), (8, 64), (9, 8), (100, 64), (33, 128), (20, 12), (300, 96)])
+def test_attention_row_matches_softmax_reference(s, hd, simd):
+    """The C stage's attention (vector exp and 8-key dot products, or the portable loop) against torch."""
+    g = torch.Generator().manual_seed(s * 1000 + hd)
+    q, keys, values = torch.randn(hd, generator=g) * 3, torch.randn(s, hd, generator=g), torch.randn(s, hd, generator=g)
+    scale = hd ** -0.5
+    ref = torch.softmax(keys.double() @ q.double() * scale, 0) @ values.double()
+    out = attention_row(q, keys, values, scale, simd)
+    assert sqnr_db(ref.float(), out) > 110
+
+
+def test_attention_row_with_one_dominant_key_and_underflowing_rest():
+    """Scores far below the maximum underflow to zero weight instead of producing NaN."""
+    keys = torch.zeros(16, 8)
+    keys[5] = 100.0
+    values = torch.arange(16 * 8, dtype=torch.float32).view(16, 8)
+    out = attention_row(torch.ones(8), keys, values, 1.0)
+    assert torch.equal(out, values[5])
