@@ -22,6 +22,7 @@ from bench.report import machine, table, update_section, write_results  # noqa: 
 from quant.checkpoint import load_checkpoint  # noqa: E402
 from quant.generate import HFDecoder, SamplingConfig, generate_tokens, make_decoder  # noqa: E402
 from quant.models import load_float_model, resolve_model  # noqa: E402
+from workers.llama_stage import LocalLlama  # noqa: E402
 
 PROMPT = "The history of the city begins in the early middle ages, when"
 
@@ -60,10 +61,15 @@ def main() -> None:
     qmodel, tok, manifest = load_checkpoint(a.checkpoint)
     fmodel, _ = load_float_model("smollm2-135m")
     ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
-    res: dict[str, list] = {"int8": [], "fp32": []}
-    for _ in range(a.reps):  # interleaved, so both see the same machine load
-        res["int8"].append(decode_rate(make_decoder(qmodel), ids, a.tokens))
+    res: dict[str, list] = {"int8": [], "int8_ops": [], "fp32": []}
+    fast = make_decoder(qmodel)
+    ops = LocalLlama(qmodel, native=False) if isinstance(fast, LocalLlama) and fast.stage.native_ready else None
+    for _ in range(a.reps):  # interleaved, so all see the same machine load
+        res["int8"].append(decode_rate(fast, ids, a.tokens))
+        if ops is not None:
+            res["int8_ops"].append(decode_rate(ops, ids, a.tokens))
         res["fp32"].append(decode_rate(HFDecoder(fmodel), ids, a.tokens))
+    res = {k: v for k, v in res.items() if v}
     med = {k: statistics.median(r for r, _ in v) for k, v in res.items()}
     ttft = {k: statistics.median(t for _, t in v) for k, v in res.items()}
     lcpp = llama_cpp_rate(a.tokens, a.reps)
@@ -71,8 +77,12 @@ def main() -> None:
     label = f"{m['method']} W8A8 {m['act_scheme']}"
     write_results("decode", {"runs": res, "median_tok_s": med, "ttft_s": ttft, "llama_cpp_tok_s": lcpp, "checkpoint": label})
     ratio = med["int8"] / med["fp32"]
-    rows = [["float32 transformers", f"{med['fp32']:.1f}", f"{ttft['fp32'] * 1e3:.0f}", "1.00x"],
-            [f"edgeweave {label}", f"{med['int8']:.1f}", f"{ttft['int8'] * 1e3:.0f}", f"**{ratio:.2f}x**"]]
+    rows = [["float32 transformers", f"{med['fp32']:.1f}", f"{ttft['fp32'] * 1e3:.0f}", "1.00x"]]
+    if "int8_ops" in med:
+        rows.append([f"edgeweave {label}, stage as torch ops (`native=False`)", f"{med['int8_ops']:.1f}",
+                     f"{ttft['int8_ops'] * 1e3:.0f}", f"{med['int8_ops'] / med['fp32']:.2f}x"])
+    rows.append([f"edgeweave {label}" + (", C stage (default)" if "int8_ops" in med else ""), f"{med['int8']:.1f}",
+                 f"{ttft['int8'] * 1e3:.0f}", f"**{ratio:.2f}x**"])
     rows.append(["llama.cpp Q4_1 (llama-cpp-python)", f"{lcpp:.1f}" if lcpp else "not installed", "", ""])
     mc = machine()
     update_section("decode", f"""## Decode speed (`bench/decode.py`)

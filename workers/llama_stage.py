@@ -178,7 +178,8 @@ class KVCache:
 
     def __init__(self, layers: int, dims: LlamaDims, max_len: int) -> None:
         shape = (layers, dims.kv_heads, max_len, dims.head_dim)
-        self.k, self.v = torch.zeros(shape), torch.zeros(shape)
+        # never read past `length` (attention reads positions [0, length + T)), so left uninitialized
+        self.k, self.v = torch.empty(shape), torch.empty(shape)
         self.length, self.max_len = 0, max_len
 
     @property
@@ -259,11 +260,12 @@ class LlamaStage:
         return lw.gate_up.qweight.shape[0] // 2
 
     @classmethod
-    def of_model(cls, model, first: int = 0, last: int | None = None, max_positions: int = 8192) -> "LlamaStage":
+    def of_model(cls, model, first: int = 0, last: int | None = None, max_positions: int = 8192,
+                 native: bool = True) -> "LlamaStage":
         if not supports(model):
             raise ValueError("LlamaStage needs a quantized Llama/Mistral checkpoint with default RoPE")
         last = model.config.num_hidden_layers if last is None else last
-        return cls(LlamaDims.from_config(model.config), model.state_dict(), first, last, max_positions)
+        return cls(LlamaDims.from_config(model.config), model.state_dict(), first, last, max_positions, native=native)
 
     @staticmethod
     def _extract(t: Mapping[str, torch.Tensor], p: str) -> LayerWeights:
@@ -393,8 +395,8 @@ class Head:
 class LocalLlama:
     """Embedding + one stage holding every layer + final norm + lm_head: single-process decoding."""
 
-    def __init__(self, model, max_positions: int = 8192) -> None:
-        self.stage = LlamaStage.of_model(model, max_positions=max_positions)
+    def __init__(self, model, max_positions: int = 8192, native: bool = True) -> None:
+        self.stage = LlamaStage.of_model(model, max_positions=max_positions, native=native)
         tensors = model.state_dict()
         self.embed, self.head = Embedder(tensors), Head(tensors, self.stage.dims.eps)
         self.max_positions = max_positions

@@ -71,8 +71,9 @@ def test_c_stage_matches_the_torch_ops_stage(extra, calib_ids):
     (y1, c1), (y2, c2) = outs
     # static activation scales round a few more values differently; per-token ones agree to float rounding
     floor = 60 if extra.get("act_scheme") == "tensor" else 120
-    assert sqnr_db(y2, y1) > floor and sqnr_db(c2.k, c1.k) > floor - 20 and sqnr_db(c2.v, c1.v) > floor - 20
     assert c1.length == c2.length == 12
+    k1, k2, v1, v2 = (t[:, :, :12] for t in (c1.k, c2.k, c1.v, c2.v))  # past `length` the cache is unwritten
+    assert sqnr_db(y2, y1) > floor and sqnr_db(k2, k1) > floor - 20 and sqnr_db(v2, v1) > floor - 20
 
 
 def test_a_session_gets_the_same_bits_alone_and_batched(qmodel):
@@ -92,4 +93,4 @@ def test_a_session_gets_the_same_bits_alone_and_batched(qmodel):
     a, b = stage.new_cache(32), stage.new_cache(32)
     stage.forward(prompt_a, a)
     got, _ = stage.forward_batch([step_a, prompt_b], [a, b])
-    assert torch.equal(got, want) and torch.equal(a.k, alone.k)
+    assert torch.equal(got, want) and torch.equal(a.k[:, :, :7], alone.k[:, :, :7])
