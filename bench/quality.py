@@ -48,6 +48,11 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     "haq-w4g128as-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                            "gptq_sequential": True},
     "haq-token-seq": {"method": "haq", "act_scheme": "token", "gptq_sequential": True},
+    # down_proj's input rotated online by a block Hadamard instead of smoothed (--rotate-down)
+    "haq-token-rot": {"method": "haq", "act_scheme": "token", "rotate_down": True},
+    "haq-tensor-rot": {"method": "haq", "act_scheme": "tensor", "rotate_down": True},
+    "haq-w4g128ar-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                           "rotate_down": True},
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)

@@ -69,7 +69,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                           tender_groups=a.groups, w_group=(128 if a.method == "luc" else 0) if a.w_group is None else a.w_group,
                           mq_epochs=a.epochs, mq_lr_transform=a.lr_transform, mq_lr_clip=a.lr_clip,
                           mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
-                          avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym)
+                          avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
+                          rotate_down=a.rotate_down)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
     torch.manual_seed(0)
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-asym", action="store_true",
                    help="W4: a zero point per weight-scale group (16 levels over [min, max] instead of 15 over "
                         "[-max, max]; one more byte per group); rtn, haq, luc")
+    q.add_argument("--rotate-down", action="store_true",
+                   help="rotate the MLP down-projection's input by a block Hadamard at run time instead of smoothing "
+                        "it (spreads the few massive activations there over many channels); rtn, haq")
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "

@@ -47,7 +47,7 @@ def _module_entry(mod) -> dict | None:
         return {"kind": "linear", "act_scheme": mod.act_scheme, "in": mod.in_features,
                 "out": mod.out_features, "bias": mod.bias is not None, "groups": mod.groups, "w_bits": mod.w_bits,
                 "w_group": mod.group_size, "offset": mod.input_offset is not None, "nnz": mod.sparse_nnz,
-                "w_zero": mod.w_zero is not None}
+                "w_zero": mod.w_zero is not None, "rotate": mod.rotate_block}
     if isinstance(mod, QuantExperts):
         e, two_i, d = mod.gate_up_qweight.shape
         return {"kind": "experts", "act_scheme": mod.act_scheme, "experts": e, "hidden": d, "inter": two_i // 2}
@@ -65,6 +65,7 @@ _SCHEMES = (  # tensor-name suffix -> what the manifest says of it; first match 
                  "when the module has w_zero, unsigned [0, 15], w = (u - w_zero) * w_scale"),
     ("w_zero", "uint8 int4 zero points in [0, 15], shaped like w_scale"),
     ("w_group", "int64: input columns per weight-scale group (w_scale is [N, groups])"),
+    ("rotate", "int64: Hadamard block of the online input rotation; the weights are stored as W H"),
     ("qweight", "int8 symmetric per output channel"),
     ("input_offset", "float32 static per-tensor activation offset (x - offset is quantized)"),
     ("input_scale", "float32 static per-tensor activation scale"),
@@ -148,7 +149,7 @@ def _build_module(entry: dict, skeleton, model):
     if kind == "linear":
         return QuantLinear(entry["in"], entry["out"], entry["bias"], entry["act_scheme"], entry.get("groups", 4),
                            entry.get("w_bits", 8), entry.get("w_group", 0), entry.get("offset", False),
-                           entry.get("nnz"), entry.get("w_zero", False))
+                           entry.get("nnz"), entry.get("w_zero", False), entry.get("rotate", 0))
     if kind == "experts":
         return QuantExperts(entry["experts"], entry["hidden"], entry["inter"], skeleton.act_fn, entry["act_scheme"])
     tied = model.get_submodule(entry["tied_to"]) if entry["tied_to"] else None

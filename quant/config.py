@@ -67,6 +67,10 @@ class QuantConfig:
     # W4 with a zero point per channel or group (16 levels over [min, max]; quant/int4.py) instead of
     # symmetric [-7, 7]. Dense W4 layers only: LUC's pruned W4 layers stay symmetric.
     w_asym: bool = False
+    # Rotate the MLP's down-projection input (down_proj, OPT's fc2) online by a block Hadamard
+    # (quant/hadamard.py) instead of smoothing it: a few tokens' massive channels there set the
+    # activation scale otherwise. The weights are stored rotated; the kernels rotate each row.
+    rotate_down: bool = False
     # MobileQuant: smoothing strength of the initial transforms, training length and learning rates
     # (transforms and clips as in the paper; ranges act on log-scale and offset in initial
     # quantization steps, kept nearly fixed as in the paper).
@@ -114,6 +118,8 @@ class QuantConfig:
         if self.w_asym and (self.method not in ("rtn", "haq", "luc") or (self.w_bits != 4 and self.method != "luc")):
             raise ValueError(f"--w-asym (4-bit weights with zero points) works with rtn, haq and luc at --w-bits 4, "
                              f"not {self.method} W{self.w_bits}")
+        if self.rotate_down and self.method not in ("rtn", "haq"):
+            raise ValueError(f"--rotate-down works with rtn and haq, not {self.method}")
         if self.method == "luc":
             budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
             if budgets != 1 and not self.layer_policy:

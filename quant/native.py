@@ -42,7 +42,8 @@ class EwLinear(ctypes.Structure):
     """One quantized linear for the C stage (struct ew_linear in csrc/llama_stage.c)."""
 
     _fields_ = [("bits", _I64), ("n", _I64), ("k", _I64), ("w", _PTR), ("sw", _PTR), ("zero", _PTR),
-                ("group", _I64), ("bias", _PTR), ("static_scale", _F32), ("offset", _F32), ("has_offset", _I64)]
+                ("group", _I64), ("bias", _PTR), ("static_scale", _F32), ("offset", _F32), ("has_offset", _I64),
+                ("rotate", _I64)]
 
 
 class EwLlamaLayer(ctypes.Structure):

@@ -19,6 +19,7 @@ from .arch import ArchSpec, Group, arch_spec
 from .calibration import ActStats
 from .config import QuantConfig
 from .gptq import gptq_quantize
+from .hadamard import hadamard, hadamard_block
 from .int4 import quantize_weight_int4, search_w4_scale
 from .kernels import QMAX, quantize_weight_per_channel
 from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
@@ -98,14 +99,17 @@ def _run_layer(layer, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[to
     return out
 
 
-def _collect_stats(layer, groups, batches, keep_per_batch: int) -> dict[str, ActStats]:
+def _collect_stats(layer, groups, batches, keep_per_batch: int,
+                   rotate: dict[str, int] | None = None) -> dict[str, ActStats]:
+    """rotate: group name -> Hadamard block; those groups' inputs are recorded rotated (x H)."""
     stats = {g.name: ActStats(keep_per_batch=keep_per_batch) for g in groups}
-    handles = [
-        layer.get_submodule(g.input_of).register_forward_pre_hook(
-            lambda _m, args, st=stats[g.name]: st.add(args[0])
-        )
-        for g in groups
-    ]
+    rotate = rotate or {}
+
+    def record(st: ActStats, block: int):
+        return lambda _m, args: st.add(hadamard(args[0], block) if block else args[0])
+
+    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(record(stats[g.name], rotate.get(g.name, 0)))
+               for g in groups]
     try:
         _run_layer(layer, batches)
     finally:
@@ -159,9 +163,10 @@ def _fold_smoothing(layer, g: Group, s: torch.Tensor) -> None:
 
 
 def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, static: float | None,
-                      perm: torch.Tensor | None, scheme: LayerScheme) -> None:
+                      perm: torch.Tensor | None, scheme: LayerScheme, rotate: int = 0) -> None:
     """perm (Tender): store the weights' columns in this order. scheme: this layer's bits, sparsity and
-    weight groups (layer_scheme: LUC's per-layer policy, else the config's)."""
+    weight groups (layer_scheme: LUC's per-layer policy, else the config's). rotate: the weights are
+    already rotated (W H, _rotate_weights); the modules rotate their inputs by the same block."""
     bits, sparsity, group = scheme.bits, scheme.sparsity, scheme.group
     w = _group_weights(layer, g)
     w4 = zero = None
@@ -185,7 +190,8 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
         set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
                                                         bias, cfg.act_scheme, static, cfg.tender_groups, perm,
                                                         bits, group if bits == 4 else 0, sparse=sparsity > 0,
-                                                        w_zero=None if zero is None else zero[start:start + n]))
+                                                        w_zero=None if zero is None else zero[start:start + n],
+                                                        rotate=rotate))
         start += n
 
 
@@ -213,12 +219,32 @@ def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static
     set_module(layer, g.experts, q)
 
 
+def _rotated_groups(layer, spec: ArchSpec, cfg: QuantConfig) -> dict[str, int]:
+    """Group name -> Hadamard block, for the groups whose input is rotated (cfg.rotate_down)."""
+    if not cfg.rotate_down:
+        return {}
+    out = {}
+    for g in spec.groups:
+        if g.name in ("down", "fc2") and (b := hadamard_block(layer.get_submodule(g.input_of).in_features)):
+            out[g.name] = b
+    return out
+
+
+def _rotate_weights(layer, g: Group, block: int) -> None:
+    """W -> W H for the group's linears. The float layer is not run again before they are replaced by
+    QuantLinears that rotate their input, which restores y = (W H)(x H)^T = W x^T."""
+    for p in g.linears:
+        lin = layer.get_submodule(p)
+        lin.weight.data = hadamard(lin.weight.data, block)
+
+
 def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, report: QuantReport,
-                  scheme: LayerScheme):
-    """Choose and fold smoothing (float model unchanged); returns (s [K], static act scale or None)."""
+                  scheme: LayerScheme, rotated: bool = False):
+    """Choose and fold smoothing (float model unchanged); returns (s [K], static act scale or None).
+    rotated: the group's input is rotated instead (no smoothing; statistics and weights rotated)."""
     x = st.samples(cfg.search_tokens)  # [T, K]
     per_token = cfg.act_scheme == "token"
-    smooth = cfg.method in ("haq", "luc") and g.prev is not None
+    smooth = cfg.method in ("haq", "luc") and g.prev is not None and not rotated
     clips = cfg.clip_grid if cfg.method in ("haq", "luc") else (1.0,)
     choice = search_smoothing(x, st.channel_max(), _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
                               g.heads_per_kv, g.head_dim, allow_smoothing=smooth, w_bits=scheme.bits,
@@ -232,13 +258,13 @@ def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, rep
 
 
 def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig,
-                   scheme: LayerScheme) -> None:
+                   scheme: LayerScheme, rotate: int = 0) -> None:
     if g.experts is not None:
         _quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
     else:
         h = st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
         perm = torch.argsort(st.channel_max() / s) if cfg.method == "tender" else None  # Tender's column order
-        _quantize_linears(layer, g, h, cfg, static, perm, scheme)
+        _quantize_linears(layer, g, h, cfg, static, perm, scheme, rotate)
 
 
 def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport) -> None:
@@ -308,17 +334,21 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
         report.choices["luc"] = luc_info
     bits = "per-layer bits" if cfg.layer_policy else f"W{cfg.w_bits}A{cfg.a_bits}"
     for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} {bits}-{cfg.act_scheme}", disable=not progress)):
-        stats = _collect_stats(layer, spec.groups, batches, keep)
+        rotate = _rotated_groups(layer, spec, cfg)
+        stats = _collect_stats(layer, spec.groups, batches, keep, rotate)
+        for g in spec.groups:
+            if g.name in rotate:
+                _rotate_weights(layer, g, rotate[g.name])
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
-        chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i))
-                  for g in spec.groups]
+        chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
+                                g.name in rotate) for g in spec.groups]
         for j, (g, (s, static)) in enumerate(zip(spec.groups, chosen, strict=True)):
             st = stats[g.name]
             if cfg.gptq_sequential and j > 0 and g.experts is None and cfg.method in ("haq", "luc"):
                 # this group's input with the groups before it already rounded; the folds are in the
                 # weights now, so these statistics are of x / s already
-                st, s = _collect_stats(layer, [g], batches, keep)[g.name], torch.ones_like(s)
-            _convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i))
+                st, s = _collect_stats(layer, [g], batches, keep, rotate)[g.name], torch.ones_like(s)
+            _convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), rotate.get(g.name, 0))
         batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
         _lm_head_group(model, spec, batches, cfg, keep, report)

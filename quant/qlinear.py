@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hadamard import hadamard
 from .int4 import expand_group_scale, num_groups, pack_int4
 from .kernels import int4_linear, int8_linear, int8_linear_grouped, unpack_w4
 from .sparse import decode_sparse, encode_sparse
@@ -56,10 +57,11 @@ class QuantLinear(nn.Module):
     input_offset: torch.Tensor | None  # [] static activation offset (MobileQuant's learned range), else None
     perm: torch.Tensor | None  # [K] int64, Tender: qweight's column order
     tender_groups: torch.Tensor | None  # [] int64, Tender
+    rotate: torch.Tensor | None  # [] int64: Hadamard block of the online input rotation (quant/hadamard.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_scheme: str, groups: int = 4,
                  w_bits: int = 8, w_group: int = 0, offset: bool = False, sparse_nnz: int | None = None,
-                 zero: bool = False) -> None:
+                 zero: bool = False, rotate: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act_scheme = in_features, out_features, act_scheme
         self.groups = groups  # Tender only
@@ -94,6 +96,12 @@ class QuantLinear(nn.Module):
         if offset and act_scheme != "tensor":
             raise ValueError("an activation offset needs the static per-tensor scheme ('tensor')")
         self.register_buffer("input_offset", torch.zeros(()) if offset else None)
+        # rotate > 0: the weights are stored as W H and each input row is rotated (x H) before it is
+        # quantized; H block-diagonal Walsh-Hadamard with blocks of `rotate` columns
+        if rotate and (act_scheme == "tender" or offset or in_features % rotate):
+            raise ValueError(f"an input rotation (block {rotate}) needs in_features divisible by it, no Tender, no offset")
+        self.rotate_block = rotate
+        self.register_buffer("rotate", torch.tensor(rotate) if rotate else None)
         self._static: float | None = None
         self._offset: float | None = None
 
@@ -101,16 +109,17 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, qweight, w_scale, bias, act_scheme, input_scale=None, groups: int = 4,
                        perm: torch.Tensor | None = None, w_bits: int = 8, w_group: int = 0,
                        input_offset: float | None = None, sparse: bool = False,
-                       w_zero: torch.Tensor | None = None) -> "QuantLinear":
+                       w_zero: torch.Tensor | None = None, rotate: int = 0) -> "QuantLinear":
         """perm (Tender): the column order qweight is stored in. w_bits 4: qweight holds values in [-7, 7],
         or with w_zero (integer zero points shaped like w_scale) u - z in [-15, 15].
         w_group > 0: w_scale is [N, ceil(K / w_group)], one scale per group of w_group columns.
         input_offset: the static range's centre; bias must already hold input_offset * rowsum(W).
-        sparse: store only the nonzero weights and a bitmask (pruned layers; K a multiple of 8, else dense)."""
+        sparse: store only the nonzero weights and a bitmask (pruned layers; K a multiple of 8, else dense).
+        rotate: qweight is of the rotated weights W H; inputs are rotated by the same block Hadamard."""
         sparse = sparse and qweight.shape[1] % 8 == 0 and w_zero is None
         nnz = int((qweight != 0).sum()) if sparse else None
         m = cls(qweight.shape[1], qweight.shape[0], bias is not None, act_scheme, groups, w_bits, w_group,
-                input_offset is not None, nnz, zero=w_zero is not None)
+                input_offset is not None, nnz, zero=w_zero is not None, rotate=rotate)
         if sparse:
             m.wmask, m.wvals = encode_sparse(qweight.contiguous(), w_bits)
             qweight = None
@@ -165,6 +174,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.centred(x)
+        if self.rotate_block:
+            x = hadamard(x, self.rotate_block)
         if torch.is_grad_enabled() and (x.requires_grad or self.w_scale.requires_grad) and self.trainable():
             x2 = x.reshape(-1, self.in_features).float()
             y = _TrainableScales.apply(x2, self.w_scale, self.bias, self.int8_weight(), self.static_scale())
@@ -181,7 +192,8 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        g = (f" group={self.group_size}" if self.group_size else "") + (" asym" if self.w_zero is not None else "") + (f" nnz={self.sparse_nnz}" if self.sparse_nnz is not None else "")
+        g = (f" group={self.group_size}" if self.group_size else "") + (" asym" if self.w_zero is not None else "") + (f" nnz={self.sparse_nnz}" if self.sparse_nnz is not None else "") + (
+            f" rotate={self.rotate_block}" if self.rotate_block else "")
         return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a8{g} act={self.act_scheme}"
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quant.hadamard import hadamard
 from quant.int4 import pack_int4
 from quant.kernels import int4_linear, int8_linear, unpack_w4
 from quant.native import EwLinear, EwLlamaDims, EwLlamaLayer, load_kernels
@@ -75,6 +76,7 @@ class FusedLinear:
     bias: torch.Tensor | None = None  # [sum N] (MobileQuant: the static offset's product with the weights)
     offset: float | None = None  # static activation offset, subtracted before quantizing
     w_zero: torch.Tensor | None = None  # W4 zero points like w_scale (qweight then holds u in [0, 15])
+    rotate: int = 0  # Hadamard block of the online input rotation (quant/hadamard.py), 0: none
 
     @staticmethod
     def _weight(tensors: Mapping[str, torch.Tensor], p: str) -> torch.Tensor:
@@ -108,6 +110,10 @@ class FusedLinear:
         w_groups = {int(t) if (t := tensors.get(f"{p}.w_group")) is not None else 0 for p in prefixes}
         if len(w_groups) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their weight-scale groups")
+        rotates = {int(t) if (t := tensors.get(f"{p}.rotate")) is not None else 0 for p in prefixes}
+        if len(rotates) != 1:
+            raise ValueError(f"fused linears {prefixes} do not share their input rotation")
+        rotate = rotates.pop()
         weights = [cls._weight(tensors, p) for p in prefixes]
         if len({w.dtype for w in weights}) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their weight bits")
@@ -131,6 +137,8 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.offset is not None:
             x = x - self.offset
+        if self.rotate:
+            x = hadamard(x, self.rotate)
         if self.qweight.dtype == torch.uint8 and self.perm is None:  # W4: read packed
             return int4_linear(x, self.qweight, self.w_scale, self.w_group, self.bias, self.static, self.w_zero)
         q = self.int8(x.shape[-1])
@@ -155,7 +163,7 @@ class FusedLinear:
         w, sw, zero, bias = (None if t is None else t.data_ptr() for t in parts)
         return EwLinear(bits=4 if w4 else 8, n=self.qweight.shape[0], k=k, w=w, sw=sw, zero=zero, group=group,
                         bias=bias, static_scale=float(self.static or 0.0), offset=float(self.offset or 0.0),
-                        has_offset=int(self.offset is not None))
+                        has_offset=int(self.offset is not None), rotate=self.rotate)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ typedef struct {
   float static_scale;  /* > 0: static per-tensor activation scale; 0: per token */
   float offset;        /* subtracted from the input before quantizing, when has_offset */
   int64_t has_offset;
+  int64_t rotate;      /* > 0: rotate each input row by a block Hadamard of this block (quant/hadamard.py) */
 } ew_linear;
 
 typedef struct {
@@ -68,10 +69,30 @@ typedef struct {
   float* sx;   /* [R] */
 } lin_scratch;
 
+/* x[M, K] -> x H in place: per row, K / block Walsh-Hadamard blocks, then 1 / sqrt(block); the same
+ * butterflies in the same order as quant.hadamard.hadamard, so the two agree bit for bit. */
+static void hadamard_rows(float* x, int64_t M, int64_t K, int64_t block) {
+  const float norm = (float)(1.0 / sqrt((double)block));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t b0 = 0; b0 < K; b0 += block) {
+      float* v = x + r * K + b0;
+      for (int64_t h = 1; h < block; h *= 2)
+        for (int64_t i = 0; i < block; i += 2 * h)
+          for (int64_t j = i; j < i + h; ++j) {
+            const float a = v[j], b = v[j + h];
+            v[j] = a + b;
+            v[j + h] = a - b;
+          }
+      for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+    }
+  }
+}
+
 /* Y[M, N] = linear(X[M, K]) */
 static void lin_apply(const ew_linear* L, int64_t M, const float* X, float* Y, lin_scratch* s) {
-  if (L->has_offset) {
-    for (int64_t i = 0; i < M * L->k; ++i) s->xo[i] = X[i] - L->offset;
+  if (L->has_offset || L->rotate) {
+    for (int64_t i = 0; i < M * L->k; ++i) s->xo[i] = L->has_offset ? X[i] - L->offset : X[i];
+    if (L->rotate) hadamard_rows(s->xo, M, L->k, L->rotate);
     X = s->xo;
   }
   if (L->bits == 8)

@@ -87,7 +87,7 @@ def test_generate_from_an_unreachable_server_fails_cleanly():
 
 
 @pytest.mark.parametrize("method,extra", [("luc", ["--target-ratio", "0.6", "--w-asym"]), ("mobilequant", ["--epochs", "1"]),
-                                          ("haq", ["--w-bits", "4", "--w-group", "16", "--w-asym"])])
+                                          ("haq", ["--w-bits", "4", "--w-group", "16", "--w-asym", "--rotate-down"])])
 def test_quantize_luc_mobilequant_and_w4_from_the_command_line(tmp_path, capsys, method, extra):
     """A user's model directory in, a servable checkpoint out; plan reads its real per-layer sizes."""
     import random
@@ -112,6 +112,8 @@ def test_quantize_luc_mobilequant_and_w4_from_the_command_line(tmp_path, capsys,
     elif method == "haq":
         assert m["tensors"]["model.layers.0.mlp.down_proj.w_zero"]["shape"] == [64, 128 // 16]
         assert m["modules"]["model.layers.0.mlp.down_proj"]["w_zero"]
+        assert m["modules"]["model.layers.0.mlp.down_proj"]["rotate"] == 128  # --rotate-down: I = 128, one block
+        assert m["modules"]["model.layers.0.mlp.up_proj"]["rotate"] == 0
     else:
         assert m["method"]["act_scheme"] == "tensor" and "model.layers.0.self_attn.q_proj.input_offset" in m["tensors"]
     nodes = tmp_path / "nodes.json"
