@@ -129,7 +129,8 @@ def main() -> None:
     targets = {"haq-token": 1.01, "haq-tensor": 1.03, "tender-g8": 1.02, "tender-g4": 1.02, "haq-w4-token": 1.10,
                "haq-w4-tensor": 1.10, "haq-w4g128-token": 1.10, "haq-w4g128-tensor": 1.10,
                "haq-w4g128a-token": 1.10, "haq-w4a-token": 1.10,
-               "haq-w4g128as-token": 1.10, "haq-token-seq": 1.01, "mq-w8": 1.02, "mq-w4g128": 1.10}
+               "haq-w4g128as-token": 1.10, "haq-token-seq": 1.01, "mq-w8": 1.02, "mq-w4g128": 1.10,
+               "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]
