@@ -35,11 +35,14 @@ ROWS = {
     "rtn-tensor": ("RTN", "W8A8 per-tensor static"),
     "haq-token": ("HAQ", "W8A8 per-token"),
     "haq-tensor": ("HAQ", "W8A8 per-tensor static"),
+    "haq-token-rot": ("HAQ", "W8A8 per-token, down_proj input rotated (`--rotate-down`)"),
+    "haq-tensor-rot": ("HAQ", "W8A8 per-tensor static, down_proj input rotated"),
     "haq-w4-token": ("HAQ", "W4A8 per-channel, per-token"),
     "haq-w4g128-token": ("HAQ", "W4A8 group-128, per-token"),
     "haq-w4g128-tensor": ("HAQ", "W4A8 group-128, per-tensor static"),
     "haq-w4a-token": ("HAQ", "W4A8 per-channel with zero points, per-token"),
     "haq-w4g128a-token": ("HAQ", "W4A8 group-128 with zero points, per-token"),
+    "haq-w4g128ar-token": ("HAQ", "W4A8 group-128 with zero points, per-token, down_proj input rotated"),
     "tender-g8": ("Tender", "W8A8 power-of-two groups (G=8), per chunk"),
     "tender-g4": ("Tender", "W8A8 power-of-two groups (G=4), per chunk"),
     "mq-w8": ("MobileQuant", "W8A8 per-tensor static (integer-only)"),
@@ -48,7 +51,9 @@ ROWS = {
     "luc-half": ("LUC", "W8/W4 (per-channel, zero points) x sparsity per layer at 0.5x uniform-W8 bytes"),
 }
 TARGETS = {"tender-g8": 1.02, "mq-w8": 1.02, "haq-w4g128-token": 1.10, "haq-w4-token": 1.10, "mq-w4g128": 1.10,
-           "haq-w4g128-tensor": 1.10, "haq-w4a-token": 1.10, "haq-w4g128a-token": 1.10}
+           "haq-w4g128-tensor": 1.10, "haq-w4a-token": 1.10, "haq-w4g128a-token": 1.10,
+           "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10, "haq-token": 1.01,
+           "haq-tensor": 1.03}
 
 
 def resident_bytes(manifest: dict) -> int:
