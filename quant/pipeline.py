@@ -99,17 +99,29 @@ def _run_layer(layer, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[to
     return out
 
 
+ROTATED = "@rotated"  # suffix of a group's statistics taken of its rotated input (x H)
+
+
 def _collect_stats(layer, groups, batches, keep_per_batch: int,
-                   rotate: dict[str, int] | None = None) -> dict[str, ActStats]:
-    """rotate: group name -> Hadamard block; those groups' inputs are recorded rotated (x H)."""
-    stats = {g.name: ActStats(keep_per_batch=keep_per_batch) for g in groups}
+                   rotate: dict[str, int] | None = None, plain: bool = True) -> dict[str, ActStats]:
+    """Per group, statistics of its input. rotate: group name -> Hadamard block; those groups also get
+    statistics of the rotated input under name + ROTATED (plain=False: only those)."""
     rotate = rotate or {}
+    stats = {g.name: ActStats(keep_per_batch=keep_per_batch) for g in groups if plain or g.name not in rotate}
+    stats |= {g.name + ROTATED: ActStats(keep_per_batch=keep_per_batch) for g in groups if g.name in rotate}
 
-    def record(st: ActStats, block: int):
-        return lambda _m, args: st.add(hadamard(args[0], block) if block else args[0])
+    def record(g: Group):
+        block = rotate.get(g.name, 0)
+        st, st_rot = stats.get(g.name), stats.get(g.name + ROTATED)
 
-    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(record(stats[g.name], rotate.get(g.name, 0)))
-               for g in groups]
+        def hook(_m, args):
+            if st is not None:
+                st.add(args[0])
+            if st_rot is not None:
+                st_rot.add(hadamard(args[0], block))
+        return hook
+
+    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(record(g)) for g in groups]
     try:
         _run_layer(layer, batches)
     finally:
@@ -219,8 +231,8 @@ def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static
     set_module(layer, g.experts, q)
 
 
-def _rotated_groups(layer, spec: ArchSpec, cfg: QuantConfig) -> dict[str, int]:
-    """Group name -> Hadamard block, for the groups whose input is rotated (cfg.rotate_down)."""
+def _rotation_candidates(layer, spec: ArchSpec, cfg: QuantConfig) -> dict[str, int]:
+    """Group name -> Hadamard block, for the groups whose input may be rotated (cfg.rotate_down)."""
     if not cfg.rotate_down:
         return {}
     out = {}
@@ -238,23 +250,41 @@ def _rotate_weights(layer, g: Group, block: int) -> None:
         lin.weight.data = hadamard(lin.weight.data, block)
 
 
-def _smooth_group(layer, g: Group, st: ActStats, cfg: QuantConfig, tag: str, report: QuantReport,
-                  scheme: LayerScheme, rotated: bool = False):
-    """Choose and fold smoothing (float model unchanged); returns (s [K], static act scale or None).
-    rotated: the group's input is rotated instead (no smoothing; statistics and weights rotated)."""
-    x = st.samples(cfg.search_tokens)  # [T, K]
+def _search_group(layer, g: Group, st: ActStats, cfg: QuantConfig, scheme: LayerScheme, rotate: int = 0):
+    """The smoothing (and static clip) with the least group output error; rotate > 0: of the rotated
+    input (st holds its statistics) with the weights rotated alike, and no smoothing."""
     per_token = cfg.act_scheme == "token"
-    smooth = cfg.method in ("haq", "luc") and g.prev is not None and not rotated
+    smooth = cfg.method in ("haq", "luc") and g.prev is not None and not rotate
     clips = cfg.clip_grid if cfg.method in ("haq", "luc") else (1.0,)
-    choice = search_smoothing(x, st.channel_max(), _group_weights(layer, g), cfg.alpha_grid, clips, per_token,
-                              g.heads_per_kv, g.head_dim, allow_smoothing=smooth, w_bits=scheme.bits,
-                              w_group=scheme.group, w_asym=scheme.asym)
+    w = _group_weights(layer, g)
+    return search_smoothing(st.samples(cfg.search_tokens), st.channel_max(), hadamard(w, rotate) if rotate else w,
+                            cfg.alpha_grid, clips, per_token, g.heads_per_kv, g.head_dim, allow_smoothing=smooth,
+                            w_bits=scheme.bits, w_group=scheme.group, w_asym=scheme.asym)
+
+
+def _smooth_group(layer, g: Group, stats: dict[str, ActStats], cfg: QuantConfig, tag: str, report: QuantReport,
+                  scheme: LayerScheme, rotate: int = 0):
+    """Choose and fold smoothing (float model unchanged). rotate > 0: rotating the input competes with
+    smoothing on the same output error, and when it wins the weights are rotated in place.
+    Returns (s [K], static act scale or None, the statistics to round with, the block rotated or 0)."""
+    st = stats[g.name]
+    choice = _search_group(layer, g, st, cfg, scheme)
+    unrotated = choice.error
+    if rotate:
+        rot = _search_group(layer, g, stats[g.name + ROTATED], cfg, scheme, rotate)
+        if rot.error < choice.error:
+            choice, st = rot, stats[g.name + ROTATED]
+            _rotate_weights(layer, g, rotate)
+        else:
+            rotate = 0
     if choice.alpha is not None:
         _fold_smoothing(layer, g, choice.scales)
-    static = None if per_token or cfg.method == "tender" else max(
+    static = None if cfg.act_scheme == "token" or cfg.method == "tender" else max(
         choice.clip * (st.channel_max() / choice.scales).max().item(), 1e-8) / QMAX
     report.choices[tag] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
-    return choice.scales, static
+    if stats.get(g.name + ROTATED) is not None:
+        report.choices[tag] |= {"rotate": rotate, "mse_unrotated": unrotated}
+    return choice.scales, static, st, rotate
 
 
 def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig,
@@ -334,21 +364,19 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
         report.choices["luc"] = luc_info
     bits = "per-layer bits" if cfg.layer_policy else f"W{cfg.w_bits}A{cfg.a_bits}"
     for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} {bits}-{cfg.act_scheme}", disable=not progress)):
-        rotate = _rotated_groups(layer, spec, cfg)
-        stats = _collect_stats(layer, spec.groups, batches, keep, rotate)
-        for g in spec.groups:
-            if g.name in rotate:
-                _rotate_weights(layer, g, rotate[g.name])
+        candidates = _rotation_candidates(layer, spec, cfg)
+        stats = _collect_stats(layer, spec.groups, batches, keep, candidates)
         # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
-        chosen = [_smooth_group(layer, g, stats[g.name], cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
-                                g.name in rotate) for g in spec.groups]
-        for j, (g, (s, static)) in enumerate(zip(spec.groups, chosen, strict=True)):
-            st = stats[g.name]
+        chosen = [_smooth_group(layer, g, stats, cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
+                                candidates.get(g.name, 0)) for g in spec.groups]
+        rotate = {g.name: r for g, (_, _, _, r) in zip(spec.groups, chosen) if r}
+        for j, (g, (s, static, st, r)) in enumerate(zip(spec.groups, chosen, strict=True)):
             if cfg.gptq_sequential and j > 0 and g.experts is None and cfg.method in ("haq", "luc"):
                 # this group's input with the groups before it already rounded; the folds are in the
-                # weights now, so these statistics are of x / s already
-                st, s = _collect_stats(layer, [g], batches, keep, rotate)[g.name], torch.ones_like(s)
-            _convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), rotate.get(g.name, 0))
+                # weights now, so these statistics are of x / s already (and of x H where rotated)
+                fresh = _collect_stats(layer, [g], batches, keep, rotate, plain=not r)
+                st, s = fresh[g.name + ROTATED if r else g.name], torch.ones_like(s)
+            _convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), r)
         batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
         _lm_head_group(model, spec, batches, cfg, keep, report)

@@ -50,16 +50,24 @@ def test_rotating_down_proj_recovers_its_outlier_channels_without_smoothing(cali
     assert errs[True] > errs[False] + 6
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_rotated_checkpoint_round_trip(arch, calib_ids, test_ids, tmp_path):
+@pytest.mark.parametrize("arch,method", [("llama", "haq"), ("opt", "rtn")])
+def test_rotation_is_chosen_per_layer_and_survives_the_checkpoint(arch, method, calib_ids, test_ids, tmp_path):
+    """Rotating competes with smoothing (haq) or plain rounding (rtn) on each layer's output error; a
+    layer with planted outliers in down_proj's (fc2's) input takes it, and the checkpoint brings back
+    exactly that model."""
     model = tiny_model(arch)
-    cfg = QuantConfig(method="haq", act_scheme="token", search_tokens=256, rotate_down=True)
+    first = model.model.layers[0].mlp.up_proj if arch == "llama" else model.model.decoder.layers[0].fc1
+    first.weight.data[[3, 40]] *= 60.0
+    cfg = QuantConfig(method=method, act_scheme="tensor", search_tokens=256, rotate_down=True)
     report = quantize(model, cfg, calib_ids, progress=False)
     with torch.no_grad():
         want = model(test_ids).logits
     loaded, _, manifest = load_checkpoint(save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "ck"))
-    down = "model.layers.1.mlp.down_proj" if arch == "llama" else "model.decoder.layers.1.fc2"
-    assert manifest["modules"][down]["rotate"] == 128 and manifest["method"]["rotate_down"]
+    name = "down" if arch == "llama" else "fc2"
+    downs = [f"model.layers.{i}.mlp.down_proj" if arch == "llama" else f"model.decoder.layers.{i}.fc2" for i in (0, 1)]
+    chosen = [report.choices[f"layers.{i}.{name}"] for i in (0, 1)]
+    assert chosen[0]["rotate"] == 128 and chosen[0]["mse"] < chosen[0]["mse_unrotated"]
+    assert [manifest["modules"][d]["rotate"] for d in downs] == [c["rotate"] for c in chosen]
     with torch.no_grad():
         assert torch.equal(loaded(test_ids).logits, want)
 
