@@ -112,8 +112,10 @@ def test_quantize_luc_mobilequant_and_w4_from_the_command_line(tmp_path, capsys,
     elif method == "haq":
         assert m["tensors"]["model.layers.0.mlp.down_proj.w_zero"]["shape"] == [64, 128 // 16]
         assert m["modules"]["model.layers.0.mlp.down_proj"]["w_zero"]
-        assert m["modules"]["model.layers.0.mlp.down_proj"]["rotate"] == 128  # --rotate-down: I = 128, one block
-        assert m["modules"]["model.layers.0.mlp.up_proj"]["rotate"] == 0
+        # --rotate-down: rotation (one block of I = 128) competed with smoothing; the module holds the choice
+        assert m["modules"]["model.layers.0.mlp.down_proj"]["rotate"] == m["choices"]["layers.0.down"]["rotate"]
+        assert m["choices"]["layers.0.down"]["rotate"] in (0, 128) and "mse_unrotated" in m["choices"]["layers.0.down"]
+        assert m["modules"]["model.layers.0.mlp.up_proj"]["rotate"] == 0 and m["method"]["rotate_down"]
     else:
         assert m["method"]["act_scheme"] == "tensor" and "model.layers.0.self_attn.q_proj.input_offset" in m["tensors"]
     nodes = tmp_path / "nodes.json"
