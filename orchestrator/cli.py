@@ -53,26 +53,34 @@ def _byte_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 67MB, 64MiB, 70000000)") from e
 
 
+def quant_config(a: argparse.Namespace):
+    """The QuantConfig `edgeweave quantize` runs with these arguments (SystemExit with the reason
+    when they do not combine)."""
+    from quant.config import ActScheme, CalibConfig, QuantConfig
+
+    calib = CalibConfig(path=a.calib, samples=a.calib_samples, seq_len=a.calib_len)
+    scheme: ActScheme = {"tender": "tender", "mobilequant": "tensor"}.get(a.method, a.act_scheme)  # type: ignore[assignment]
+    try:
+        return QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
+                           tender_groups=a.groups, w_group=(128 if a.method == "luc" else 0) if a.w_group is None else a.w_group,
+                           mq_epochs=a.epochs, mq_lr_transform=a.lr_transform, mq_lr_clip=a.lr_clip,
+                           mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
+                           avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
+                           rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down)
+    except ValueError as e:
+        raise SystemExit(f"edgeweave quantize: {e}") from e
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
     import torch
 
     from quant.calibration import calibration_windows
     from quant.checkpoint import save_checkpoint
-    from quant.config import ActScheme, CalibConfig, QuantConfig
     from quant.models import load_float_model
     from quant.pipeline import quantize
 
-    calib = CalibConfig(path=a.calib, samples=a.calib_samples, seq_len=a.calib_len)
-    scheme: ActScheme = {"tender": "tender", "mobilequant": "tensor"}.get(a.method, a.act_scheme)  # type: ignore[assignment]
-    try:
-        cfg = QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
-                          tender_groups=a.groups, w_group=(128 if a.method == "luc" else 0) if a.w_group is None else a.w_group,
-                          mq_epochs=a.epochs, mq_lr_transform=a.lr_transform, mq_lr_clip=a.lr_clip,
-                          mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
-                          avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
-                          rotate_down=a.rotate_down)
-    except ValueError as e:
-        raise SystemExit(f"edgeweave quantize: {e}") from e
+    cfg = quant_config(a)
+    calib = cfg.calib
     torch.manual_seed(0)
     t0 = time.time()
     model, tok = load_float_model(a.model)
@@ -366,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-asym", action="store_true",
                    help="W4: a zero point per weight-scale group (16 levels over [min, max] instead of 15 over "
                         "[-max, max]; one more byte per group); rtn, haq, luc")
-    q.add_argument("--rotate-down", action="store_true",
-                   help="rotate the MLP down-projection's input by a block Hadamard at run time instead of smoothing "
-                        "it (spreads the few massive activations there over many channels); rtn, haq")
+    q.add_argument("--rotate-down", action=argparse.BooleanOptionalAction, default=None,
+                   help="let each layer rotate the MLP down-projection's input by a block Hadamard at run time where "
+                        "that beats smoothing it (spreads the few massive activations there over many channels); "
+                        "rtn, haq; default: on for haq, off otherwise")
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "

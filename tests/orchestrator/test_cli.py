@@ -145,3 +145,16 @@ def test_tune_then_eval_with_voting(tmp_path, capsys):
     assert main(["eval", str(out), "--text", str(text), "--ctx", "64", "--windows", "2", "--vote-exits", "1,2"]) == 0
     assert "voting over exits (1, 2)" in capsys.readouterr().out
     assert main(["tune", str(tmp_path), "--text", str(text), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_haq_rotates_down_proj_by_default_and_the_flag_turns_it_off():
+    from orchestrator.cli import build_parser, quant_config
+
+    def cfg(*args):
+        return quant_config(build_parser().parse_args(["quantize", "smollm2-135m", "--out", "x", *args]))
+
+    assert cfg("--method", "haq").rotate_down and not cfg("--method", "haq", "--no-rotate-down").rotate_down
+    assert not cfg("--method", "rtn").rotate_down and cfg("--method", "rtn", "--rotate-down").rotate_down
+    assert not cfg("--method", "tender").rotate_down
+    with pytest.raises(SystemExit, match="--rotate-down works with rtn and haq"):
+        cfg("--method", "tender", "--rotate-down")
