@@ -156,6 +156,15 @@ class FusedLinear:
         group = (self.w_group or k) if w4 else 0
         if w4 and group % 2:
             return None
+        n = self.qweight.shape[0]
+        g = -(-k // group) if w4 else 1
+        # the C code trusts these sizes: check them here, so an inconsistent checkpoint fails cleanly
+        if (self.qweight.shape != (n, (k + 1) // 2 if w4 else k) or self.w_scale.numel() != n * g
+                or (self.w_zero is not None and self.w_zero.numel() != n * g)
+                or (self.bias is not None and self.bias.numel() != n)
+                or (self.rotate and (k % self.rotate or self.rotate & (self.rotate - 1)))):
+            raise ValueError(f"a linear's tensors do not fit its {k}-wide input: weight {list(self.qweight.shape)}, "
+                             f"scales {list(self.w_scale.shape)}, rotation block {self.rotate}; re-run edgeweave quantize")
         parts = [self.qweight.contiguous(), self.w_scale.float().contiguous(),
                  None if self.w_zero is None else self.w_zero.contiguous(),
                  None if self.bias is None else self.bias.float().contiguous()]
@@ -253,11 +262,17 @@ class LlamaStage:
                 return None
             ln = [lw.ln1.float().contiguous(), lw.ln2.float().contiguous()]
             self._keep.extend(ln)
-            widths = ((lw.qkv, d.hidden), (lw.o, d.heads * d.head_dim), (lw.gate_up, d.hidden),
-                      (lw.down, self._down_in(lw)))
-            lins = [f.native(k, self._keep) for f, k in widths]
+            inter = self._down_in(self.layers[0])
+            widths = ((lw.qkv, d.hidden, (d.heads + 2 * d.kv_heads) * d.head_dim),
+                      (lw.o, d.heads * d.head_dim, d.hidden), (lw.gate_up, d.hidden, 2 * inter),
+                      (lw.down, inter, d.hidden))
+            lins = [f.native(k, self._keep) for f, k, _ in widths]
             if any(x is None for x in lins):
                 return None
+            for (f, k, n), name in zip(widths, ("qkv", "o", "gate_up", "down")):
+                if f.qweight.shape[0] != n:
+                    raise ValueError(f"layer {self.first + len(layers)}: {name} has {f.qweight.shape[0]} outputs where "
+                                     f"the model config needs {n}; the checkpoint does not match its config")
             layers.append(EwLlamaLayer(ln[0].data_ptr(), ln[1].data_ptr(), *lins))
         return (EwLlamaLayer * len(layers))(*layers) if layers else None
 

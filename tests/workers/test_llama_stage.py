@@ -94,3 +94,20 @@ def test_a_session_gets_the_same_bits_alone_and_batched(qmodel):
     stage.forward(prompt_a, a)
     got, _ = stage.forward_batch([step_a, prompt_b], [a, b])
     assert torch.equal(got, want) and torch.equal(a.k[:, :, :7], alone.k[:, :, :7])
+
+
+def test_a_checkpoint_whose_shapes_do_not_match_its_config_is_refused_before_any_c_code_runs(qmodel):
+    """The C stage trusts tensor sizes, so they are checked when the stage is built."""
+    tensors = dict(qmodel.state_dict())
+    if "model.layers.1.mlp.down_proj.perm" in tensors:  # Tender runs on torch ops, which check shapes themselves
+        return
+    dims = LlamaStage.of_model(qmodel, max_positions=16).dims
+    bad = dict(tensors)
+    bad["model.layers.1.mlp.down_proj.qweight"] = tensors["model.layers.1.mlp.down_proj.qweight"][:, :-8].contiguous()
+    with pytest.raises(ValueError, match="do not fit its 128-wide input"):
+        LlamaStage(dims, bad, 0, 2, 16)
+    bad = dict(tensors)
+    for t in ("qweight", "w_scale"):
+        bad[f"model.layers.1.self_attn.o_proj.{t}"] = tensors[f"model.layers.1.self_attn.o_proj.{t}"][:32].contiguous()
+    with pytest.raises(ValueError, match="layer 1: o has 32 outputs"):
+        LlamaStage(dims, bad, 0, 2, 16)
