@@ -92,41 +92,36 @@ class FusedLinear:
     def of(cls, tensors: Mapping[str, torch.Tensor], *prefixes: str) -> "FusedLinear":
         """From checkpoint tensors `{prefix}.qweight`, `.w_scale` and (static scheme) `.input_scale`,
         or (Tender) `.perm` and `.tender_groups`."""
-        statics = {float(t) if (t := tensors.get(f"{p}.input_scale")) is not None else None for p in prefixes}
-        if len(statics) != 1:
-            raise ValueError(f"fused linears {prefixes} do not share their activation scale")
+        def shared(suffix: str, convert, what: str):
+            """The one value of tensor `{prefix}.{suffix}` (None where absent) that every prefix shares."""
+            values = {convert(t) if (t := tensors.get(f"{p}.{suffix}")) is not None else None for p in prefixes}
+            if len(values) != 1:
+                raise ValueError(f"fused linears {prefixes} do not share their {what}")
+            return values.pop()
+
+        static = shared("input_scale", float, "activation scale")
+        offset = shared("input_offset", float, "activation offset")
+        w_group = shared("w_group", int, "weight-scale groups") or 0
+        rotate = shared("rotate", int, "input rotation") or 0
         perms = [tensors.get(f"{p}.perm") for p in prefixes]
         perm = perms[0]
         if any(q is not perm and (q is None or perm is None or not torch.equal(q, perm)) for q in perms):
             raise ValueError(f"fused linears {prefixes} do not share their Tender column order")
         groups = int(tensors[f"{prefixes[0]}.tender_groups"]) if perm is not None else 0
-        offsets = {float(t) if (t := tensors.get(f"{p}.input_offset")) is not None else None for p in prefixes}
-        if len(offsets) != 1:
-            raise ValueError(f"fused linears {prefixes} do not share their activation offset")
-        offset = offsets.pop()
         biases = [tensors.get(f"{p}.bias") for p in prefixes]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.float() if b is not None else torch.zeros(tensors[f"{p}.w_scale"].shape[0]) for p, b in zip(prefixes, biases)])
-        w_groups = {int(t) if (t := tensors.get(f"{p}.w_group")) is not None else 0 for p in prefixes}
-        if len(w_groups) != 1:
-            raise ValueError(f"fused linears {prefixes} do not share their weight-scale groups")
-        rotates = {int(t) if (t := tensors.get(f"{p}.rotate")) is not None else 0 for p in prefixes}
-        if len(rotates) != 1:
-            raise ValueError(f"fused linears {prefixes} do not share their input rotation")
-        rotate = rotates.pop()
         weights = [cls._weight(tensors, p) for p in prefixes]
         if len({w.dtype for w in weights}) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their weight bits")
         zeros = [tensors.get(f"{p}.w_zero") for p in prefixes]
         if len({z is None for z in zeros}) != 1:
             raise ValueError(f"fused linears {prefixes} do not share their weight format (zero points or not)")
-        if weights[0].dtype == torch.uint8:  # W4: stays packed in memory
-            return cls(torch.cat(weights).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
-                       statics.pop(), None if perm is None else perm.long(), groups, w_group=w_groups.pop(), bias=bias,
-                       offset=offset, w_zero=None if zeros[0] is None else torch.cat([z for z in zeros if z is not None]))
-        return cls(torch.cat(weights).contiguous(),
-                   torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]), statics.pop(),
-                   None if perm is None else perm.long(), groups, bias=bias, offset=offset)
+        w4 = weights[0].dtype == torch.uint8  # W4 stays packed in memory
+        return cls(torch.cat(weights).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
+                   static, None if perm is None else perm.long(), groups, w_group=w_group if w4 else 0, bias=bias,
+                   offset=offset, w_zero=None if zeros[0] is None else torch.cat([z for z in zeros if z is not None]),
+                   rotate=rotate)
 
     def int8(self, k: int) -> torch.Tensor:
         """The int8 [sum N, K] the kernel multiplies (Tender's W4 is unpacked on every call: it stays packed)."""

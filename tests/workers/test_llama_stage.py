@@ -111,3 +111,25 @@ def test_a_checkpoint_whose_shapes_do_not_match_its_config_is_refused_before_any
         bad[f"model.layers.1.self_attn.o_proj.{t}"] = tensors[f"model.layers.1.self_attn.o_proj.{t}"][:32].contiguous()
     with pytest.raises(ValueError, match="layer 1: o has 32 outputs"):
         LlamaStage(dims, bad, 0, 2, 16)
+
+
+@pytest.mark.parametrize("method,scheme", [("haq", "tensor"), ("rtn", "token")])
+def test_a_rotated_checkpoint_decodes_like_the_transformers_path(method, scheme, calib_ids):
+    """Layers whose down_proj input is rotated (--rotate-down) run rotated in the lean stage too."""
+    model = tiny_model("llama", init_range=0.2)
+    for layer in model.model.layers:
+        layer.mlp.up_proj.weight.data[[3, 40]] *= 60.0  # outliers that make rotation win
+    report = quantize(model, QuantConfig(method=method, act_scheme=scheme, search_tokens=256, rotate_down=True),
+                      calib_ids, progress=False)
+    assert any(c.get("rotate") for c in report.choices.values())
+    ids = torch.tensor([3, 17, 42, 99, 5, 7, 11])
+    with torch.no_grad():
+        want = model(ids[None]).logits[0]  # QuantLinear modules, rotation in torch
+    for native in (True, False):
+        local = LocalLlama(model, max_positions=64, native=native)
+        cache = local.new_cache(16)
+        got = torch.stack([local.step(ids[i:i + 1], cache) for i in range(len(ids))])
+        assert sqnr_db(want, got) > 40
+    cfg = SamplingConfig(max_new_tokens=16)
+    assert list(generate_tokens(LocalLlama(model, max_positions=64), [3, 17, 42], cfg, set())) == \
+        list(generate_tokens(HFDecoder(model), [3, 17, 42], cfg, set()))
