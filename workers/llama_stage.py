@@ -242,6 +242,8 @@ class LlamaStage:
         self.max_positions = max_positions
         self._keep: list[torch.Tensor] = []  # tensors the C structs point into
         self._native = self._native_layers() if native else None
+        self._native_dims = None if self._native is None else EwLlamaDims(
+            d.hidden, d.heads, d.kv_heads, d.head_dim, self._down_in(self.layers[0]), d.eps)
 
     @property
     def native_ready(self) -> bool:
@@ -252,12 +254,12 @@ class LlamaStage:
         """ctypes array of the layers' C structs, or None if a layer is MoE or has a linear without a C kernel."""
         d = self.dims
         layers = []
+        if any(lw.gate_up is None or lw.down is None for lw in self.layers):
+            return None
+        inter = self._down_in(self.layers[0]) if self.layers else 0
         for lw in self.layers:
-            if lw.gate_up is None or lw.down is None:
-                return None
             ln = [lw.ln1.float().contiguous(), lw.ln2.float().contiguous()]
             self._keep.extend(ln)
-            inter = self._down_in(self.layers[0])
             widths = ((lw.qkv, d.hidden, (d.heads + 2 * d.kv_heads) * d.head_dim),
                       (lw.o, d.heads * d.head_dim, d.hidden), (lw.gate_up, d.hidden, 2 * inter),
                       (lw.down, inter, d.hidden))
@@ -348,7 +350,6 @@ class LlamaStage:
 
     def _forward_native(self, hs: list[torch.Tensor], caches: list[KVCache], rows: list[int]) -> list[torch.Tensor]:
         """forward_batch in one C call: every row's norms, linears, RoPE, cache append and attention."""
-        d = self.dims
         h = torch.cat(hs).float().contiguous() if len(hs) > 1 else hs[0].float().clone().contiguous()  # [R, D]
         kp: list[int] = []
         vp: list[int] = []
@@ -361,9 +362,9 @@ class LlamaStage:
             pos += range(c.length, c.length + t)
         meta = torch.tensor([kp, vp, ml, pos], dtype=torch.int64)  # [4, R]
         r = h.shape[0]
-        dims = EwLlamaDims(d.hidden, d.heads, d.kv_heads, d.head_dim, self._down_in(self.layers[0]), d.eps)
+        assert self._native_dims is not None
         rc = load_kernels().ew_llama_stage_forward(
-            ctypes.byref(dims), len(self.layers), self._native, r, h.data_ptr(),
+            ctypes.byref(self._native_dims), len(self.layers), self._native, r, h.data_ptr(),
             meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr(),
             self.cos.data_ptr(), self.sin.data_ptr())
         if rc != 0:

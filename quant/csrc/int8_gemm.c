@@ -229,22 +229,29 @@ static int32_t dot4_scalar(const int8_t* a, const uint8_t* p, int64_t k0, int64_
 #define W4_ROWS 8 /* activation rows sharing one unpacked weight vector */
 
 #ifdef EW_X86
+/* 16 weights from 8 packed bytes at p, as int16: (v ^ flip) - off, i.e. signed nibbles
+ * (flip = off = 8: (v ^ 8) - 8) or u - zero (flip = 0, off = zero). */
+__attribute__((target("avx2"))) static inline __m256i unpack16_avx2(const uint8_t* p, __m256i flip, __m256i off) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
+  const __m128i lo = _mm_and_si128(b, _mm_set1_epi16(0xF)), hi = _mm_srli_epi16(b, 4);
+  const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
+  return _mm256_sub_epi16(_mm256_xor_si256(w, flip), off);
+}
+#endif
+
+#ifdef EW_X86
 /* out[m] = int32 dot of activation rows A[m, k0:k1) (m < M <= W4_ROWS, row stride K) with one
  * weight row's nibbles: each 16 weights are unpacked once, in registers, for all M rows. */
 __attribute__((target("avx2"))) static void dot4_rows_avx2(const int8_t* A, int64_t M, int64_t K,
                                                           const uint8_t* p, int64_t k0, int64_t k1,
                                                           int zero, int is_signed, int32_t* out) {
-  const __m128i mask = _mm_set1_epi16(0xF);
   const __m256i off = _mm256_set1_epi16(is_signed ? 8 : (int16_t)zero);
   const __m256i flip = _mm256_set1_epi16(is_signed ? 8 : 0);
   __m256i s[W4_ROWS];
   for (int64_t m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
   int64_t k = k0;
   for (; k + 16 <= k1; k += 16) {
-    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + (k >> 1))));  /* 8 bytes */
-    __m128i lo = _mm_and_si128(b, mask), hi = _mm_srli_epi16(b, 4);
-    __m256i w = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
-    w = _mm256_sub_epi16(_mm256_xor_si256(w, flip), off); /* signed: (v ^ 8) - 8; else u - z */
+    const __m256i w = unpack16_avx2(p + (k >> 1), flip, off);
     for (int64_t m = 0; m < M; ++m)
       s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(load16_s8_as_s16(A + m * K + k), w));
   }
@@ -259,7 +266,6 @@ __attribute__((target("avx2"))) static void dot4_rows_avx2(const int8_t* A, int6
 __attribute__((target("avx2,fma"))) static void row4_avx2(const int8_t* A, int64_t M, int64_t K,
                                                          const uint8_t* p, const uint8_t* zero,
                                                          const float* sw, int64_t group, float* y) {
-  const __m128i mask = _mm_set1_epi16(0xF);
   const int64_t G = (K + group - 1) / group; /* the last group may be shorter, still a multiple of 16 */
   __m256 f[W4_ROWS];
   for (int64_t m = 0; m < M; ++m) f[m] = _mm256_setzero_ps();
@@ -270,10 +276,7 @@ __attribute__((target("avx2,fma"))) static void row4_avx2(const int8_t* A, int64
     for (int64_t m = 0; m < M; ++m) s[m] = _mm256_setzero_si256();
     const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
     for (int64_t k = g * group; k < k1; k += 16) {
-      __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + (k >> 1))));
-      __m128i lo = _mm_and_si128(b, mask), hi = _mm_srli_epi16(b, 4);
-      __m256i w = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
-      w = _mm256_sub_epi16(_mm256_xor_si256(w, flip), off);
+      const __m256i w = unpack16_avx2(p + (k >> 1), flip, off);
       for (int64_t m = 0; m < M; ++m)
         s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(load16_s8_as_s16(A + m * K + k), w));
     }

@@ -245,12 +245,23 @@ __attribute__((target("avx2,fma"))) static void attend_avx2(const float* q, cons
 }
 #endif
 
-static int simd_attention = -1; /* AVX2 + FMA available: decided once */
+/* Whether attention may take the AVX2 + FMA path: the CPU check runs once. */
+static int simd_attention(void) {
+  static int ok = -1;
+  if (ok < 0) {
+#ifdef EW_X86
+    ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    ok = 0;
+#endif
+  }
+  return ok;
+}
 
 static void attend(const float* q, const float* K, const float* V, int64_t S, int64_t hd, float scale, float* p,
                    float* out) {
 #ifdef EW_X86
-  if (simd_attention && hd % 8 == 0) {
+  if (simd_attention() && hd % 8 == 0) {
     attend_avx2(q, K, V, S, hd, scale, p, out);
     return;
   }
@@ -263,13 +274,10 @@ int ew_attend(const float* q, const float* K, const float* V, int64_t S, int64_t
               float* out) {
   float* p = malloc(sizeof(float) * (S > 0 ? S : 1));
   if (!p) return -1;
-#ifdef EW_X86
-  if (simd && hd % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    attend_avx2(q, K, V, S, hd, scale, p, out);
+  if (simd)
+    attend(q, K, V, S, hd, scale, p, out);
   else
-#endif
     attend_scalar(q, K, V, S, hd, scale, p, out);
-  (void)simd;
   free(p);
   return 0;
 }
@@ -304,13 +312,6 @@ int ew_llama_stage_forward(const ew_llama_dims* d, int64_t L, const ew_llama_lay
     goto done;
   }
   const float scale = 1.0f / sqrtf((float)hd);
-  if (simd_attention < 0) {
-#ifdef EW_X86
-    simd_attention = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    simd_attention = 0;
-#endif
-  }
   for (int64_t l = 0; l < L; ++l) {
     const ew_llama_layer* ly = layers + l;
     rms_norm(R, D, h, ly->ln1, d->eps, xn);
