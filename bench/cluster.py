@@ -55,11 +55,11 @@ def concurrent(address: str, streams: int, tokens: int) -> float:
     return sum(counts) / (time.perf_counter() - t0)
 
 
-def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int) -> dict:
+def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int, streams: bool) -> dict:
     import ray
 
     with LocalCluster([LocalNode(b, cpus=cpus) for b in budgets]):
-        actor, address = start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH))
+        actor, address = start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH, stream_steps=streams))
         placement = Placement.from_dict(ray.get(actor.placement_dict.remote()))
         one_stream(address, 8)  # warm-up
         ray.get(actor.reset_stats.remote())
@@ -83,16 +83,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--node-cpus", type=int, default=1,
                     help="cores (kernel threads) of every node in both clusters, so equal nodes are compared")
+    ap.add_argument("--unary-steps", action="store_true",
+                    help="a unary Forward per step and stage (the default: one ForwardStream per stage)")
     a = ap.parse_args()
     ckpt = str(Path(a.checkpoint).resolve())
-    res = {name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus) for name, b in CLUSTERS.items()}
+    res = {name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps) for name, b in CLUSTERS.items()}
     one, three = res["1 node"], res["3 nodes"]
     ratios = {"three_vs_one_decode": three["decode_tok_s"] / one["decode_tok_s"],
               "concurrent8_vs_one_stream_3nodes": three["concurrent8_tok_s"] / three["decode_tok_s"],
               "concurrent8_vs_one_stream_1node": one["concurrent8_tok_s"] / one["decode_tok_s"],
               "max_hop_overhead_ms_3nodes": max(x for x in three["hop_overhead_ms"] if x is not None)}
     write_results("cluster", {"results": res, "ratios": ratios, "context": CONTEXT, "batch": BATCH,
-                              "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint, "node_cpus": a.node_cpus})
+                              "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint, "node_cpus": a.node_cpus,
+                              "steps": "unary" if a.unary_steps else "stream"})
     rows = []
     for r in res.values():
         rows.append([r["cluster"], " ".join(f"{f}-{l - 1}" for f, l in r["stages"]), f"{r['decode_tok_s']:.1f}",
@@ -103,10 +106,11 @@ def main() -> None:
                 "stage compute ms", "wire bytes/token", "8 streams tok/s"], rows)
     update_section("cluster", f"""## Serving on a local Ray cluster (`bench/cluster.py`)
 
-Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --node-cpus {a.node_cpus}`
+Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --node-cpus {a.node_cpus}{' --unary-steps' if a.unary_steps else ''}`
 (SmolLM2-135M HAQ W8A8 per-token; context {CONTEXT} x batch {BATCH}; each node a separate raylet on this
 {machine()['cores']}-core machine with {a.node_cpus} core(s), in both clusters, so equal nodes are compared;
-budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; median of {a.reps}).
+budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; median of {a.reps};
+steps {'as unary Forward calls' if a.unary_steps else 'over one ForwardStream per stage'}).
 
 {md}
 

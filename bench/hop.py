@@ -1,13 +1,19 @@
-"""Per-hop cost of the WorkerService in isolation: one worker hosting one SmolLM2 layer, sequential
-Forward calls with one decode token (round trip minus the worker's reported compute), next to an
-empty unary RPC (Health), which is the floor of Python's synchronous gRPC on the machine.
+"""Per-hop cost of the WorkerService in isolation: a worker process hosting SmolLM2 layers, and
+sequential decode steps (one token) from this process, three ways, interleaved over --rounds:
 
-    python bench/hop.py [CHECKPOINT_DIR] [--calls 300]
+- unary: one Forward call per step (the engine with --unary-steps);
+- stream: the steps over one long-lived ForwardStream call (the engine's default);
+- empty: an empty unary RPC (Health), the floor of Python's synchronous gRPC on the machine.
+
+A step's hop overhead is its round trip minus the compute the worker reports.
+
+    python bench/hop.py [CHECKPOINT_DIR] [--calls 300] [--rounds 3] [--layers 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -18,43 +24,72 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_results  # noqa: E402
-from orchestrator.profile import NodeProfile  # noqa: E402
+from orchestrator.streams import StageStream  # noqa: E402
 from protos import edgeweave_v1_pb2 as pb  # noqa: E402
 from protos import edgeweave_v1_pb2_grpc as pb_grpc  # noqa: E402
-from workers.server import start_worker_server  # noqa: E402
 from workers.wire import GRPC_OPTIONS, encode_activation  # noqa: E402
+
+
+def serve(ports: mp.Queue, stop: mp.Event) -> None:  # type: ignore[valid-type]
+    """The worker process: a WorkerService on a free loopback port until `stop`."""
+    from orchestrator.profile import NodeProfile
+    from workers.server import start_worker_server
+
+    server, port, _ = start_worker_server(NodeProfile("bench", "cpu", 10**9, 1.0))
+    ports.put(port)
+    stop.wait(3600)  # type: ignore[attr-defined]
+    server.stop(0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
-    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--calls", type=int, default=300, help="steps per way and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=1, help="decoder layers the worker hosts")
     a = ap.parse_args()
-    server, port, _ = start_worker_server(NodeProfile("bench", "cpu", 10**9, 1.0))
+    ctx = mp.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=serve, args=(ports, stop), daemon=True)
+    proc.start()
+    port = ports.get(timeout=120)
+    total = a.calls * 2 * a.rounds + 8
+    ways: dict[str, list[float]] = {"unary": [], "stream": [], "empty": []}
+    rtts: dict[str, list[float]] = {"unary": [], "stream": []}
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
         stub = pb_grpc.WorkerServiceStub(ch)
-        spec = pb.ShardSpec(checkpoint=str(Path(a.checkpoint).resolve()), first_layer=1, last_layer=2,
-                            placement_id="bench", kv_budget_bytes=10**9, max_context=a.calls + 8)
+        spec = pb.ShardSpec(checkpoint=str(Path(a.checkpoint).resolve()), first_layer=1, last_layer=1 + a.layers,
+                            placement_id="bench", kv_budget_bytes=10**9, max_context=total, threads=1)
         stub.LoadShard(pb.LoadShardRequest(shard=spec), timeout=300)
         h = encode_activation(torch.randn(1, 576), False)
-        overhead, rtt = [], []
-        for i in range(a.calls):
-            req = pb.ForwardRequest(placement_id="bench", items=[pb.StepItem(
-                session_id="hop", position=i, max_tokens=a.calls + 8, hidden=h)])
-            t0 = time.perf_counter()
-            r = stub.Forward(req, timeout=10)
-            ms = (time.perf_counter() - t0) * 1e3
-            overhead.append(ms - r.compute_ms)
-            rtt.append(ms)
-        empty = []
-        for _ in range(a.calls):
-            t0 = time.perf_counter()
-            stub.Health(pb.WorkerHealthRequest(), timeout=10)
-            empty.append((time.perf_counter() - t0) * 1e3)
-    server.stop(0)
-    res = {"forward_overhead_ms": statistics.median(overhead), "forward_rtt_ms": statistics.median(rtt),
-           "empty_rpc_ms": statistics.median(empty), "calls": a.calls}
-    write_results("hop", res)
+        address = f"127.0.0.1:{port}"
+        stream, unary = StageStream(stub, address), StageStream(stub, address, use_stream=False)
+        pos = 0
+        for r in range(a.rounds):
+            order = [("unary", unary), ("stream", stream)] if r % 2 == 0 else [("stream", stream), ("unary", unary)]
+            for name, way in order:
+                for _ in range(a.calls):
+                    req = pb.ForwardRequest(placement_id="bench", items=[pb.StepItem(
+                        session_id="hop", position=pos, max_tokens=total, hidden=h)])
+                    t0 = time.perf_counter()
+                    resp = way.step(req, 10.0)
+                    ms = (time.perf_counter() - t0) * 1e3
+                    pos += 1
+                    ways[name].append(ms - resp.compute_ms)
+                    rtts[name].append(ms)
+            for _ in range(a.calls):
+                t0 = time.perf_counter()
+                stub.Health(pb.WorkerHealthRequest(), timeout=10)
+                ways["empty"].append((time.perf_counter() - t0) * 1e3)
+        stream.close()
+    stop.set()
+    proc.join(timeout=30)
+    res = {"unary_overhead_ms": statistics.median(ways["unary"]),
+           "stream_overhead_ms": statistics.median(ways["stream"]),
+           "unary_rtt_ms": statistics.median(rtts["unary"]), "stream_rtt_ms": statistics.median(rtts["stream"]),
+           "empty_rpc_ms": statistics.median(ways["empty"]), "calls": a.calls, "rounds": a.rounds,
+           "layers": a.layers}
+    write_results("hop" if a.layers == 1 else f"hop-{a.layers}layers", res)
     print(res)
 
 

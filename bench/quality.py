@@ -53,6 +53,9 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     "haq-tensor-rot": {"method": "haq", "act_scheme": "tensor", "rotate_down": True},
     "haq-w4g128ar-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                            "rotate_down": True},
+    # every dense group's input may be rotated (--rotate-all), each choosing by its output error
+    "haq-w4g128arall-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                              "rotate_down": True, "rotate_all": True},
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
@@ -130,7 +133,8 @@ def main() -> None:
                "haq-w4-tensor": 1.10, "haq-w4g128-token": 1.10, "haq-w4g128-tensor": 1.10,
                "haq-w4g128a-token": 1.10, "haq-w4a-token": 1.10,
                "haq-w4g128as-token": 1.10, "haq-token-seq": 1.01, "mq-w8": 1.02, "mq-w4g128": 1.10,
-               "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10}
+               "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10,
+               "haq-w4g128arall-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

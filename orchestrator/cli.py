@@ -66,7 +66,8 @@ def quant_config(a: argparse.Namespace):
                            mq_epochs=a.epochs, mq_lr_transform=a.lr_transform, mq_lr_clip=a.lr_clip,
                            mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
                            avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
-                           rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down)
+                           rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down,
+                           rotate_all=a.rotate_all)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
 
@@ -197,7 +198,7 @@ def _serve_options(a: argparse.Namespace):
         print(f"warning: serving on {a.host} without TLS and a token; anyone who can reach the port can use "
               f"the model (docs/security.md)", file=sys.stderr)
     return ServeOptions(checkpoint=str(Path(a.checkpoint).resolve()), host=a.host, port=a.port, context=a.context,
-                        batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire,
+                        batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire, stream_steps=not a.unary_steps,
                         fast_slots=a.fast_slots, remote_experts=a.remote_experts, redis_url=a.redis_url or "",
                         prefetch=not a.no_prefetch, security=sec)
 
@@ -349,6 +350,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _placement_args(p)
     p.add_argument("--int8-wire", action="store_true",
                    help="send hidden states between nodes as per-token int8 (4x fewer bytes, not bit-exact)")
+    p.add_argument("--unary-steps", action="store_true",
+                   help="one unary Forward call per step and stage instead of one long-lived stream per stage")
     p.add_argument("--redis-url", default=None,
                    help="MoE statistics go here (redis:// or rediss://, password in the URL); default: "
                         "$EDGEWEAVE_REDIS_URL, else a private Redis server started and stopped by edgeweave")
@@ -378,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let each layer rotate the MLP down-projection's input by a block Hadamard at run time where "
                         "that beats smoothing it (spreads the few massive activations there over many channels); "
                         "rtn, haq; default: on for haq, off otherwise")
+    q.add_argument("--rotate-all", action="store_true",
+                   help="let every linear group's input (q/k/v, o, gate/up, down) be rotated the same way, each "
+                        "group choosing by its output error; mostly for 4-bit weights; rtn, haq")
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "

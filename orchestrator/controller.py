@@ -57,6 +57,7 @@ class ServeOptions:
     prefill_chunk: int = 256
     hop_ms: float = 1.0
     quantize_wire: bool = False
+    stream_steps: bool = True  # one ForwardStream per stage (False: a unary Forward per step and stage)
     step_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     health_interval_s: float = 2.0
@@ -136,7 +137,8 @@ class Controller:
         self.health_servicer = None  # set below; recover() cannot run before a request or a re-plan
         self.engine = Engine(self.placement, self.worker_addresses(),
                              {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set(),
-                             EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire),
+                             EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire,
+                                           stream_steps=opts.stream_steps),
                              recover=self.recover, security=self.sec)
         self.server, self.port, self.health_servicer = start_inference_server(
             InferenceServicer(lambda: self.engine, self.tokenizer, root.name), opts.host, opts.port, security=self.sec)

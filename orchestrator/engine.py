@@ -41,6 +41,7 @@ from protos.security import Security, open_channel
 from workers.wire import encode_tensor
 
 from .planner import Placement
+from .streams import StageStream, StepFailed
 
 __all__ = ["EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats", "Unavailable",
            "Recover", "RECOVERABLE"]
@@ -81,6 +82,7 @@ class EngineOptions:
     quantize_wire: bool = False  # hidden states as per-token int8 between stages (not bit-exact)
     max_recoveries: int = 3  # re-plans in a row without a successful step before the requests fail
     replan_defer_s: float = 30.0  # a requested (not failure) re-plan waits this long for an idle moment
+    stream_steps: bool = True  # steps over one ForwardStream per stage (False: a unary Forward per step)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class Engine:
                  security: Security | None = None) -> None:
         self.eos, self.opts, self.recover, self.security = eos_ids, opts, recover, security or Security()
         self.channels: list[grpc.Channel] = []
+        self.streams: list[StageStream] = []
         self.stats = EngineStats()
         self._switch(placement, addresses)
         self.waiting: deque[_Session] = deque()
@@ -204,17 +207,23 @@ class Engine:
             self._stop = True
             self.cv.notify()
         self.thread.join(timeout=10)
+        for st in self.streams:
+            st.close()
         for c in self.channels:
             c.close()
 
     def _switch(self, placement: Placement, addresses: list[str]) -> None:
         if len(addresses) != len(placement.stages):
             raise ValueError(f"{len(placement.stages)} stages but {len(addresses)} addresses")
+        for st in self.streams:
+            st.close()
         for c in self.channels:
             c.close()
         self.placement, self.addresses = placement, list(addresses)
         self.channels = [open_channel(a, self.security) for a in addresses]
         self.stubs = [pb_grpc.WorkerServiceStub(c) for c in self.channels]
+        self.streams = [StageStream(stub, a, self.security, self.opts.stream_steps)
+                        for stub, a in zip(self.stubs, addresses)]
         self.stats.hop_overhead_ms = [[] for _ in addresses]  # per stage of this placement
         self.stats.compute_ms = [[] for _ in addresses]
 
@@ -360,7 +369,7 @@ class Engine:
 
     def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
         prev: list[pb.StepResult] | None = None
-        for k, stub in enumerate(self.stubs):
+        for k, stream in enumerate(self.streams):
             if prev is not None:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
                 items = [pb.StepItem(session_id=it.session_id, position=it.position, max_tokens=it.max_tokens,
                                      hidden=r.hidden, step=it.step, sampling=it.sampling,
@@ -369,9 +378,9 @@ class Engine:
                                     quantize_output=self.opts.quantize_wire)
             t0 = time.perf_counter()
             try:
-                resp = stub.Forward(req, timeout=self.opts.step_timeout_s)
-            except grpc.RpcError as e:
-                raise StageError(k, self.addresses[k], e.code(), e.details() or "") from e
+                resp = stream.step(req, self.opts.step_timeout_s)
+            except StepFailed as e:
+                raise StageError(k, self.addresses[k], e.code, e.details) from e
             rtt = (time.perf_counter() - t0) * 1e3
             if decode:
                 self.stats.hop_overhead_ms[k].append(rtt - resp.compute_ms)

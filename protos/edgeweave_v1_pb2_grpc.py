@@ -44,6 +44,11 @@ class WorkerServiceStub:
                 request_serializer=protos_dot_edgeweave__v1__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=protos_dot_edgeweave__v1__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/edgeweave.v1.WorkerService/ForwardStream',
+                request_serializer=protos_dot_edgeweave__v1__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=protos_dot_edgeweave__v1__pb2.ForwardResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/edgeweave.v1.WorkerService/Release',
                 request_serializer=protos_dot_edgeweave__v1__pb2.ReleaseRequest.SerializeToString,
@@ -82,6 +87,16 @@ class WorkerServiceServicer:
 
     def Forward(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """The same steps over one long-lived call: each request gets exactly one response, in order.
+        Saves the per-call set-up of a unary RPC on every hop (docs/runtime.md). A request the worker
+        refuses ends the stream with the status Forward would return; the caller opens a new one.
+        At most 4 such streams are open on a worker at once (RESOURCE_EXHAUSTED beyond that).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -126,6 +141,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=protos_dot_edgeweave__v1__pb2.ForwardRequest.FromString,
+                    response_serializer=protos_dot_edgeweave__v1__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=protos_dot_edgeweave__v1__pb2.ForwardRequest.FromString,
                     response_serializer=protos_dot_edgeweave__v1__pb2.ForwardResponse.SerializeToString,
             ),
@@ -207,6 +227,33 @@ class WorkerService:
             request,
             target,
             '/edgeweave.v1.WorkerService/Forward',
+            protos_dot_edgeweave__v1__pb2.ForwardRequest.SerializeToString,
+            protos_dot_edgeweave__v1__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/edgeweave.v1.WorkerService/ForwardStream',
             protos_dot_edgeweave__v1__pb2.ForwardRequest.SerializeToString,
             protos_dot_edgeweave__v1__pb2.ForwardResponse.FromString,
             options,

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-__all__ = ["Security", "SecurityError", "open_channel", "server_credentials", "TokenInterceptor", "HEALTH_PREFIX"]
+__all__ = ["Security", "SecurityError", "open_channel", "open_aio_channel", "call_metadata", "server_credentials", "TokenInterceptor", "HEALTH_PREFIX"]
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -154,18 +154,35 @@ class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 def open_channel(address: str, sec: Security | None = None, options: list | None = None) -> grpc.Channel:
     """A channel to an edgeweave server: TLS when a CA or certificate is configured (presenting this
     process's certificate, for mutual TLS), and the token on every call when one is set."""
+    sec = sec or Security()
+    creds, opts = _channel_setup(sec, options)
+    ch = grpc.secure_channel(address, creds, options=opts) if creds else grpc.insecure_channel(address, options=opts)
+    return grpc.intercept_channel(ch, _AddToken(sec.token)) if sec.token else ch
+
+
+def open_aio_channel(address: str, sec: Security | None = None, options: list | None = None) -> grpc.aio.Channel:
+    """open_channel for asyncio code (create it inside the loop that uses it). The token is not added
+    here: send call_metadata(sec) with each call."""
+    creds, opts = _channel_setup(sec or Security(), options)
+    return grpc.aio.secure_channel(address, creds, options=opts) if creds else grpc.aio.insecure_channel(address, options=opts)
+
+
+def call_metadata(sec: Security | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call must carry under `sec` (the token), for channels without _AddToken."""
+    return (("authorization", f"Bearer {sec.token}"),) if sec is not None and sec.token else ()
+
+
+def _channel_setup(sec: Security, options: list | None) -> tuple[grpc.ChannelCredentials | None, list]:
+    """-> (TLS credentials or None, channel options) for a channel to an edgeweave server."""
     from .serving import GRPC_OPTIONS
 
-    sec = sec or Security()
     opts = list(options if options is not None else GRPC_OPTIONS)
-    if sec.tls:
-        if sec.server_name:
-            opts.append(("grpc.ssl_target_name_override", sec.server_name))
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(sec.tls_ca, "EDGEWEAVE_TLS_CA") if sec.tls_ca else None,
-            private_key=_read(sec.tls_key, "EDGEWEAVE_TLS_KEY") if sec.tls_cert else None,
-            certificate_chain=_read(sec.tls_cert, "EDGEWEAVE_TLS_CERT") if sec.tls_cert else None)
-        ch = grpc.secure_channel(address, creds, options=opts)
-    else:
-        ch = grpc.insecure_channel(address, options=opts)
-    return grpc.intercept_channel(ch, _AddToken(sec.token)) if sec.token else ch
+    if not sec.tls:
+        return None, opts
+    if sec.server_name:
+        opts.append(("grpc.ssl_target_name_override", sec.server_name))
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(sec.tls_ca, "EDGEWEAVE_TLS_CA") if sec.tls_ca else None,
+        private_key=_read(sec.tls_key, "EDGEWEAVE_TLS_KEY") if sec.tls_cert else None,
+        certificate_chain=_read(sec.tls_cert, "EDGEWEAVE_TLS_CERT") if sec.tls_cert else None)
+    return creds, opts

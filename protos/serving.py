@@ -26,20 +26,30 @@ class StrictParsing(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
+        if handler.request_streaming and not handler.response_streaming:
+            return handler  # no client-streaming-only RPCs here
         parse, method = handler.request_deserializer, details.method
+
+        def parsed(raw: bytes, context):
+            try:
+                return parse(raw)
+            except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{method}: the request is not a valid message ({type(e).__name__}: {e})")
 
         def wrap(behavior):
             def run(raw: bytes, context):
-                try:
-                    request = parse(raw)
-                except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{method}: the request is not a valid message ({type(e).__name__}: {e})")
-                return behavior(request, context)
+                return behavior(parsed(raw, context), context)
             return run
 
+        if handler.request_streaming:  # each message of the stream parsed as it is read
+            behavior = handler.stream_stream
+
+            def run_stream(raws, context):
+                return behavior((parsed(raw, context) for raw in raws), context)
+            return grpc.stream_stream_rpc_method_handler(run_stream, None, handler.response_serializer)
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), None,
                                                         handler.response_serializer)

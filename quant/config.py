@@ -71,6 +71,10 @@ class QuantConfig:
     # (quant/hadamard.py) instead of smoothing it: a few tokens' massive channels there set the
     # activation scale otherwise. The weights are stored rotated; the kernels rotate each row.
     rotate_down: bool = False
+    # Let every linear group's input be rotated the same way (attention q/k/v and o, MLP gate/up and
+    # down), each group choosing by its quantized output error; for 4-bit weights, whose input-channel
+    # outliers the rotation spreads too. Blocks: the largest power of two dividing the width.
+    rotate_all: bool = False
     # MobileQuant: smoothing strength of the initial transforms, training length and learning rates
     # (transforms and clips as in the paper; ranges act on log-scale and offset in initial
     # quantization steps, kept nearly fixed as in the paper).
@@ -118,8 +122,8 @@ class QuantConfig:
         if self.w_asym and (self.method not in ("rtn", "haq", "luc") or (self.w_bits != 4 and self.method != "luc")):
             raise ValueError(f"--w-asym (4-bit weights with zero points) works with rtn, haq and luc at --w-bits 4, "
                              f"not {self.method} W{self.w_bits}")
-        if self.rotate_down and self.method not in ("rtn", "haq"):
-            raise ValueError(f"--rotate-down works with rtn and haq, not {self.method}")
+        if (self.rotate_down or self.rotate_all) and self.method not in ("rtn", "haq"):
+            raise ValueError(f"--rotate-down and --rotate-all work with rtn and haq, not {self.method}")
         if self.method == "luc":
             budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
             if budgets != 1 and not self.layer_policy:

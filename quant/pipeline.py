@@ -99,6 +99,7 @@ def _run_layer(layer, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[to
     return out
 
 
+MIN_ROTATE_BLOCK = 16  # smaller Hadamard blocks spread too little to be worth a candidate
 ROTATED = "@rotated"  # suffix of a group's statistics taken of its rotated input (x H)
 
 
@@ -232,12 +233,14 @@ def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static
 
 
 def _rotation_candidates(layer, spec: ArchSpec, cfg: QuantConfig) -> dict[str, int]:
-    """Group name -> Hadamard block, for the groups whose input may be rotated (cfg.rotate_down)."""
-    if not cfg.rotate_down:
+    """Group name -> Hadamard block, for the groups whose input may be rotated (cfg.rotate_down: the
+    MLP's down projection; cfg.rotate_all: every dense group)."""
+    if not (cfg.rotate_down or cfg.rotate_all):
         return {}
     out = {}
     for g in spec.groups:
-        if g.name in ("down", "fc2") and (b := hadamard_block(layer.get_submodule(g.input_of).in_features)):
+        if g.experts is None and not g.float_readers and (cfg.rotate_all or g.name in ("down", "fc2")) and (
+                b := hadamard_block(layer.get_submodule(g.input_of).in_features)) >= MIN_ROTATE_BLOCK:
             out[g.name] = b
     return out
 

@@ -99,7 +99,8 @@ def _seeds() -> dict[str, list[bytes]]:
 
 
 SEEDS = _seeds()
-WORKER_METHODS = ["Forward", "Release", "Health", "Profile", "ExpertForward", "SetExpertTiers", "LoadShard"]
+SEEDS["ForwardStream"] = SEEDS["Forward"]  # each case sends its message twice on one stream
+WORKER_METHODS = ["Forward", "ForwardStream", "Release", "Health", "Profile", "ExpertForward", "SetExpertTiers", "LoadShard"]
 
 
 def _mutate(data: bytes, rnd: random.Random) -> bytes:
@@ -170,7 +171,7 @@ def step_items(draw) -> pb.StepItem:
 @st.composite
 def structured(draw) -> tuple[str, bytes]:
     method = draw(st.sampled_from(WORKER_METHODS + ["Generate"]))
-    if method == "Forward":
+    if method in ("Forward", "ForwardStream"):
         msg = pb.ForwardRequest(placement_id=draw(st.sampled_from([PID, "", "v9-other"])),
                                 items=draw(st.lists(step_items(), max_size=3)), quantize_output=draw(st.booleans()))
     elif method == "Release":
@@ -222,6 +223,13 @@ def _call(channels, method: str, raw: bytes) -> grpc.StatusCode:
         except grpc.RpcError as e:
             return e.code()
     target = channels[random.Random(len(raw)).randrange(2)]
+    if method == "ForwardStream":
+        try:
+            for _ in target.stream_stream(f"/edgeweave.v1.WorkerService/{method}")(iter([raw, raw]), timeout=10):
+                pass
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
     try:
         target.unary_unary(f"/edgeweave.v1.WorkerService/{method}")(raw, timeout=10)
         return grpc.StatusCode.OK

@@ -35,6 +35,7 @@ log = logging.getLogger("edgeweave.worker")
 
 MAX_ITEMS = 256  # sessions in one forward step
 MAX_SESSION_ID = 128
+MAX_STREAMS = 4  # open ForwardStream calls per worker; each holds one of the server's 8 threads
 
 
 class _Abort(Exception):
@@ -76,6 +77,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.last_route: dict[str, list] = {}  # session -> its last token's route (t1 statistics, prefetch)
         self._peers: dict[str, pb_grpc.WorkerServiceStub] = {}
         self._refresh_stop = threading.Event()
+        self._streams = threading.BoundedSemaphore(MAX_STREAMS)  # open ForwardStream calls
 
     # ------------------------------------------------------------------ helpers
     def _run(self, context: grpc.ServicerContext, fn):
@@ -302,48 +304,63 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         return items
 
     def Forward(self, request: pb.ForwardRequest, context):
-        def run():
-            with self.lock:
-                if self.shard is None or self.spec is None:
-                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
-                shard, spec = self.shard, self.spec
-                items = self._parse(request, shard, spec)
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step started")
-                t0 = time.perf_counter()
+        return self._run(context, lambda: self._forward(request, context))
+
+    def ForwardStream(self, request_iterator, context):
+        """Forward steps over one long-lived call (one response per request, in order). A refused
+        step ends the stream with Forward's status. Streams hold a server thread each, so at most
+        MAX_STREAMS are open; the rest of the pool stays free for unary calls and health checks."""
+        if not self._streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_STREAMS} ForwardStream calls are already open on this worker; use Forward")
+        try:
+            for request in request_iterator:
+                yield self._run(context, lambda: self._forward(request, context))
+        finally:
+            self._streams.release()
+
+    def _forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
+        with self.lock:
+            if self.shard is None or self.spec is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
+            shard, spec = self.shard, self.spec
+            items = self._parse(request, shard, spec)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step started")
+            t0 = time.perf_counter()
+            for it in items:
+                if it.session_id not in self.sessions:
+                    self.sessions[it.session_id] = shard.stage.new_cache(it.max_tokens)
+            caches = [self.sessions[it.session_id] for it in items]
+            runner = self.runner
+            if runner is not None:
+                known, prev = [], []
+                first = shard.range.first
                 for it in items:
-                    if it.session_id not in self.sessions:
-                        self.sessions[it.session_id] = shard.stage.new_cache(it.max_tokens)
-                caches = [self.sessions[it.session_id] for it in items]
-                runner = self.runner
-                if runner is not None:
-                    known, prev = [], []
-                    first = shard.range.first
-                    for it in items:
-                        for t in range(it.x.shape[0]):
-                            r = it.route[t].tolist() if it.route is not None else []
-                            known.append({first - len(r) + j: tuple(r[j]) for j in range(len(r))})
-                            prev.append(self.last_route.get(it.session_id))
-                    runner.begin_step(known, prev)
-                with torch.inference_mode():
-                    hs = [shard.embed(it.x) if shard.embed is not None else it.x for it in items]
-                    outs = shard.stage.forward_batch(hs, caches)
-                    routes = self._end_moe_step(items, shard) if runner is not None else None
-                    results = []
-                    if shard.head is not None:
-                        logits = shard.head(torch.stack([o[-1] for o in outs]))  # [B, V]
-                        for it, lg in zip(items, logits):
-                            tok = pick_token(lg, it.temperature, it.top_p, it.seed, it.step)
-                            results.append(pb.StepResult(session_id=it.session_id, token=tok))
-                    else:
-                        for j, (it, o) in enumerate(zip(items, outs)):
-                            results.append(pb.StepResult(session_id=it.session_id,
-                                                         hidden=encode_activation(o, request.quantize_output)))
-                            if routes is not None and routes[j] is not None:
-                                results[-1].route.CopyFrom(routes[j])
-                return pb.ForwardResponse(results=results, compute_ms=(time.perf_counter() - t0) * 1e3)
-        return self._run(context, run)
+                    for t in range(it.x.shape[0]):
+                        r = it.route[t].tolist() if it.route is not None else []
+                        known.append({first - len(r) + j: tuple(r[j]) for j in range(len(r))})
+                        prev.append(self.last_route.get(it.session_id))
+                runner.begin_step(known, prev)
+            with torch.inference_mode():
+                hs = [shard.embed(it.x) if shard.embed is not None else it.x for it in items]
+                outs = shard.stage.forward_batch(hs, caches)
+                routes = self._end_moe_step(items, shard) if runner is not None else None
+                results = []
+                if shard.head is not None:
+                    logits = shard.head(torch.stack([o[-1] for o in outs]))  # [B, V]
+                    for it, lg in zip(items, logits):
+                        tok = pick_token(lg, it.temperature, it.top_p, it.seed, it.step)
+                        results.append(pb.StepResult(session_id=it.session_id, token=tok))
+                else:
+                    for j, (it, o) in enumerate(zip(items, outs)):
+                        results.append(pb.StepResult(session_id=it.session_id,
+                                                     hidden=encode_activation(o, request.quantize_output)))
+                        route = routes[j] if routes is not None else None
+                        if route is not None:
+                            results[-1].route.CopyFrom(route)
+            return pb.ForwardResponse(results=results, compute_ms=(time.perf_counter() - t0) * 1e3)
 
     def _end_moe_step(self, items: list[_Item], shard: LoadedShard) -> list[pb.Tensor | None]:
         """Records the step's routes; -> per item, the route tensor for the next stage."""

@@ -156,5 +156,5 @@ def test_haq_rotates_down_proj_by_default_and_the_flag_turns_it_off():
     assert cfg("--method", "haq").rotate_down and not cfg("--method", "haq", "--no-rotate-down").rotate_down
     assert not cfg("--method", "rtn").rotate_down and cfg("--method", "rtn", "--rotate-down").rotate_down
     assert not cfg("--method", "tender").rotate_down
-    with pytest.raises(SystemExit, match="--rotate-down works with rtn and haq"):
+    with pytest.raises(SystemExit, match="--rotate-down and --rotate-all work with rtn and haq"):
         cfg("--method", "tender", "--rotate-down")

@@ -73,5 +73,23 @@ def test_rotation_is_chosen_per_layer_and_survives_the_checkpoint(arch, method, 
 
 
 def test_rotation_is_refused_where_it_does_not_apply():
-    with pytest.raises(ValueError, match="--rotate-down works with rtn and haq"):
+    with pytest.raises(ValueError, match="--rotate-down and --rotate-all work with rtn and haq"):
         QuantConfig(method="tender", act_scheme="tender", rotate_down=True)
+
+
+def test_rotate_all_lets_attention_inputs_rotate_and_the_checkpoint_keeps_it(calib_ids, test_ids, tmp_path):
+    """With --rotate-all the attention's q/k/v input competes too: planted outliers in layer 0's input
+    norm make its q/k/v group take the rotation (by a lower output error), all three linears carry
+    it, and the checkpoint brings back exactly that model."""
+    model = tiny_model("llama")
+    model.model.layers[0].input_layernorm.weight.data[[3, 40]] *= 60.0
+    cfg = QuantConfig(method="rtn", act_scheme="tensor", search_tokens=256, rotate_all=True)
+    report = quantize(model, cfg, calib_ids, progress=False)
+    with torch.no_grad():
+        want = model(test_ids).logits
+    chosen = report.choices["layers.0.qkv"]
+    assert chosen["rotate"] == 64 and chosen["mse"] < chosen["mse_unrotated"]
+    loaded, _, manifest = load_checkpoint(save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "ck"))
+    assert [manifest["modules"][f"model.layers.0.self_attn.{p}_proj"]["rotate"] for p in "qkv"] == [64] * 3
+    with torch.no_grad():
+        assert torch.equal(loaded(test_ids).logits, want)

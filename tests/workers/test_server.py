@@ -151,3 +151,101 @@ def test_standard_health_and_reflection_are_served(workers, ckpt):
             assert code == grpc.StatusCode.FAILED_PRECONDITION and "missing" in details
     finally:
         server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def whole(ckpt):
+    """One worker holding the whole tiny model (embedding to head) -> (stub, servicer, port)."""
+    server, port, servicer = start_worker_server(NodeProfile("whole", "cpu", 10**9, 1.0))
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+        stub = pb_grpc.WorkerServiceStub(ch)
+        stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
+            checkpoint=str(ckpt), first_layer=0, last_layer=4, embed=True, head=True, placement_id=PID,
+            kv_budget_bytes=10**8, max_context=64)), timeout=60)
+        yield stub, servicer, port
+    server.stop(0)
+
+
+def _tokens(sid: str, pos: int, ids: list[int], step: int) -> pb.ForwardRequest:
+    return pb.ForwardRequest(placement_id=PID, items=[pb.StepItem(
+        session_id=sid, position=pos, max_tokens=32, step=step,
+        token_ids=encode_tensor(torch.tensor(ids, dtype=torch.int64)))])
+
+
+def test_steps_over_one_stream_generate_the_model_and_a_refused_step_ends_only_that_stream(ckpt, whole):
+    from orchestrator.streams import StageStream, StepFailed
+
+    stub, _, port = whole
+    model, _, _ = load_checkpoint(ckpt)
+    prompt = [5, 9, 33, 100, 7]
+    ref = list(generate_tokens(make_decoder(model), prompt, SamplingConfig(max_new_tokens=10), set()))
+    stream = StageStream(stub, f"127.0.0.1:{port}")
+    got, x, pos = [], prompt, 0
+    for step in range(10):
+        if step == 4:  # a bad step (int32 ids) in the middle: refused with Forward's status
+            bad = _tokens("st", pos, x, step)
+            bad.items[0].token_ids.CopyFrom(encode_tensor(torch.tensor(x, dtype=torch.int32)))
+            with pytest.raises(StepFailed) as e:
+                stream.step(bad, 10.0)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "dtype INT32" in e.value.details
+        tok = stream.step(_tokens("st", pos, x, step), 10.0).results[0].token  # reopens after the refusal
+        got.append(tok)
+        pos, x = pos + len(x), [tok]
+    assert got == ref
+    stream.close()
+    assert stub.Release(pb.ReleaseRequest(session_ids=["st"]), timeout=5).released == 1
+
+
+def test_a_stuck_stage_fails_the_stream_step_at_its_deadline(whole):
+    import time
+
+    from orchestrator.streams import StageStream, StepFailed
+
+    stub, servicer, port = whole
+    stream = StageStream(stub, f"127.0.0.1:{port}")
+    try:
+        stream.step(_tokens("stuck", 0, [1, 2], 0), 10.0)
+        with servicer.lock:  # the worker's compute lock held: the next step cannot run
+            t0 = time.monotonic()
+            with pytest.raises(StepFailed) as e:
+                stream.step(_tokens("stuck", 2, [3], 1), 0.3)
+            waited = time.monotonic() - t0
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and 0.3 <= waited < 2.0, (e.value, waited)
+        # the worker lives, and a new stream serves the next step once the stage is free (the late
+        # step itself may have run: the engine's position check and replay deal with that)
+        assert stream.step(_tokens("after", 0, [3], 0), 10.0).results[0].token >= 0
+    finally:
+        stream.close()
+        stub.Release(pb.ReleaseRequest(session_ids=["stuck", "after"]), timeout=5)
+
+
+def test_open_streams_are_bounded_and_garbage_on_a_stream_is_refused(whole):
+    import queue
+
+    from workers.server import MAX_STREAMS
+
+    stub, _, port = whole
+    calls, feeds = [], []
+    try:
+        for _ in range(MAX_STREAMS):  # each holds a server thread until it ends
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            calls.append(stub.ForwardStream(iter(q.get, None), timeout=30))
+            feeds.append(q)
+            q.put(pb.ForwardRequest(placement_id=PID, items=[pb.StepItem(
+                session_id=f"open{len(calls)}", position=0, max_tokens=8,
+                token_ids=encode_tensor(torch.tensor([1], dtype=torch.int64)))]))
+            next(calls[-1])
+        extra = stub.ForwardStream(iter([_tokens("extra", 0, [1], 0)]), timeout=10)
+        code, details = _code(lambda: next(extra))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "use Forward" in details
+        assert stub.Health(pb.WorkerHealthRequest(), timeout=5).placement_id == PID  # unary calls still served
+    finally:
+        for q in feeds:
+            q.put(None)
+        for c in calls:
+            c.cancel()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # bytes that are no ForwardRequest
+        raw = ch.stream_stream("/edgeweave.v1.WorkerService/ForwardStream")
+        code, details = _code(lambda: next(raw(iter([b"\xff\xff\xff"]), timeout=10)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in details
+    stub.Release(pb.ReleaseRequest(session_ids=[f"open{i + 1}" for i in range(MAX_STREAMS)]), timeout=5)
