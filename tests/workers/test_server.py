@@ -249,3 +249,33 @@ def test_open_streams_are_bounded_and_garbage_on_a_stream_is_refused(whole):
         code, details = _code(lambda: next(raw(iter([b"\xff\xff\xff"]), timeout=10)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in details
     stub.Release(pb.ReleaseRequest(session_ids=[f"open{i + 1}" for i in range(MAX_STREAMS)]), timeout=5)
+
+
+def test_a_worker_without_streams_is_stepped_with_unary_calls(ckpt):
+    """An older worker answers ForwardStream with UNIMPLEMENTED; the front end's stage stream falls
+    back to unary Forward for it and the steps go on unchanged."""
+    from orchestrator.streams import StageStream
+    from protos.serving import start_server
+    from workers.server import WorkerServicer
+
+    class OldWorker(WorkerServicer):
+        ForwardStream = pb_grpc.WorkerServiceServicer.ForwardStream  # the generated UNIMPLEMENTED one
+
+    server, port, _ = start_server(pb_grpc.add_WorkerServiceServicer_to_server,
+                                   OldWorker(NodeProfile("old", "cpu", 10**9, 1.0)), "WorkerService", "127.0.0.1", 0, 8)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+            stub = pb_grpc.WorkerServiceStub(ch)
+            stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
+                checkpoint=str(ckpt), first_layer=0, last_layer=4, embed=True, head=True, placement_id=PID,
+                kv_budget_bytes=10**8, max_context=64)), timeout=60)
+            stream = StageStream(stub, f"127.0.0.1:{port}")
+            first = stream.step(_tokens("old", 0, [5, 9, 33], 0), 10.0).results[0].token
+            assert not stream.use_stream
+            second = stream.step(_tokens("old", 3, [first], 1), 10.0).results[0].token
+            stream.close()
+        model, _, _ = load_checkpoint(ckpt)
+        ref = list(generate_tokens(make_decoder(model), [5, 9, 33], SamplingConfig(max_new_tokens=2), set()))
+        assert [first, second] == ref
+    finally:
+        server.stop(0)
