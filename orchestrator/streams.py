@@ -80,13 +80,19 @@ class StageStream:
         call = self._call
         timer = loop.call_later(timeout_s, call.cancel)
         try:
-            await call.write(req)
+            try:
+                await call.write(req)
+            except (grpc.RpcError, asyncio.InvalidStateError) as e:
+                # the call ended between steps (a worker that died while idle: the write fails with
+                # a bare INTERNAL from gRPC core); the call's own status says why
+                code, details = await asyncio.wait_for(asyncio.gather(call.code(), call.details()), 1.0)
+                if code in (None, grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):
+                    code = grpc.StatusCode.UNAVAILABLE
+                raise StepFailed(code, details or "the step stream to the worker broke") from e
             resp = await call.read()
         except asyncio.CancelledError as e:  # the timer fired: this step ran past its deadline
             raise StepFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"no answer within the step deadline of {timeout_s:g} s") from e
-        except asyncio.InvalidStateError as e:  # write on a call the worker already ended
-            raise StepFailed(await call.code(), await call.details() or "the worker ended the step stream") from e
         finally:
             timer.cancel()
         if resp is grpc.aio.EOF:

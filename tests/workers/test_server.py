@@ -279,3 +279,27 @@ def test_a_worker_without_streams_is_stepped_with_unary_calls(ckpt):
         assert [first, second] == ref
     finally:
         server.stop(0)
+
+
+def test_a_worker_gone_between_steps_fails_the_next_stream_step_as_unavailable(ckpt):
+    """The stream outlives its worker: the next step's write fails inside gRPC core (a bare INTERNAL),
+    which the engine would not recover from. It must come out as UNAVAILABLE, a dead peer."""
+    import time
+
+    from orchestrator.engine import RECOVERABLE
+    from orchestrator.streams import StageStream, StepFailed
+
+    server, port, _ = start_worker_server(NodeProfile("gone", "cpu", 10**9, 1.0))
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+        stub = pb_grpc.WorkerServiceStub(ch)
+        stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
+            checkpoint=str(ckpt), first_layer=0, last_layer=4, embed=True, head=True, placement_id=PID,
+            kv_budget_bytes=10**8, max_context=64)), timeout=60)
+        stream = StageStream(stub, f"127.0.0.1:{port}")
+        stream.step(_tokens("gone", 0, [5, 9], 0), 10.0)
+        server.stop(0)
+        time.sleep(0.3)  # the stream's end reaches this side before the next step
+        with pytest.raises(StepFailed) as e:
+            stream.step(_tokens("gone", 2, [7], 1), 10.0)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.code in RECOVERABLE
+        stream.close()
