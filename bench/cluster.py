@@ -65,7 +65,11 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
         ray.get(actor.reset_stats.remote())
         runs = [one_stream(address, tokens) for _ in range(reps)]
         stats = ray.get(actor.stats.remote())
+        ray.get(actor.reset_stats.remote())
+        t0 = time.perf_counter()
         conc = [concurrent(address, 8, tokens) for _ in range(max(reps // 2, 1))]
+        conc_s = time.perf_counter() - t0
+        conc_stats = ray.get(actor.stats.remote())  # the batched steps of the 8 streams
         ray.get(actor.shutdown.remote(), timeout=60)
     rate = statistics.median(r[0] for r in runs)
     decode_steps = max(stats["steps"] - reps, 1)  # one prefill step per run
@@ -73,7 +77,12 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
             "decode_tok_s": rate, "runs_tok_s": [r[0] for r in runs], "ttft_s": statistics.median(r[1] for r in runs),
             "hop_overhead_ms": stats["hop_overhead_ms_median"], "compute_ms": stats["compute_ms_median"],
             "wire_bytes_per_token": stats["wire_bytes"] / decode_steps,
-            "concurrent8_tok_s": statistics.median(conc), "concurrent8_runs": conc}
+            "concurrent8_tok_s": statistics.median(conc), "concurrent8_runs": conc,
+            # where a batched step's time goes: per stage compute and hop overhead (medians over the
+            # decode steps), and the wall time per step of the whole concurrent phase
+            "concurrent8_compute_ms": conc_stats["compute_ms_median"],
+            "concurrent8_hop_overhead_ms": conc_stats["hop_overhead_ms_median"],
+            "concurrent8_step_ms": conc_s * 1e3 / max(conc_stats["steps"], 1)}
 
 
 def main() -> None:
@@ -99,7 +108,8 @@ def main() -> None:
                   "max_hop_overhead_ms_3nodes": max(x for x in r["3 nodes"]["hop_overhead_ms"] if x is not None)}
                  for r in rounds]
     ratios = {k: med(x[k] for x in per_round) for k in per_round[0]}
-    write_results("cluster", {"rounds": rounds, "ratios_per_round": per_round, "ratios": ratios, "context": CONTEXT,
+    name = "cluster-unary" if a.unary_steps else "cluster"  # the unary baseline keeps its own results and section
+    write_results(name, {"rounds": rounds, "ratios_per_round": per_round, "ratios": ratios, "context": CONTEXT,
                               "batch": BATCH, "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint,
                               "node_cpus": a.node_cpus, "steps": "unary" if a.unary_steps else "stream"})
     rows = []
@@ -112,8 +122,13 @@ def main() -> None:
                          f"{r['concurrent8_tok_s']:.1f}"])
     md = table(["round", "cluster", "layers per stage", "decode tok/s", "TTFT ms", "hop overhead ms (per stage)",
                 "stage compute ms", "wire bytes/token", "8 streams tok/s"], rows)
+    conc_rows = [[str(i + 1), r["cluster"], f"{r['concurrent8_step_ms']:.1f}",
+                  " / ".join(f"{x:.1f}" for x in r["concurrent8_compute_ms"] if x is not None),
+                  " / ".join(f"{x:.2f}" for x in r["concurrent8_hop_overhead_ms"] if x is not None)]
+                 for i, rnd in enumerate(rounds) for r in rnd.values()]
+    conc_md = table(["round", "cluster", "wall ms per batched step", "stage compute ms", "hop overhead ms"], conc_rows)
     each = lambda k, f: ", ".join(f.format(x[k]) for x in per_round)  # noqa: E731
-    update_section("cluster", f"""## Serving on a local Ray cluster (`bench/cluster.py`)
+    update_section(name, f"""## Serving on a local Ray cluster (`bench/cluster.py`{' --unary-steps' if a.unary_steps else ''})
 
 Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --rounds {a.rounds} --node-cpus {a.node_cpus}{' --unary-steps' if a.unary_steps else ''}`
 (SmolLM2-135M HAQ W8A8 per-token; context {CONTEXT} x batch {BATCH}; each node a separate raylet on this
@@ -122,6 +137,11 @@ budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; {a.rounds} rounds of 1 node
 {a.reps} runs per cluster and round; steps {'as unary Forward calls' if a.unary_steps else 'over one ForwardStream per stage'}).
 
 {md}
+
+The 8 concurrent streams' batched steps (whole concurrent phase, prefill included, over its steps;
+compute and hop overhead: medians over the decode steps):
+
+{conc_md}
 
 Medians over the rounds of each round's figure:
 - 3-node decode / 1-node decode: **{ratios['three_vs_one_decode']:.2f}x** (target >= 0.8; rounds: {each('three_vs_one_decode', '{:.2f}')})
