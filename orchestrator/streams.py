@@ -114,4 +114,9 @@ class StageStream:
         if loop is not None:
             if channel is not None:
                 loop.run_until_complete(channel.close())
+            pending = asyncio.all_tasks(loop)  # gRPC's status watchers of the cancelled calls
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
