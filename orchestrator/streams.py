@@ -33,6 +33,19 @@ class StepFailed(Exception):
         self.code, self.details = code, details
 
 
+async def _ended(call) -> StepFailed:
+    """The failure of a stream that ended without answering a step, from the call's own status. A
+    worker that died while the stream was idle leaves gRPC core's bare INTERNAL (or no status yet):
+    that is a dead peer, UNAVAILABLE, which the engine recovers from."""
+    try:
+        code, details = await asyncio.wait_for(asyncio.gather(call.code(), call.details()), 1.0)
+    except asyncio.TimeoutError:
+        code, details = None, ""
+    if code in (None, grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):
+        code = grpc.StatusCode.UNAVAILABLE
+    return StepFailed(code, details or "the step stream to the worker ended")
+
+
 class StageStream:
     """One stage's steps, in order, over a ForwardStream call; or a unary Forward per step on `stub`
     (use_stream=False, or a worker without streams). Used by one thread at a time."""
@@ -82,13 +95,8 @@ class StageStream:
         try:
             try:
                 await call.write(req)
-            except (grpc.RpcError, asyncio.InvalidStateError) as e:
-                # the call ended between steps (a worker that died while idle: the write fails with
-                # a bare INTERNAL from gRPC core); the call's own status says why
-                code, details = await asyncio.wait_for(asyncio.gather(call.code(), call.details()), 1.0)
-                if code in (None, grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):
-                    code = grpc.StatusCode.UNAVAILABLE
-                raise StepFailed(code, details or "the step stream to the worker broke") from e
+            except (grpc.RpcError, asyncio.InvalidStateError) as e:  # the call ended between steps
+                raise await _ended(call) from e
             resp = await call.read()
         except asyncio.CancelledError as e:  # the timer fired: this step ran past its deadline
             raise StepFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -96,8 +104,7 @@ class StageStream:
         finally:
             timer.cancel()
         if resp is grpc.aio.EOF:
-            raise StepFailed(await call.code() or grpc.StatusCode.UNAVAILABLE,
-                             await call.details() or "the worker ended the step stream")
+            raise await _ended(call)
         return resp
 
     def _drop(self) -> None:

@@ -153,15 +153,21 @@ def test_standard_health_and_reflection_are_served(workers, ckpt):
         server.stop(0)
 
 
+def _load_whole(ch: grpc.Channel, ckpt) -> pb_grpc.WorkerServiceStub:
+    """Loads the whole tiny model (embedding to head) on the worker behind `ch` -> its stub."""
+    stub = pb_grpc.WorkerServiceStub(ch)
+    stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
+        checkpoint=str(ckpt), first_layer=0, last_layer=4, embed=True, head=True, placement_id=PID,
+        kv_budget_bytes=10**8, max_context=64)), timeout=60)
+    return stub
+
+
 @pytest.fixture(scope="module")
 def whole(ckpt):
     """One worker holding the whole tiny model (embedding to head) -> (stub, servicer, port)."""
     server, port, servicer = start_worker_server(NodeProfile("whole", "cpu", 10**9, 1.0))
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
-        stub = pb_grpc.WorkerServiceStub(ch)
-        stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
-            checkpoint=str(ckpt), first_layer=0, last_layer=4, embed=True, head=True, placement_id=PID,
-            kv_budget_bytes=10**8, max_context=64)), timeout=60)
+        stub = _load_whole(ch, ckpt)
         yield stub, servicer, port
     server.stop(0)
 
@@ -265,10 +271,7 @@ def test_a_worker_without_streams_is_stepped_with_unary_calls(ckpt):
                                    OldWorker(NodeProfile("old", "cpu", 10**9, 1.0)), "WorkerService", "127.0.0.1", 0, 8)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
-            stub = pb_grpc.WorkerServiceStub(ch)
-            stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
-                checkpoint=str(ckpt), first_layer=0, last_layer=4, embed=True, head=True, placement_id=PID,
-                kv_budget_bytes=10**8, max_context=64)), timeout=60)
+            stub = _load_whole(ch, ckpt)
             stream = StageStream(stub, f"127.0.0.1:{port}")
             first = stream.step(_tokens("old", 0, [5, 9, 33], 0), 10.0).results[0].token
             assert not stream.use_stream
@@ -291,10 +294,7 @@ def test_a_worker_gone_between_steps_fails_the_next_stream_step_as_unavailable(c
 
     server, port, _ = start_worker_server(NodeProfile("gone", "cpu", 10**9, 1.0))
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
-        stub = pb_grpc.WorkerServiceStub(ch)
-        stub.LoadShard(pb.LoadShardRequest(shard=pb.ShardSpec(
-            checkpoint=str(ckpt), first_layer=0, last_layer=4, embed=True, head=True, placement_id=PID,
-            kv_budget_bytes=10**8, max_context=64)), timeout=60)
+        stub = _load_whole(ch, ckpt)
         stream = StageStream(stub, f"127.0.0.1:{port}")
         stream.step(_tokens("gone", 0, [5, 9], 0), 10.0)
         server.stop(0)
