@@ -247,9 +247,9 @@ def test_open_streams_are_bounded_and_garbage_on_a_stream_is_refused(whole):
         assert stub.Health(pb.WorkerHealthRequest(), timeout=5).placement_id == PID  # unary calls still served
     finally:
         for q in feeds:
-            q.put(None)
+            q.put(None)  # half-close: the worker's handler ends, frees its slot, then answers OK
         for c in calls:
-            c.cancel()
+            list(c)  # wait for that end, so the slots are free before the next stream opens
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # bytes that are no ForwardRequest
         raw = ch.stream_stream("/edgeweave.v1.WorkerService/ForwardStream")
         code, details = _code(lambda: next(raw(iter([b"\xff\xff\xff"]), timeout=10)))
