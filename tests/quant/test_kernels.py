@@ -6,7 +6,10 @@ from quant.kernels import (attention_row, int8_linear, int8_linear_reference, in
                            quantize_activations, quantize_activations_reference, quantize_weight_per_channel)
 from tests.conftest import sqnr_db
 
-SHAPES = [(1, 64, 576), (2, 70, 576), (5, 33, 100), (64, 130, 1536), (129, 257, 64)]
+# M around the kernel's 8-row tiles (8, 9, 17) and 64-row tasks (64, 129); K with and without a
+# tail past the last 16 columns.
+SHAPES = [(1, 64, 576), (2, 70, 576), (5, 33, 100), (8, 40, 576), (9, 17, 1536), (17, 5, 50), (64, 130, 1536),
+          (129, 257, 64)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
