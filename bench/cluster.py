@@ -3,7 +3,7 @@
 For each cluster: single-stream decode tokens/s (greedy, 128 tokens, median of --reps), time to
 first token, per-hop overhead (a stage's round trip minus its compute, median over decode steps),
 bytes on the wire per token, and the throughput of 8 concurrent streams (batched decode steps)
-against one stream.
+against one stream, measured alike: decode rate against decode rate, end to end against end to end.
 
     python bench/cluster.py [CHECKPOINT_DIR] [--reps 5] [--tokens 128] [--rounds 3] [--unary-steps]
 """
@@ -29,22 +29,25 @@ CLUSTERS = {"1 node": [1_000_000_000], "3 nodes": [170_000_000, 140_000_000, 140
 CONTEXT, BATCH = 512, 8
 
 
-def one_stream(address: str, tokens: int) -> tuple[float, float, int]:
-    """-> (decode tokens/s after the first token, seconds to first token, tokens)."""
+def one_stream(address: str, tokens: int) -> tuple[float, float, int, float]:
+    """-> (decode tokens/s after the first token, seconds to first token, tokens, end-to-end tokens/s:
+    every token over the request's whole time, first token included)."""
     t0 = time.perf_counter()
     stamps: list[float] = []
     for m in stream_generate(address, PROMPT, tokens, timeout_s=600):
         stamps.extend([time.perf_counter()] * len(m.token_ids))
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0, len(stamps)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0, len(stamps), len(stamps) / (stamps[-1] - t0)
 
 
-def concurrent(address: str, streams: int, tokens: int) -> float:
-    """Total generated tokens/s of `streams` simultaneous requests (different prompts)."""
-    counts = [0] * streams
+def concurrent(address: str, streams: int, tokens: int) -> tuple[float, float]:
+    """`streams` simultaneous requests (different prompts) -> (end-to-end tokens/s: every token over
+    the whole phase, first tokens included; decode tokens/s: the tokens that arrive while every stream
+    is past its first token and none has ended, over that window, as one_stream's decode rate)."""
+    stamps: list[list[float]] = [[] for _ in range(streams)]
 
     def run(i: int) -> None:
         for m in stream_generate(address, f"{PROMPT} ({i})", tokens, timeout_s=600):
-            counts[i] += len(m.token_ids)
+            stamps[i].extend([time.perf_counter()] * len(m.token_ids))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
     t0 = time.perf_counter()
@@ -52,7 +55,10 @@ def concurrent(address: str, streams: int, tokens: int) -> float:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    e2e = sum(map(len, stamps)) / (time.perf_counter() - t0)
+    start, end = max(s[0] for s in stamps), min(s[-1] for s in stamps)
+    decode = sum(start < x <= end for s in stamps for x in s) / (end - start) if end > start else float("nan")
+    return e2e, decode
 
 
 def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int, streams: bool) -> dict:
@@ -67,7 +73,7 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
         stats = ray.get(actor.stats.remote())
         ray.get(actor.reset_stats.remote())
         t0 = time.perf_counter()
-        conc = [concurrent(address, 8, tokens) for _ in range(max(reps // 2, 1))]
+        conc = [concurrent(address, 8, tokens) for _ in range(max(reps // 2, 1))]  # (end to end, decode)
         conc_s = time.perf_counter() - t0
         conc_stats = ray.get(actor.stats.remote())  # the batched steps of the 8 streams
         ray.get(actor.shutdown.remote(), timeout=60)
@@ -75,9 +81,11 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
     decode_steps = max(stats["steps"] - reps, 1)  # one prefill step per run
     return {"cluster": name, "budgets": budgets, "stages": [[s.first, s.last] for s in placement.stages],
             "decode_tok_s": rate, "runs_tok_s": [r[0] for r in runs], "ttft_s": statistics.median(r[1] for r in runs),
+            "e2e_tok_s": statistics.median(r[3] for r in runs),
             "hop_overhead_ms": stats["hop_overhead_ms_median"], "compute_ms": stats["compute_ms_median"],
             "wire_bytes_per_token": stats["wire_bytes"] / decode_steps,
-            "concurrent8_tok_s": statistics.median(conc), "concurrent8_runs": conc,
+            "concurrent8_tok_s": statistics.median(c[0] for c in conc), "concurrent8_runs": [c[0] for c in conc],
+            "concurrent8_decode_tok_s": statistics.median(c[1] for c in conc),
             # where a batched step's time goes: per stage compute and hop overhead (medians over the
             # decode steps), and the wall time per step of the whole concurrent phase
             "concurrent8_compute_ms": conc_stats["compute_ms_median"],
@@ -103,8 +111,13 @@ def main() -> None:
                for name, b in CLUSTERS.items()} for _ in range(a.rounds)]
     med = statistics.median
     per_round = [{"three_vs_one_decode": r["3 nodes"]["decode_tok_s"] / r["1 node"]["decode_tok_s"],
-                  "concurrent8_vs_one_stream_3nodes": r["3 nodes"]["concurrent8_tok_s"] / r["3 nodes"]["decode_tok_s"],
-                  "concurrent8_vs_one_stream_1node": r["1 node"]["concurrent8_tok_s"] / r["1 node"]["decode_tok_s"],
+                  # like for like: decode rate vs decode rate, end to end vs end to end
+                  "concurrent8_vs_one_stream_3nodes": r["3 nodes"]["concurrent8_decode_tok_s"] / r["3 nodes"]["decode_tok_s"],
+                  "concurrent8_vs_one_stream_1node": r["1 node"]["concurrent8_decode_tok_s"] / r["1 node"]["decode_tok_s"],
+                  "concurrent8_vs_one_stream_e2e_3nodes": r["3 nodes"]["concurrent8_tok_s"] / r["3 nodes"]["e2e_tok_s"],
+                  # runs 1-13's measure: the 8 streams end to end over one stream's decode rate
+                  "concurrent8_e2e_vs_one_stream_decode_3nodes":
+                      r["3 nodes"]["concurrent8_tok_s"] / r["3 nodes"]["decode_tok_s"],
                   "max_hop_overhead_ms_3nodes": max(x for x in r["3 nodes"]["hop_overhead_ms"] if x is not None)}
                  for r in rounds]
     ratios = {k: med(x[k] for x in per_round) for k in per_round[0]}
@@ -119,9 +132,10 @@ def main() -> None:
                          f"{r['decode_tok_s']:.1f}", f"{r['ttft_s'] * 1e3:.0f}",
                          " / ".join(f"{x:.2f}" for x in r["hop_overhead_ms"]),
                          " / ".join(f"{x:.1f}" for x in r["compute_ms"]), f"{r['wire_bytes_per_token']:,.0f}",
-                         f"{r['concurrent8_tok_s']:.1f}"])
+                         f"{r['e2e_tok_s']:.1f}", f"{r['concurrent8_decode_tok_s']:.1f}", f"{r['concurrent8_tok_s']:.1f}"])
     md = table(["round", "cluster", "layers per stage", "decode tok/s", "TTFT ms", "hop overhead ms (per stage)",
-                "stage compute ms", "wire bytes/token", "8 streams tok/s"], rows)
+                "stage compute ms", "wire bytes/token", "end-to-end tok/s", "8 streams decode tok/s",
+                "8 streams end-to-end tok/s"], rows)
     conc_rows = [[str(i + 1), r["cluster"], f"{r['concurrent8_step_ms']:.1f}",
                   " / ".join(f"{x:.1f}" for x in r["concurrent8_compute_ms"] if x is not None),
                   " / ".join(f"{x:.2f}" for x in r["concurrent8_hop_overhead_ms"] if x is not None)]
@@ -146,8 +160,12 @@ compute and hop overhead: medians over the decode steps):
 Medians over the rounds of each round's figure:
 - 3-node decode / 1-node decode: **{ratios['three_vs_one_decode']:.2f}x** (target >= 0.8; rounds: {each('three_vs_one_decode', '{:.2f}')})
 - largest per-hop overhead, 3 nodes: **{ratios['max_hop_overhead_ms_3nodes']:.2f} ms** (target <= 1 ms; rounds: {each('max_hop_overhead_ms_3nodes', '{:.2f}')})
-- 8 concurrent streams / 1 stream, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
+- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
   (1 node: {ratios['concurrent8_vs_one_stream_1node']:.2f}x; target >= 3x; rounds: {each('concurrent8_vs_one_stream_3nodes', '{:.2f}')})
+- the same, end to end (every token over each request's whole time, first token included), 3 nodes:
+  **{ratios['concurrent8_vs_one_stream_e2e_3nodes']:.2f}x** (rounds: {each('concurrent8_vs_one_stream_e2e_3nodes', '{:.2f}')})
+- runs 1-13's measure, the 8 streams end to end over one stream's decode rate, 3 nodes:
+  {ratios['concurrent8_e2e_vs_one_stream_decode_3nodes']:.2f}x (rounds: {each('concurrent8_e2e_vs_one_stream_decode_3nodes', '{:.2f}')})
 """)
     print(md)
     print(ratios)
