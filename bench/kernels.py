@@ -7,12 +7,15 @@ and the machine's measured read bandwidth; at M=512 a breakdown of where the tim
     python bench/kernels.py [--reps 15]
     python bench/kernels.py --tender [--reps 15]   # Tender's kernel next to plain W8A8 (own section)
     python bench/kernels.py --w4 [--reps 15]       # the packed W4A8 kernel next to W8A8 (own section)
+    python bench/kernels.py --decode-gemm [--baseline OLD.c]  # decode-sized GEMMs over 30 layers (own section)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -198,12 +201,87 @@ as above.
 """)
 
 
+LAYER_SHAPES = ((1728, 576), (576, 576), (3072, 576), (576, 1536))  # SmolLM2 qkv, o, gate|up, down (N, K)
+
+
+def _gemm_lib(source: Path | None):
+    """The kernel library: edgeweave's (source None), or one built from another int8_gemm.c."""
+    import ctypes
+    import tempfile
+
+    from quant.native import _compile, load_kernels
+    if source is None:
+        return load_kernels()
+    target = Path(tempfile.mkdtemp()) / "baseline.so"
+    _compile((source,), target)
+    lib = ctypes.CDLL(str(target))
+    lib.ew_gemm_s8s8s32.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    return lib
+
+
+def bench_decode_gemm(reps: int, baseline: Path | None) -> None:
+    """The int8 GEMM alone (ew_gemm_s8s8s32) over 30 layers of SmolLM2's four weight shapes, one thread
+    (a node's core), at the row counts of decode steps: 1 session, and up to 8 batched. 30 layers'
+    weights (121 MB) exceed the L3, so every call streams its weights from memory, as in decode. With
+    --baseline, another int8_gemm.c (e.g. an earlier commit's) is timed interleaved with this one."""
+    import numpy as np
+
+    torch.set_num_threads(1)
+    libs = {"edgeweave": _gemm_lib(None)}
+    if baseline is not None:
+        libs = {"baseline": _gemm_lib(baseline), **libs}
+    rng = np.random.default_rng(0)
+    weights = [[rng.integers(-127, 128, s, dtype=np.int8) for s in LAYER_SHAPES] for _ in range(30)]
+    rows_m = (1, 2, 4, 8, 16)
+    times: dict[tuple[str, int], list[float]] = {(name, m): [] for name in libs for m in rows_m}
+    for _ in range(reps):
+        for m in rows_m:
+            a = {k: rng.integers(-127, 128, (m, k), dtype=np.int8) for k in (576, 1536)}
+            c = {s: np.zeros((m, s[0]), np.int32) for s in LAYER_SHAPES}
+            for name, lib in libs.items():
+                t0 = time.perf_counter()
+                for layer in weights:
+                    for (n, k), w in zip(LAYER_SHAPES, layer):
+                        lib.ew_gemm_s8s8s32(m, n, k, a[k].ctypes.data, w.ctypes.data, c[(n, k)].ctypes.data)
+                times[(name, m)].append(time.perf_counter() - t0)
+                for (n, k), w in zip(LAYER_SHAPES, weights[-1]):  # exact, or the timing means nothing
+                    assert (c[(n, k)] == a[k].astype(np.int64) @ w.astype(np.int64).T).all(), name
+    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    write_results("kernels_decode_gemm", {"ms": {f"{n} M={m}": v for (n, m), v in med.items()},
+                                          "baseline": str(baseline) if baseline else None, "reps": reps})
+    head = ["M (rows)", *(f"{n} ms" for n in libs), "x M = 1"]
+    if baseline is not None:
+        head.append("edgeweave / baseline")
+    rows = []
+    for m in rows_m:
+        r = [m, *(f"{med[(n, m)]:.1f}" for n in libs), f"{med[('edgeweave', m)] / med[('edgeweave', 1)]:.2f}"]
+        if baseline is not None:
+            r.append(f"**{med[('edgeweave', m)] / med[('baseline', m)]:.2f}x**")
+        rows.append(r)
+    print(table(head, rows))
+    cmd = "python bench/kernels.py --decode-gemm" + (f" --baseline {baseline}" if baseline else "") + f" --reps {reps}"
+    update_section("kernels-decode", f"""## Decode-sized int8 GEMMs (`bench/kernels.py --decode-gemm`)
+
+Command: `{cmd}`. The int8 GEMM alone (`ew_gemm_s8s8s32`) over SmolLM2's 30 layers (qkv 1728x576,
+o 576x576, gate|up 3072x576, down 576x1536: 121 MB, streamed from memory), one thread, M rows as in a
+decode step of M sessions. Milliseconds for all 30 layers, median of {reps}{', interleaved with the baseline' if baseline else ''}.
+
+{table(head, rows)}
+""")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--tender", action="store_true", help="only Tender vs W8A8 (its own BENCHMARKS.md section)")
     ap.add_argument("--w4", action="store_true", help="only packed W4A8 vs W8A8 (its own BENCHMARKS.md section)")
+    ap.add_argument("--decode-gemm", action="store_true",
+                    help="only the int8 GEMM at decode row counts over 30 layers (its own BENCHMARKS.md section)")
+    ap.add_argument("--baseline", type=Path, help="with --decode-gemm: another int8_gemm.c to time interleaved")
     args = ap.parse_args()
+    if args.decode_gemm:
+        bench_decode_gemm(args.reps, args.baseline)
+        return
     if args.tender:
         bench_tender(args.reps)
         return

@@ -67,7 +67,7 @@ def quant_config(a: argparse.Namespace):
                            mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
                            avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
                            rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down,
-                           rotate_all=a.rotate_all)
+                           rotate_all=a.rotate_all, gptq_refit=a.refit_scales)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
 
@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotate-all", action="store_true",
                    help="let every linear group's input (q/k/v, o, gate/up, down) be rotated the same way, each "
                         "group choosing by its output error; mostly for 4-bit weights; rtn, haq")
+    q.add_argument("--refit-scales", type=int, default=0, metavar="ROUNDS",
+                   help="after GPTQ's rounding, refit each weight row's scales by least squares to its integer codes, "
+                        "and round again to them, this many times (mostly for 4-bit weights; default 0); haq, luc")
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--act-scheme", choices=("token", "tensor"), default="token",
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "

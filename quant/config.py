@@ -56,6 +56,9 @@ class QuantConfig:
     # (o after q/k/v, down after gate/up): GPTQ's "true sequential" order. False: one pass of
     # statistics per layer, all groups seeing float inputs.
     gptq_sequential: bool = False
+    # Rounds of refitting each row's weight scales by least squares to the integer codes GPTQ chose
+    # (quant/gptq.refit_scales), rounding again to the refit scales between rounds. haq, luc.
+    gptq_refit: int = 0
     search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
     quantize_lm_head: bool = True
     tender_groups: int = 4  # Tender: channel groups (power-of-two scales apart)
@@ -124,6 +127,8 @@ class QuantConfig:
                              f"not {self.method} W{self.w_bits}")
         if (self.rotate_down or self.rotate_all) and self.method not in ("rtn", "haq"):
             raise ValueError(f"--rotate-down and --rotate-all work with rtn and haq, not {self.method}")
+        if self.gptq_refit < 0 or (self.gptq_refit and self.method not in ("haq", "luc")):
+            raise ValueError(f"--refit-scales refits GPTQ's scales: it works with haq and luc, not {self.method}")
         if self.method == "luc":
             budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
             if budgets != 1 and not self.layer_policy:

@@ -12,7 +12,7 @@ import torch
 
 from .int4 import expand_group_scale
 
-__all__ = ["gptq_quantize"]
+__all__ = ["gptq_quantize", "refit_scales"]
 
 
 def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -41,6 +41,7 @@ def gptq_quantize(
     group: int = 0,
     sparsity: float = 0.0,
     zero: torch.Tensor | None = None,
+    refit: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale), w ~ q * scale.
     scale: what to round to: [N] per output channel (default absmax / qmax), or with group > 0
@@ -50,7 +51,9 @@ def gptq_quantize(
     u in [0, 15] (quant/int4.py), and q holds u - z in [-15, 15].
     sparsity > 0 (SparseGPT, Edge-LLM's Hessian-aware pruning): in each block of columns the
     fraction `sparsity` of weights with the least w^2 / [H^-1]_jj^2 is set to zero, and their error is
-    spread over the remaining columns like rounding error."""
+    spread over the remaining columns like rounding error.
+    refit: rounds of refitting the scales to the codes (refit_scales), each after the first followed
+    by rounding again to the refit scales; 0: the scales stay as given."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     qmax = 2 ** (bits - 1) - 1
@@ -59,18 +62,35 @@ def gptq_quantize(
     n, k = w.shape
     if scale is None:
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
-    col_scale = expand_group_scale(scale.double(), k, group)  # [N, K]
+    scale = scale.double()
     if zero is not None:  # per column: q in [-z, 2^bits - 1 - z]
         col_lo = -expand_group_scale(zero.double(), k, group)  # [N, K]
         col_hi = col_lo + (2 ** bits - 1)
     else:
-        col_lo, col_hi = torch.full_like(col_scale, -qmax), torch.full_like(col_scale, qmax)
+        col_lo = torch.full((n, k), -float(qmax), dtype=torch.float64)
+        col_hi = -col_lo
     dead = torch.diag(h) == 0  # channels never active in calibration
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h, col_scale, col_lo, col_hi = w[:, perm], h[perm][:, perm], col_scale[:, perm], col_lo[:, perm], col_hi[:, perm]
-    hinv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
+    inv = torch.argsort(perm)
+    hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # [K, K] upper
+    for r in range(refit + 1):
+        if r:
+            scale = refit_scales(w, h, q, scale, group)
+            if r == refit:
+                break
+        col_scale = expand_group_scale(scale, k, group)  # [N, K]
+        q = _round(w[:, perm], hinv, col_scale[:, perm], col_lo[:, perm], col_hi[:, perm], block, sparsity)[:, inv]
+    return q.to(torch.int8).contiguous(), scale.float()
+
+
+def _round(w: torch.Tensor, hinv: torch.Tensor, col_scale: torch.Tensor, col_lo: torch.Tensor, col_hi: torch.Tensor,
+           block: int, sparsity: float) -> torch.Tensor:
+    """GPTQ's rounding, columns in the (permuted) order given: w [N, K], hinv [K, K] upper Cholesky
+    factor of H^-1, per-column scales and code ranges [N, K] -> codes [N, K] (float64)."""
+    w = w.clone()
+    k = w.shape[1]
     q = torch.zeros_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -92,5 +112,44 @@ def gptq_quantize(
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return q[:, inv].to(torch.int8).contiguous(), scale.float()
+    return q
+
+
+def refit_scales(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int = 0,
+                 ridge: float = 1e-6) -> torch.Tensor:
+    """Least-squares weight scales for fixed integer codes: w [N, K] the float weights, h [K, K] the
+    input Hessian (X^T X), q [N, K] the codes (u - z with zero points), scale [N] or [N, G].
+
+    With the codes fixed, a row's quantized weights sum_g s_g q_g are linear in its G scales, so the
+    layer's output error on the calibration inputs, (w - sum_g s_g q_g)^T H (w - sum_g s_g q_g), is a
+    G x G least-squares problem per row: (U^T H U) s = U^T H w with U's columns the row's codes group by
+    group. GPTQ chose the codes for the scales it was given; this chooses the scales for those codes.
+    A row keeps its old scales where the new ones are not all positive and finite, or do not lower
+    its error. -> scales shaped like `scale`."""
+    n, k = w.shape
+    g = 1 if scale.dim() == 1 else scale.shape[1]
+    size = k if scale.dim() == 1 else group
+    w, h, q, old = w.double(), h.double(), q.double(), scale.double().reshape(n, g)
+    pad = g * size - k
+
+    def per_group(x: torch.Tensor) -> torch.Tensor:  # [N, K] -> [N, G]: sums over each group's columns
+        return torch.nn.functional.pad(x, (0, pad)).view(n, g, size).sum(-1)
+
+    b = per_group(q * (w @ h))  # [N, G]
+    a = torch.empty(n, g, g, dtype=torch.float64)  # [N, G, G]
+    for j in range(g):
+        cols = slice(j * size, min((j + 1) * size, k))
+        a[:, :, j] = per_group(q * (q[:, cols] @ h[cols, :]))
+    diag = torch.diagonal(a, dim1=1, dim2=2)  # [N, G]
+    reg = ridge * diag.mean(dim=1).clamp(min=1e-30)[:, None, None] * torch.eye(g, dtype=torch.float64)
+    try:
+        new = torch.linalg.solve(a + reg, b[..., None])[..., 0]  # [N, G]
+    except RuntimeError:  # singular for every row: nothing to refit
+        return scale
+
+    def err(s: torch.Tensor) -> torch.Tensor:  # [N]: the row's error up to its constant w^T H w
+        return (s[:, None, :] @ a @ s[..., None])[:, 0, 0] - 2 * (s * b).sum(-1)
+
+    ok = torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1) & (err(new) < err(old))
+    out = torch.where(ok[:, None], new, old)
+    return out.reshape(scale.shape).to(scale.dtype)

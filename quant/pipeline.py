@@ -188,7 +188,7 @@ def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig,
                                    scheme.asym)
     if cfg.method in ("haq", "luc") and h is not None:
         q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, group, sparsity,
-                                 zero)
+                                 zero, refit=cfg.gptq_refit)
     elif w4 is not None:
         q, scale = quantize_weight_int4(w, w4, group, zero)
     else:

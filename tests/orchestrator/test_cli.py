@@ -158,3 +158,15 @@ def test_haq_rotates_down_proj_by_default_and_the_flag_turns_it_off():
     assert not cfg("--method", "tender").rotate_down
     with pytest.raises(SystemExit, match="--rotate-down and --rotate-all work with rtn and haq"):
         cfg("--method", "tender", "--rotate-down")
+
+
+def test_refit_scales_flag_reaches_the_config_and_is_refused_where_there_is_no_gptq():
+    from orchestrator.cli import build_parser, quant_config
+
+    def cfg(*args):
+        return quant_config(build_parser().parse_args(["quantize", "smollm2-135m", "--out", "x", *args]))
+
+    assert cfg("--method", "haq").gptq_refit == 0
+    assert cfg("--method", "haq", "--w-bits", "4", "--refit-scales", "2").gptq_refit == 2
+    with pytest.raises(SystemExit, match="--refit-scales refits GPTQ's scales"):
+        cfg("--method", "rtn", "--refit-scales", "1")
