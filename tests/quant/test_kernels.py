@@ -7,9 +7,9 @@ from quant.kernels import (attention_row, int8_linear, int8_linear_reference, in
 from tests.conftest import sqnr_db
 
 # M around the kernel's 8-row tiles (8, 9, 17) and 64-row tasks (64, 129); K with and without a
-# tail past the last 16 columns.
+# tail past the last 16 columns, and past 3072 (few rows take the 2 x 4 tiles there).
 SHAPES = [(1, 64, 576), (2, 70, 576), (5, 33, 100), (8, 40, 576), (9, 17, 1536), (17, 5, 50), (64, 130, 1536),
-          (129, 257, 64)]
+          (129, 257, 64), (3, 9, 4104)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
