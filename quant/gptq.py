@@ -75,13 +75,16 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     inv = torch.argsort(perm)
     hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # [K, K] upper
-    for r in range(refit + 1):
-        if r:
-            scale = refit_scales(w, h, q, scale, group)
-            if r == refit:
-                break
-        col_scale = expand_group_scale(scale, k, group)  # [N, K]
-        q = _round(w[:, perm], hinv, col_scale[:, perm], col_lo[:, perm], col_hi[:, perm], block, sparsity)[:, inv]
+
+    def round_to(scale: torch.Tensor) -> torch.Tensor:  # [N, K] codes in the original column order
+        col_scale = expand_group_scale(scale, k, group)[:, perm]  # [N, K]
+        return _round(w[:, perm], hinv, col_scale, col_lo[:, perm], col_hi[:, perm], block, sparsity)[:, inv]
+
+    q = round_to(scale)
+    for r in range(refit):
+        scale = refit_scales(w, h, q, scale, group)
+        if r + 1 < refit:
+            q = round_to(scale)
     return q.to(torch.int8).contiguous(), scale.float()
 
 
