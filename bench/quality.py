@@ -59,6 +59,8 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # GPTQ's scales refit by least squares to its codes (--refit-scales)
     "haq-w4g128arf-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                             "rotate_down": True, "gptq_refit": 2},
+    "haq-w4g128arf1-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                             "rotate_down": True, "gptq_refit": 1},  # one refit, GPTQ's codes kept
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
@@ -137,7 +139,8 @@ def main() -> None:
                "haq-w4g128a-token": 1.10, "haq-w4a-token": 1.10,
                "haq-w4g128as-token": 1.10, "haq-token-seq": 1.01, "mq-w8": 1.02, "mq-w4g128": 1.10,
                "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10,
-               "haq-w4g128arall-token": 1.10, "haq-w4g128arf-token": 1.10}
+               "haq-w4g128arall-token": 1.10, "haq-w4g128arf-token": 1.10,
+               "haq-w4g128arf1-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]
