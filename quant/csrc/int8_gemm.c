@@ -369,6 +369,95 @@ __attribute__((target("avx2,fma"))) static void row4_avx2(const int8_t* A, int64
 }
 #endif
 
+#ifdef EW_X86
+/* The nibbles as unsigned bytes against int8 activations with vpmaddubsw: a nibble u is at most 15,
+ * so a pair sum u0 a0 + u1 a1 is at most 2 * 15 * 127 = 3810 and the int16 result never saturates
+ * (it does for full-range int8 weights, which is why W8 widens to int16 instead). One 32-byte load
+ * holds 64 weights; the low nibbles (even columns) meet the even activations AE and the high
+ * nibbles (odd columns) the odd ones AO, both laid out [rows, K / 2]. The products are of u, so
+ * each group subtracts z times its activations' sum, lane by lane (SV [rows, G, 8]: lane i sums
+ * the columns k + 8i .. k + 8i + 7 of each 64-column block k, the columns that lane i of the
+ * products holds), which keeps every lane an exact int32 (u - z) . a before the group's scale.
+ * Signed nibbles are u - 8 after flipping each nibble's top bit. Needs K and group multiples of
+ * 64. y[r] = sum_g sw[g] * (u - z) . a over the group, for rows r < R <= W4_ROWS. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void row_nibbles_rx(
+    const int8_t* AE, const int8_t* AO, int64_t ld2, const int R, int64_t K, const uint8_t* p,
+    const uint8_t* zero, const float* sw, int64_t group, const int32_t* SV, int64_t G, float* y) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(zero ? 0 : (char)0x88);
+  __m256 f[W4_ROWS];
+  for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i s[W4_ROWS];
+    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+    const int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+    for (int64_t k = g * group; k < k1; k += 64) {
+      const __m256i b = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + k / 2)), flip);
+      const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+      for (int r = 0; r < R; ++r) {
+        const __m256i e = _mm256_loadu_si256((const __m256i*)(AE + r * ld2 + k / 2));
+        const __m256i o = _mm256_loadu_si256((const __m256i*)(AO + r * ld2 + k / 2));
+        const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, e), _mm256_maddubs_epi16(hi, o));
+        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(t, ones));
+      }
+    }
+    const __m256i z = _mm256_set1_epi32(zero ? zero[g] : 8);
+    const __m256 scale = _mm256_set1_ps(sw[g]);
+    for (int r = 0; r < R; ++r) {
+      const __m256i zs = _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i*)(SV + (r * G + g) * 8)));
+      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s[r], zs)), scale, f[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(f[r]), _mm256_extractf128_ps(f[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    y[r] = _mm_cvtss_f32(v);
+  }
+}
+
+/* row_nibbles_rx with R a constant in each case (the accumulators stay in registers for small R). */
+__attribute__((target("avx2,fma"))) static void row_nibbles_avx2(const int8_t* AE, const int8_t* AO, int64_t ld2,
+                                                                 int64_t R, int64_t K, const uint8_t* p,
+                                                                 const uint8_t* zero, const float* sw, int64_t group,
+                                                                 const int32_t* SV, int64_t G, float* y) {
+  switch (R) {
+    case 1: row_nibbles_rx(AE, AO, ld2, 1, K, p, zero, sw, group, SV, G, y); break;
+    case 2: row_nibbles_rx(AE, AO, ld2, 2, K, p, zero, sw, group, SV, G, y); break;
+    case 3: row_nibbles_rx(AE, AO, ld2, 3, K, p, zero, sw, group, SV, G, y); break;
+    case 4: row_nibbles_rx(AE, AO, ld2, 4, K, p, zero, sw, group, SV, G, y); break;
+    case 5: row_nibbles_rx(AE, AO, ld2, 5, K, p, zero, sw, group, SV, G, y); break;
+    case 6: row_nibbles_rx(AE, AO, ld2, 6, K, p, zero, sw, group, SV, G, y); break;
+    case 7: row_nibbles_rx(AE, AO, ld2, 7, K, p, zero, sw, group, SV, G, y); break;
+    default: row_nibbles_rx(AE, AO, ld2, 8, K, p, zero, sw, group, SV, G, y); break;
+  }
+}
+#endif
+
+/* The layout row_nibbles_avx2 reads: Q [M, K] int8 -> AE, AO [M, K / 2] (even and odd columns) and
+ * SV [M, G, 8] (per group and lane, the activation sums the zero point multiplies). One allocation
+ * (*buf, for free()); NULL if it failed. K and group are multiples of 64. */
+static int8_t* split_activations(const int8_t* Q, int64_t M, int64_t K, int64_t group, int64_t G,
+                                 int8_t** AO, int32_t** SV, void** buf) {
+  const size_t half = (size_t)(M * (K / 2)), sums = (size_t)(M * G * 8) * sizeof(int32_t);
+  char* b = (char*)malloc(2 * half + sums + 64);
+  *buf = b;
+  if (!b) return NULL;
+  int8_t* AE = (int8_t*)b;
+  *AO = AE + half;
+  *SV = (int32_t*)(((uintptr_t)(*AO + half) + 63) & ~(uintptr_t)63);
+  memset(*SV, 0, sums);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* q = Q + m * K;
+    for (int64_t j = 0; j < K / 2; ++j) {
+      AE[m * (K / 2) + j] = q[2 * j];
+      (*AO)[m * (K / 2) + j] = q[2 * j + 1];
+    }
+    for (int64_t k = 0; k < K; ++k) (*SV)[(m * G + k / group) * 8 + (k % 64) / 8] += q[k];
+  }
+  return AE;
+}
+
 void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float static_scale,
                     const uint8_t* P, const uint8_t* zero, const float* sw, int64_t group,
                     const float* bias, int8_t* Q, float* sx, float* Y) {
@@ -377,6 +466,30 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
   int avx2 = use_avx2(K);
 #ifdef EW_X86
   int fma = avx2 && __builtin_cpu_supports("fma");
+  if (avx2 && K % 64 == 0 && group % 64 == 0) {
+    int8_t* AO = NULL;
+    int32_t* SV = NULL;
+    void* buf = NULL;
+    const int8_t* AE = split_activations(Q, M, K, group, G, &AO, &SV, &buf);
+    if (AE && fma) {
+#pragma omp parallel for schedule(static) if (M * N * K > 65536)
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t m0 = 0; m0 < M; m0 += W4_ROWS) {
+          const int64_t rows = M - m0 < W4_ROWS ? M - m0 : W4_ROWS;
+          float y[W4_ROWS];
+          row_nibbles_avx2(AE + m0 * (K / 2), AO + m0 * (K / 2), K / 2, rows, K, P + n * ldp,
+                           zero ? zero + n * G : NULL, sw + n * G, group, SV + m0 * G * 8, G, y);
+          for (int64_t m = 0; m < rows; ++m) {
+            float v = y[m] * sx[m0 + m];
+            Y[(m0 + m) * N + n] = bias ? v + bias[n] : v;
+          }
+        }
+      }
+      free(buf);
+      return;
+    }
+    free(buf);
+  }
 #endif
 #pragma omp parallel for schedule(static) if (M * N * K > 65536)
   for (int64_t n = 0; n < N; ++n) {
