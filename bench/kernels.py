@@ -8,6 +8,7 @@ and the machine's measured read bandwidth; at M=512 a breakdown of where the tim
     python bench/kernels.py --tender [--reps 15]   # Tender's kernel next to plain W8A8 (own section)
     python bench/kernels.py --w4 [--reps 15]       # the packed W4A8 kernel next to W8A8 (own section)
     python bench/kernels.py --decode-gemm [--baseline OLD.c]  # decode-sized GEMMs over 30 layers (own section)
+    python bench/kernels.py --decode-w4 [--baseline OLD.c]    # the same for the packed W4A8 linear (own section)
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ def _gemm_lib(source: Path | None):
     _compile((source,), target)
     lib = ctypes.CDLL(str(target))
     lib.ew_gemm_s8s8s32.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ew_linear_w4a8.argtypes = [i64, i64, i64, ptr, ctypes.c_float, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
     return lib
 
 
@@ -270,6 +273,78 @@ decode step of M sessions. Milliseconds for all 30 layers, median of {reps}{', i
 """)
 
 
+def bench_decode_w4(reps: int, baseline: Path | None) -> None:
+    """The packed W4A8 linear (ew_linear_w4a8: activation quantization, nibble products, group scales)
+    over 30 layers of SmolLM2's shapes with zero points, group-128 and per output channel, one thread,
+    at decode row counts; with --baseline, another int8_gemm.c timed interleaved with this one."""
+    import numpy as np
+
+    from quant.kernels import int4_linear_reference
+
+    torch.set_num_threads(1)
+    libs = {"edgeweave": _gemm_lib(None)}
+    if baseline is not None:
+        libs = {"baseline": _gemm_lib(baseline), **libs}
+    rng = np.random.default_rng(0)
+    rows_m = (1, 8)
+    med: dict[tuple[str, str, int], float] = {}
+    for scheme, group_of in (("group-128", lambda k: 128), ("per-channel", lambda k: k)):
+        layers = []
+        for _ in range(30):
+            layer = []
+            for n, k in LAYER_SHAPES:
+                g = group_of(k)
+                layer.append((rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
+                              rng.integers(0, 16, (n, -(-k // g)), dtype=np.uint8),
+                              rng.random((n, -(-k // g)), dtype=np.float32) * 0.01, g))
+            layers.append(layer)
+        for m in rows_m:
+            x = {k: rng.standard_normal((m, k), dtype=np.float32) for k in (576, 1536)}
+            q = {k: np.zeros((m, k), np.int8) for k in (576, 1536)}
+            sx = np.zeros(m, np.float32)
+            y = {s_: np.zeros((m, s_[0]), np.float32) for s_ in LAYER_SHAPES}
+            times: dict[str, list[float]] = {name: [] for name in libs}
+            for _ in range(reps):
+                for name, lib in libs.items():
+                    t0 = time.perf_counter()
+                    for layer in layers:
+                        for (n, k), (p, z, sw, g) in zip(LAYER_SHAPES, layer):
+                            lib.ew_linear_w4a8(m, n, k, x[k].ctypes.data, 0.0, p.ctypes.data, z.ctypes.data,
+                                               sw.ctypes.data, g, None, q[k].ctypes.data, sx.ctypes.data,
+                                               y[(n, k)].ctypes.data)
+                    times[name].append(time.perf_counter() - t0)
+                    for (n, k), (p, z, sw, g) in zip(LAYER_SHAPES, layers[-1]):  # right, or the timing means nothing
+                        lib.ew_linear_w4a8(m, n, k, x[k].ctypes.data, 0.0, p.ctypes.data, z.ctypes.data,
+                                           sw.ctypes.data, g, None, q[k].ctypes.data, sx.ctypes.data,
+                                           y[(n, k)].ctypes.data)
+                        ref = int4_linear_reference(torch.from_numpy(x[k]), torch.from_numpy(p), torch.from_numpy(sw),
+                                                    g, None, None, torch.from_numpy(z))
+                        assert torch.allclose(torch.from_numpy(y[(n, k)]), ref, rtol=1e-4, atol=1e-3), name
+            for name in libs:
+                med[(name, scheme, m)] = statistics.median(times[name]) * 1e3
+    write_results("kernels_decode_w4", {"ms": {f"{n} {sc} M={m}": v for (n, sc, m), v in med.items()},
+                                        "baseline": str(baseline) if baseline else None, "reps": reps})
+    head = ["weights", "M (rows)", *(f"{n} ms" for n in libs)] + (["edgeweave / baseline"] if baseline else [])
+    rows = []
+    for scheme in ("group-128", "per-channel"):
+        for m in rows_m:
+            r = [scheme, m, *(f"{med[(n, scheme, m)]:.1f}" for n in libs)]
+            if baseline is not None:
+                r.append(f"**{med[('edgeweave', scheme, m)] / med[('baseline', scheme, m)]:.2f}x**")
+            rows.append(r)
+    print(table(head, rows))
+    cmd = "python bench/kernels.py --decode-w4" + (f" --baseline {baseline}" if baseline else "") + f" --reps {reps}"
+    update_section("kernels-decode-w4", f"""## Decode-sized packed W4A8 linears (`bench/kernels.py --decode-w4`)
+
+Command: `{cmd}`. `ew_linear_w4a8` (activation quantization, products on the packed nibbles, zero
+points, group scales) over SmolLM2's 30 layers with random 4-bit weights and zero points (60 MB
+packed), one thread, M rows. Milliseconds for all 30 layers, median of {reps}{', interleaved with the baseline' if baseline else ''};
+each run's last layer is checked against `int4_linear_reference`.
+
+{table(head, rows)}
+""")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
@@ -277,10 +352,16 @@ def main() -> None:
     ap.add_argument("--w4", action="store_true", help="only packed W4A8 vs W8A8 (its own BENCHMARKS.md section)")
     ap.add_argument("--decode-gemm", action="store_true",
                     help="only the int8 GEMM at decode row counts over 30 layers (its own BENCHMARKS.md section)")
-    ap.add_argument("--baseline", type=Path, help="with --decode-gemm: another int8_gemm.c to time interleaved")
+    ap.add_argument("--decode-w4", action="store_true",
+                    help="only the packed W4A8 linear at decode row counts over 30 layers (its own BENCHMARKS.md section)")
+    ap.add_argument("--baseline", type=Path,
+                    help="with --decode-gemm or --decode-w4: another int8_gemm.c to time interleaved")
     args = ap.parse_args()
     if args.decode_gemm:
         bench_decode_gemm(args.reps, args.baseline)
+        return
+    if args.decode_w4:
+        bench_decode_w4(args.reps, args.baseline)
         return
     if args.tender:
         bench_tender(args.reps)
