@@ -124,12 +124,13 @@ __attribute__((target("avx2"))) static void block_avx2(const int8_t* A, int64_t 
     dot_rows_scalar(A + m * lda, B, ldb, K, n4, n1, C + m * ldc);
   }
 }
+
 /* Up to 8 activation rows x 1 weight row: c[r * ldc] = a16[r] . b over K16 columns.
  * The activations were widened to int16 once per call (a16, row stride lda16), so the inner loop
  * widens only the 16 weights it reads, then feeds them to R vpmaddwd with the activations taken
  * straight from L1. One weight row at a time is read front to back: at M = 1 this single sequential
- * stream decodes 1.6x faster than interleaving 4 rows (bench/kernels.py), and at M = 8 each
- * weight is widened once for 8 rows instead of once per pair of rows. */
+ * stream takes 0.66x the time of interleaving 4 rows, and at M = 8, where each weight is widened
+ * once for 8 rows instead of once per pair of rows, 0.73x (bench/kernels.py --decode-gemm). */
 #define EW_MADD(r) \
   if (R > r) s##r = _mm256_add_epi32(s##r, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(a16 + r * lda16 + k)), w))
 #define EW_HSUM(r) \
