@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import machine, median_time, table, update_section, write_results  # noqa: E402
 from quant.int4 import pack_int4, unpack_int4  # noqa: E402
-from quant.kernels import W4_FUSED_MAX_M, int4_linear, int8_linear, int8_linear_grouped, int8_matmul, quantize_activations  # noqa: E402
+from quant.kernels import W4_FUSED_MAX_M, W4_NIBBLE_PER_CHANNEL_MAX_M, int4_linear, int8_linear, int8_linear_grouped, int8_matmul, quantize_activations  # noqa: E402
 from quant.tender import tender_linear  # noqa: E402
 
 LLC_BYTES = 32 << 20
@@ -190,12 +190,13 @@ def bench_w4(reps: int) -> None:
                for name, rs in results.items() for r in rs]
     update_section("kernels-w4", f"""## The packed W4A8 kernel (`bench/kernels.py --w4`)
 
-Command: `python bench/kernels.py --w4 --reps {reps}`. `quant/kernels.int4_linear`: up to {W4_FUSED_MAX_M} rows, one C call
-(`ew_linear_w4a8`) unpacks each 16 nibbles once in registers (minus the zero point) for up to 8 activation
-rows, int8 x int4 -> int32 per 128-column group, one scale per group; above {W4_FUSED_MAX_M} rows the weights are
-unpacked to int8 once (in C) and the int8 GEMM runs. "unpack path" is what W4 layers ran before this
-kernel: torch unpacking to int8 on every call, then the grouped GEMM. Median microseconds; weights rotate
-as above.
+Command: `python bench/kernels.py --w4 --reps {reps}`. `quant/kernels.int4_linear`: one C call (`ew_linear_w4a8`)
+multiplies the packed nibbles with up to 8 activation rows at a time, int32 per 128-column group, one
+scale per group. It runs for up to {W4_FUSED_MAX_M} rows, and beyond that wherever K and the group are
+multiples of 64 (the nibbles multiplied as bytes; up to {W4_NIBBLE_PER_CHANNEL_MAX_M} rows with one scale per row).
+Otherwise the weights are unpacked to int8 once (in C) and the int8 GEMM runs. "unpack path" is what W4
+layers ran before the packed kernel: torch unpacking to int8 on every call, then the grouped GEMM. Median
+microseconds; weights rotate as above.
 
 {table(["shape (out x in)", "M", "f32 us", "W8A8 us", "W4 g128 asym us", "W4 per-channel us", "unpack path us",
         "W8A8 / W4 g128", "unpack / W4 g128"], md_rows)}

@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 W4_FUSED_MAX_M = 16  # up to this many rows the packed-W4 kernel runs; above, unpack once and use the GEMM
+# ... except where the kernel multiplies nibbles as bytes (K and group multiples of 64): there it beats
+# unpacking at any row count with group scales (0.69-0.95x the time at M = 128-2048), and up to 128
+# rows with one scale per row (0.94x at 128, 1.5x at 2048). One thread, SmolLM2's shapes.
+W4_NIBBLE_PER_CHANNEL_MAX_M = 128
 
 QMAX = 127  # symmetric int8: [-127, 127], so negation never overflows
 
@@ -242,9 +246,10 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, gr
     w_scale -> float32 [..., N]. Activations int8 as in int8_linear; each group's products
     accumulate in int32, then take their group's scale.
 
-    On CPU with at most W4_FUSED_MAX_M rows (decoding), one C call unpacks the nibbles in
-    registers, so the weights are read at half a byte each; with more rows (prefill) the weights
-    are unpacked to int8 once and the int8 GEMM runs."""
+    On CPU with at most W4_FUSED_MAX_M rows (decoding), one C call multiplies the packed nibbles
+    directly, so the weights are read at half a byte each; with more rows (prefill) the weights
+    are unpacked to int8 once and the int8 GEMM runs, unless the C call's byte-wise nibble products
+    apply (see W4_NIBBLE_PER_CHANNEL_MAX_M), which are faster there too."""
     n, k = packed.shape[0], x.shape[-1]
     check_packed(packed, k, zero, num_groups(k, group))
     want = (n,) if group <= 0 else (n, num_groups(k, group))
@@ -253,7 +258,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, gr
                          + ("" if zero is None else f" and {list(zero.shape)}"))
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if x.device.type != "cpu" or m > W4_FUSED_MAX_M or (group > 0 and group % 2):
+    nibbles = k % 64 == 0 and (group <= 0 or group % 64 == 0)
+    fused = m <= W4_FUSED_MAX_M or (nibbles and (group > 0 or m <= W4_NIBBLE_PER_CHANNEL_MAX_M))
+    if x.device.type != "cpu" or not fused or (group > 0 and group % 2):
         q = unpack_w4(packed, zero, k, group)
         if group <= 0:
             return int8_linear(x, q, w_scale, bias, static_scale)
