@@ -71,9 +71,13 @@ class StageStream:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # else: an older worker, unary from now on
                     raise StepFailed(e.code(), e.details() or "") from e
                 self.use_stream = False
-            except StepFailed:
+            except StepFailed as e:
                 self._drop()
-                raise
+                # An older worker's UNIMPLEMENTED can also end the call before the first write lands
+                # (or before the read): the same fallback, whichever way the status arrived.
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self.use_stream = False
         try:
             return self.stub.Forward(req, timeout=timeout_s)
         except grpc.RpcError as e:
