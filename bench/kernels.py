@@ -223,6 +223,12 @@ def _gemm_lib(source: Path | None):
     return lib
 
 
+def _ab_libs(baseline: Path | None) -> dict:
+    """{"baseline": that source's library (if given), "edgeweave": ours}, in timing order."""
+    libs = {"edgeweave": _gemm_lib(None)}
+    return libs if baseline is None else {"baseline": _gemm_lib(baseline), **libs}
+
+
 def bench_decode_gemm(reps: int, baseline: Path | None) -> None:
     """The int8 GEMM alone (ew_gemm_s8s8s32) over 30 layers of SmolLM2's four weight shapes, one thread
     (a node's core), at the row counts of decode steps: 1 session, and up to 8 batched. 30 layers'
@@ -231,9 +237,7 @@ def bench_decode_gemm(reps: int, baseline: Path | None) -> None:
     import numpy as np
 
     torch.set_num_threads(1)
-    libs = {"edgeweave": _gemm_lib(None)}
-    if baseline is not None:
-        libs = {"baseline": _gemm_lib(baseline), **libs}
+    libs = _ab_libs(baseline)
     rng = np.random.default_rng(0)
     weights = [[rng.integers(-127, 128, s, dtype=np.int8) for s in LAYER_SHAPES] for _ in range(30)]
     rows_m = (1, 2, 4, 8, 16)
@@ -283,9 +287,7 @@ def bench_decode_w4(reps: int, baseline: Path | None) -> None:
     from quant.kernels import int4_linear_reference
 
     torch.set_num_threads(1)
-    libs = {"edgeweave": _gemm_lib(None)}
-    if baseline is not None:
-        libs = {"baseline": _gemm_lib(baseline), **libs}
+    libs = _ab_libs(baseline)
     rng = np.random.default_rng(0)
     rows_m = (1, 8)
     med: dict[tuple[str, str, int], float] = {}
@@ -314,10 +316,8 @@ def bench_decode_w4(reps: int, baseline: Path | None) -> None:
                                                sw.ctypes.data, g, None, q[k].ctypes.data, sx.ctypes.data,
                                                y[(n, k)].ctypes.data)
                     times[name].append(time.perf_counter() - t0)
-                    for (n, k), (p, z, sw, g) in zip(LAYER_SHAPES, layers[-1]):  # right, or the timing means nothing
-                        lib.ew_linear_w4a8(m, n, k, x[k].ctypes.data, 0.0, p.ctypes.data, z.ctypes.data,
-                                           sw.ctypes.data, g, None, q[k].ctypes.data, sx.ctypes.data,
-                                           y[(n, k)].ctypes.data)
+                    # y holds the last layer's outputs: right, or the timing means nothing
+                    for (n, k), (p, z, sw, g) in zip(LAYER_SHAPES, layers[-1]):
                         ref = int4_linear_reference(torch.from_numpy(x[k]), torch.from_numpy(p), torch.from_numpy(sw),
                                                     g, None, None, torch.from_numpy(z))
                         assert torch.allclose(torch.from_numpy(y[(n, k)]), ref, rtol=1e-4, atol=1e-3), name

@@ -66,17 +66,15 @@ class StageStream:
                 self._loop = asyncio.new_event_loop()
             try:
                 return self._loop.run_until_complete(self._step(req, timeout_s))
-            except grpc.RpcError as e:
+            except (grpc.RpcError, StepFailed) as e:
                 self._drop()
-                if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # else: an older worker, unary from now on
-                    raise StepFailed(e.code(), e.details() or "") from e
-                self.use_stream = False
-            except StepFailed as e:
-                self._drop()
-                # An older worker's UNIMPLEMENTED can also end the call before the first write lands
-                # (or before the read): the same fallback, whichever way the status arrived.
-                if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
+                failed = e if isinstance(e, StepFailed) else StepFailed(e.code(), e.details() or "")
+                # UNIMPLEMENTED: an older worker (its status may end the call at the write or at the
+                # read); unary from now on
+                if failed.code != grpc.StatusCode.UNIMPLEMENTED:
+                    if failed is e:
+                        raise
+                    raise failed from e
                 self.use_stream = False
         try:
             return self.stub.Forward(req, timeout=timeout_s)

@@ -76,9 +76,11 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # [K, K] upper
 
+    w_p, lo_p, hi_p = w[:, perm], col_lo[:, perm], col_hi[:, perm]  # [N, K] each, in rounding order
+
     def round_to(scale: torch.Tensor) -> torch.Tensor:  # [N, K] codes in the original column order
         col_scale = expand_group_scale(scale, k, group)[:, perm]  # [N, K]
-        return _round(w[:, perm], hinv, col_scale, col_lo[:, perm], col_hi[:, perm], block, sparsity)[:, inv]
+        return _round(w_p, hinv, col_scale, lo_p, hi_p, block, sparsity)[:, inv]
 
     q = round_to(scale)
     for r in range(refit):

@@ -46,6 +46,13 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+__attribute__((target("avx2"))) static inline float hsum_ps(__m256 f) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+  return _mm_cvtss_f32(v);
+}
+
 __attribute__((target("avx2"))) static inline __m256i load16_s8_as_s16(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
 }
@@ -229,7 +236,6 @@ void ew_gemm_s8s8s32_ld(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_
     }
   }
   free(A16);
-  (void)avx2;
 }
 
 /* C[M, N] = A[M, K] . B[N, K]^T, exact int32, all contiguous. */
@@ -361,12 +367,7 @@ __attribute__((target("avx2,fma"))) static void row4_avx2(const int8_t* A, int64
     const __m256 scale = _mm256_set1_ps(sw[g]);
     for (int64_t m = 0; m < M; ++m) f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m]), scale, f[m]);
   }
-  for (int64_t m = 0; m < M; ++m) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(f[m]), _mm256_extractf128_ps(f[m], 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-    y[m] = _mm_cvtss_f32(v);
-  }
+  for (int64_t m = 0; m < M; ++m) y[m] = hsum_ps(f[m]);
 }
 #endif
 
@@ -409,12 +410,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void row_nibble
       f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s[r], zs)), scale, f[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(f[r]), _mm256_extractf128_ps(f[r], 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-    y[r] = _mm_cvtss_f32(v);
-  }
+  for (int r = 0; r < R; ++r) y[r] = hsum_ps(f[r]);
 }
 
 /* row_nibbles_rx with R a constant in each case (the accumulators stay in registers for small R). */
@@ -433,7 +429,6 @@ __attribute__((target("avx2,fma"))) static void row_nibbles_avx2(const int8_t* A
     default: row_nibbles_rx(AE, AO, ld2, 8, K, p, zero, sw, group, SV, G, y); break;
   }
 }
-#endif
 
 /* The layout row_nibbles_avx2 reads: Q [M, K] int8 -> AE, AO [M, K / 2] (even and odd columns) and
  * SV [M, G, 8] (per group and lane, the activation sums the zero point multiplies). One allocation
@@ -458,6 +453,8 @@ static int8_t* split_activations(const int8_t* Q, int64_t M, int64_t K, int64_t 
   }
   return AE;
 }
+#endif
+
 
 void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float static_scale,
                     const uint8_t* P, const uint8_t* zero, const float* sw, int64_t group,
@@ -467,12 +464,12 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
   int avx2 = use_avx2(K);
 #ifdef EW_X86
   int fma = avx2 && __builtin_cpu_supports("fma");
-  if (avx2 && K % 64 == 0 && group % 64 == 0) {
+  if (fma && K % 64 == 0 && group % 64 == 0) {
     int8_t* AO = NULL;
     int32_t* SV = NULL;
     void* buf = NULL;
     const int8_t* AE = split_activations(Q, M, K, group, G, &AO, &SV, &buf);
-    if (AE && fma) {
+    if (AE) {
 #pragma omp parallel for schedule(static) if (M * N * K > 65536)
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t m0 = 0; m0 < M; m0 += W4_ROWS) {
@@ -488,8 +485,7 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
       }
       free(buf);
       return;
-    }
-    free(buf);
+    }  /* no scratch: the path below gives the same sums */
   }
 #endif
 #pragma omp parallel for schedule(static) if (M * N * K > 65536)
