@@ -28,13 +28,22 @@ def test_int8_matmul_extremes_do_not_overflow():
 
 
 @pytest.mark.parametrize("static", [None, 0.02])
-def test_activation_quantization_matches_reference_bit_for_bit(static):
-    x = torch.randn(37, 576) * 3
+@pytest.mark.parametrize("k", [576, 1536, 45])  # 45: the vector loop's 32 columns, then the scalar tail
+def test_activation_quantization_matches_reference_bit_for_bit(static, k):
+    x = torch.randn(37, k) * 3
     x[3, 10] = 80.0  # an outlier channel
     q1, s1 = quantize_activations(x, static)
     q2, s2 = quantize_activations_reference(x, static)
     assert torch.equal(q1, q2) and torch.equal(s1, s2)
     assert q1.dtype == torch.int8 and int(q1.abs().max()) <= 127
+
+
+def test_activation_quantization_rounds_halves_to_even_and_clamps():
+    # x / 0.5 lands exactly on halves (-2.5 -> -2, 1.5 -> 2, 2.5 -> 2) and far past the int8 range
+    x = torch.tensor([[-1.25, 0.75, 1.25, 0.25, -0.25, 300.0, -300.0, 63.75] * 5])  # [1, 40]
+    q, s = quantize_activations(x, 0.5)
+    assert q[0, :8].tolist() == [-2, 2, 2, 0, 0, 127, -127, 127] and torch.equal(q[0, :32], q[0, 8:40])
+    assert torch.equal(q, quantize_activations_reference(x, 0.5)[0])
 
 
 @pytest.mark.parametrize("static", [None, 0.05])
