@@ -59,6 +59,11 @@ class QuantConfig:
     # Rounds of refitting each row's weight scales by least squares to the integer codes GPTQ chose
     # (quant/gptq.refit_scales), rounding again to the refit scales between rounds. haq, luc.
     gptq_refit: int = 0
+    # After quantizing: Adam steps of end-to-end distillation of every quantized linear's weight
+    # scales and the norm weights against the float model (quant/distill.py), one calibration
+    # window per step; the integer codes stay. rtn, haq, luc. 0: off.
+    kd_steps: int = 0
+    kd_lr: float = 3e-3  # for the log-scale multipliers; the norm weights take a tenth
     search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
     quantize_lm_head: bool = True
     tender_groups: int = 4  # Tender: channel groups (power-of-two scales apart)
@@ -129,6 +134,9 @@ class QuantConfig:
             raise ValueError(f"--rotate-down and --rotate-all work with rtn and haq, not {self.method}")
         if self.gptq_refit < 0 or (self.gptq_refit and self.method not in ("haq", "luc")):
             raise ValueError(f"--refit-scales refits GPTQ's scales: it works with haq and luc, not {self.method}")
+        if self.kd_steps < 0 or (self.kd_steps and self.method not in ("rtn", "haq", "luc")) or not self.kd_lr > 0:
+            raise ValueError(f"--kd-steps distills the weight scales of rtn, haq and luc checkpoints (steps >= 0, "
+                             f"lr > 0), not {self.method} with {self.kd_steps} steps at lr {self.kd_lr}")
         if self.method == "luc":
             budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
             if budgets != 1 and not self.layer_policy:

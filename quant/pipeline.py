@@ -9,6 +9,8 @@ QuantLinear / QuantExperts modules.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 import torch
@@ -359,6 +361,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
             return quantize_mobilequant(model, cfg, calib_ids, progress)
     spec = arch_spec(model)
     model.eval()
+    teacher = copy.deepcopy(model) if cfg.kd_steps else None  # the float model, for distillation
     layers = model.get_submodule(spec.layers_path)
     batches = _capture_first_layer_inputs(model, layers, calib_ids)
     keep = max(1, -(-cfg.search_tokens // len(batches)))  # ceil: search tokens spread over batches
@@ -383,4 +386,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
         batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
         _lm_head_group(model, spec, batches, cfg, keep, report)
+    if teacher is not None:
+        from .distill import distill_scales
+
+        report.choices["distill"] = distill_scales(model, teacher, calib_ids, cfg.kd_steps, cfg.kd_lr,
+                                                   progress).to_dict()
     return report

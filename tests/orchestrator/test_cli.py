@@ -170,3 +170,16 @@ def test_refit_scales_flag_reaches_the_config_and_is_refused_where_there_is_no_g
     assert cfg("--method", "haq", "--w-bits", "4", "--refit-scales", "2").gptq_refit == 2
     with pytest.raises(SystemExit, match="--refit-scales refits GPTQ's scales"):
         cfg("--method", "rtn", "--refit-scales", "1")
+
+
+def test_kd_steps_flag_reaches_the_config_and_is_refused_for_methods_it_cannot_run():
+    from orchestrator.cli import build_parser, quant_config
+
+    def cfg(*args):
+        return quant_config(build_parser().parse_args(["quantize", "smollm2-135m", "--out", "x", *args]))
+
+    assert cfg("--method", "haq").kd_steps == 0
+    c = cfg("--method", "haq", "--w-bits", "4", "--kd-steps", "64", "--kd-lr", "0.001")
+    assert (c.kd_steps, c.kd_lr) == (64, 0.001)
+    with pytest.raises(SystemExit, match="--kd-steps distills the weight scales of rtn, haq and luc"):
+        cfg("--method", "tender", "--kd-steps", "8")
