@@ -45,6 +45,8 @@ ROWS = {
     "haq-w4g128ar-token": ("HAQ", "W4A8 group-128 with zero points, per-token, down_proj input rotated"),
     "haq-w4g128arall-token": ("HAQ", "W4A8 group-128 with zero points, per-token, every group's input may "
                                      "rotate (`--rotate-all`)"),
+    "haq-w4g128ark-token": ("HAQ", "W4A8 group-128 with zero points, per-token, down_proj input rotated, "
+                                   "scales and norms distilled (`--kd-steps 128`)"),
     "tender-g8": ("Tender", "W8A8 power-of-two groups (G=8), per chunk"),
     "tender-g4": ("Tender", "W8A8 power-of-two groups (G=4), per chunk"),
     "mq-w8": ("MobileQuant", "W8A8 per-tensor static (integer-only)"),
@@ -55,7 +57,7 @@ ROWS = {
 TARGETS = {"tender-g8": 1.02, "mq-w8": 1.02, "haq-w4g128-token": 1.10, "haq-w4-token": 1.10, "mq-w4g128": 1.10,
            "haq-w4g128-tensor": 1.10, "haq-w4a-token": 1.10, "haq-w4g128a-token": 1.10,
            "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10, "haq-token": 1.01,
-           "haq-w4g128arall-token": 1.10,
+           "haq-w4g128arall-token": 1.10, "haq-w4g128ark-token": 1.10,
            "haq-tensor": 1.03}
 
 
