@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .hadamard import hadamard
 from .int4 import expand_group_scale
-from .kernels import QMAX
+from .kernels import quantize_activations_reference
 from .qlinear import QuantExperts, QuantLinear
 
 __all__ = ["DistillReport", "distill_scales", "tunable_linears"]
@@ -62,14 +62,10 @@ def tunable_linears(model: nn.Module) -> list[QuantLinear]:
 
 
 def _fake_quant_rows(x: torch.Tensor, static: float | None) -> torch.Tensor:
-    """x [..., K] -> the int8 kernel's activation rounding (per row, or the static scale), with
-    x's gradient passed straight through."""
-    if static:
-        s = torch.full_like(x[..., :1], static)
-    else:
-        amax = x.abs().amax(dim=-1, keepdim=True)  # [..., 1]
-        s = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    return x + (torch.clamp(torch.round(x / s), -QMAX, QMAX) * s - x).detach()
+    """x [..., K] -> the int8 kernel's activation rounding (quantize_activations_reference: per row,
+    or the static scale), with x's gradient passed straight through."""
+    q, s = quantize_activations_reference(x.detach().reshape(-1, x.shape[-1]), static)  # [M, K], [M]
+    return x + ((q.float() * s[:, None]).reshape(x.shape) - x).detach()
 
 
 @contextlib.contextmanager

@@ -258,7 +258,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, gr
                          + ("" if zero is None else f" and {list(zero.shape)}"))
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    nibbles = k % 64 == 0 and (group <= 0 or group % 64 == 0)
+    nibbles = x.device.type == "cpu" and bool(load_kernels().ew_w4_nibble_path(k, k if group <= 0 else group))
     fused = m <= W4_FUSED_MAX_M or (nibbles and (group > 0 or m <= W4_NIBBLE_PER_CHANNEL_MAX_M))
     if x.device.type != "cpu" or not fused or (group > 0 and group % 2):
         q = unpack_w4(packed, zero, k, group)

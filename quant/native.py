@@ -32,10 +32,11 @@ _SIGNATURES = {
     "ew_linear_w8a8": [_I64, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "ew_linear_w4a8": [_I64, _I64, _I64, _PTR, _F32, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR],
     "ew_unpack_int4": [_I64, _I64, _PTR, _PTR, _I64, _PTR],
+    "ew_w4_nibble_path": [_I64, _I64],
     "ew_llama_stage_forward": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "ew_attend": [_PTR, _PTR, _PTR, _I64, _I64, _F32, _I64, _PTR],
 }
-_RETURNS = {"ew_llama_stage_forward": ctypes.c_int, "ew_attend": ctypes.c_int}
+_RETURNS = {"ew_llama_stage_forward": ctypes.c_int, "ew_attend": ctypes.c_int, "ew_w4_nibble_path": ctypes.c_int}
 
 
 class EwLinear(ctypes.Structure):

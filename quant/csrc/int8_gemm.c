@@ -507,6 +507,28 @@ static int8_t* split_activations(const int8_t* Q, int64_t M, int64_t K, int64_t 
 #endif
 
 
+/* Whether ew_linear_w4a8 multiplies the nibbles as bytes (row_nibbles_avx2) for this shape on this
+ * CPU: AVX2 + FMA, K and group (K for one scale per row) multiples of 64. quant.kernels.int4_linear
+ * routes by this too. */
+int ew_w4_nibble_path(int64_t K, int64_t group) {
+#ifdef EW_X86
+  return use_avx2(K) && __builtin_cpu_supports("fma") && K % 64 == 0 && group % 64 == 0;
+#else
+  (void)K;
+  (void)group;
+  return 0;
+#endif
+}
+
+/* Y[m, n] = y[m] * sx[m] (+ bias[n]) for rows m < rows: a weight row's results, rescaled. */
+static inline void store_rows(const float* y, int64_t rows, const float* sx, const float* bias, int64_t n,
+                              int64_t N, float* Y) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float v = y[m] * sx[m];
+    Y[m * N + n] = bias ? v + bias[n] : v;
+  }
+}
+
 void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float static_scale,
                     const uint8_t* P, const uint8_t* zero, const float* sw, int64_t group,
                     const float* bias, int8_t* Q, float* sx, float* Y) {
@@ -515,7 +537,7 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
   int avx2 = use_avx2(K);
 #ifdef EW_X86
   int fma = avx2 && __builtin_cpu_supports("fma");
-  if (fma && K % 64 == 0 && group % 64 == 0) {
+  if (ew_w4_nibble_path(K, group)) {
     int8_t* AO = NULL;
     int32_t* SV = NULL;
     void* buf = NULL;
@@ -528,10 +550,7 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
           float y[W4_ROWS];
           row_nibbles_avx2(AE + m0 * (K / 2), AO + m0 * (K / 2), K / 2, rows, K, P + n * ldp,
                            zero ? zero + n * G : NULL, sw + n * G, group, SV + m0 * G * 8, G, y);
-          for (int64_t m = 0; m < rows; ++m) {
-            float v = y[m] * sx[m0 + m];
-            Y[(m0 + m) * N + n] = bias ? v + bias[n] : v;
-          }
+          store_rows(y, rows, sx + m0, bias, n, N, Y + m0 * N);
         }
       }
       free(buf);
@@ -562,10 +581,7 @@ void ew_linear_w4a8(int64_t M, int64_t N, int64_t K, const float* X, float stati
           for (int64_t m = 0; m < rows; ++m) acc[m] = dot4_scalar(a + m * K, p, k0, k1, z, zero == NULL);
         for (int64_t m = 0; m < rows; ++m) y[m] += (float)acc[m] * sw[n * G + g];
       }
-      for (int64_t m = 0; m < rows; ++m) {
-        float v = y[m] * sx[m0 + m];
-        Y[(m0 + m) * N + n] = bias ? v + bias[n] : v;
-      }
+      store_rows(y, rows, sx + m0, bias, n, N, Y + m0 * N);
     }
   }
   (void)avx2;
