@@ -64,6 +64,9 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # the weight scales and norms distilled end to end against the float model (--kd-steps, quant/distill.py)
     "haq-w4g128ark-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                             "rotate_down": True, "kd_steps": 128},
+    # ... on calibration windows alternating with windows sampled from the float model (--kd-data mixed)
+    "haq-w4g128arkm-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                             "rotate_down": True, "kd_steps": 128, "kd_data": "mixed"},
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
@@ -143,7 +146,8 @@ def main() -> None:
                "haq-w4g128as-token": 1.10, "haq-token-seq": 1.01, "mq-w8": 1.02, "mq-w4g128": 1.10,
                "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10,
                "haq-w4g128arall-token": 1.10, "haq-w4g128arf-token": 1.10,
-               "haq-w4g128arf1-token": 1.10, "haq-w4g128ark-token": 1.10}
+               "haq-w4g128arf1-token": 1.10, "haq-w4g128ark-token": 1.10,
+               "haq-w4g128arkm-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

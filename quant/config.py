@@ -64,6 +64,9 @@ class QuantConfig:
     # window per step; the integer codes stay. rtn, haq, luc. 0: off.
     kd_steps: int = 0
     kd_lr: float = 3e-3  # for the log-scale multipliers; the norm weights take a tenth
+    # What distillation trains on: "calib" (the calibration windows) or "mixed" (calibration windows
+    # alternating with windows sampled from the float model itself, text of no one domain)
+    kd_data: str = "calib"
     search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
     quantize_lm_head: bool = True
     tender_groups: int = 4  # Tender: channel groups (power-of-two scales apart)
@@ -137,6 +140,8 @@ class QuantConfig:
         if self.kd_steps < 0 or (self.kd_steps and self.method not in ("rtn", "haq", "luc")) or not self.kd_lr > 0:
             raise ValueError(f"--kd-steps distills the weight scales of rtn, haq and luc checkpoints (steps >= 0, "
                              f"lr > 0), not {self.method} with {self.kd_steps} steps at lr {self.kd_lr}")
+        if self.kd_data not in ("calib", "mixed"):
+            raise ValueError(f"--kd-data must be 'calib' or 'mixed', got {self.kd_data!r}")
         if self.method == "luc":
             budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
             if budgets != 1 and not self.layer_policy:

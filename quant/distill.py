@@ -33,7 +33,7 @@ from .int4 import expand_group_scale
 from .kernels import quantize_activations_reference
 from .qlinear import QuantExperts, QuantLinear
 
-__all__ = ["DistillReport", "distill_scales", "tunable_linears"]
+__all__ = ["DistillReport", "distill_scales", "interleave_windows", "sample_windows", "tunable_linears"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,35 @@ def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | N
                 del m.forward
             else:
                 m.forward = f  # type: ignore[method-assign]
+
+
+@torch.no_grad()
+def sample_windows(teacher: nn.Module, n: int, length: int, seed: int = 0, batch: int = 8,
+                   progress: bool = True) -> torch.Tensor:
+    """-> [n, length] token ids sampled from the float model (temperature 1, no top-k or top-p),
+    each window from a random first token, as LLM-QAT's data-free distillation does: text in the
+    model's own distribution rather than one corpus's. Seeded: the same seed gives the same windows."""
+    vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, n, batch), desc="sample distillation windows", disable=not progress):
+        b = min(batch, n - i)
+        ids = torch.randint(0, vocab, (b, 1), generator=gen)  # [b, 1]
+        cache = None
+        for _ in range(length - 1):
+            o = teacher(ids[:, -1:] if cache is not None else ids, past_key_values=cache, use_cache=True)
+            cache = o.past_key_values
+            probs = torch.softmax(o.logits[:, -1].float(), dim=-1)  # [b, V]
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        out.append(ids)
+    return torch.cat(out)[:n]
+
+
+def interleave_windows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[n, L], [n, L] -> [2n, L]: a[0], b[0], a[1], b[1], ..."""
+    if a.shape != b.shape:
+        raise ValueError(f"windows to interleave differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return torch.stack([a, b], dim=1).reshape(-1, a.shape[1])
 
 
 def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, steps: int, lr: float,

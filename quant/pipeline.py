@@ -387,8 +387,13 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     if cfg.quantize_lm_head:
         _lm_head_group(model, spec, batches, cfg, keep, report)
     if teacher is not None:
-        from .distill import distill_scales
+        from .distill import distill_scales, interleave_windows, sample_windows
 
-        report.choices["distill"] = distill_scales(model, teacher, calib_ids, cfg.kd_steps, cfg.kd_lr,
+        kd_ids = calib_ids
+        if cfg.kd_data == "mixed":  # calibration windows alternating with the float model's own text
+            n = min(calib_ids.shape[0], -(-cfg.kd_steps // 2))
+            sampled = sample_windows(teacher, n, calib_ids.shape[1], seed=cfg.calib.seed, progress=progress)
+            kd_ids = interleave_windows(calib_ids[:n], sampled)
+        report.choices["distill"] = distill_scales(model, teacher, kd_ids, cfg.kd_steps, cfg.kd_lr,
                                                    progress).to_dict()
     return report

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.config import QuantConfig
-from quant.distill import _float_forward, distill_scales, tunable_linears
+from quant.distill import _float_forward, distill_scales, interleave_windows, sample_windows, tunable_linears
 from quant.pipeline import quantize
 from quant.qlinear import QuantLinear
 from tests.conftest import sqnr_db, tiny_model
@@ -68,7 +68,31 @@ def test_quantize_runs_distillation_when_asked_and_records_it(calib_ids):
     assert _mean_kl(tuned, teacher, calib_ids) < 0.8 * _mean_kl(plain, teacher, calib_ids)
 
 
+def test_sampled_windows_are_the_float_models_own_text_and_seeded():
+    teacher = tiny_model("llama", init_range=0.2)
+    a = sample_windows(teacher, 3, 12, seed=5, batch=2, progress=False)
+    assert a.shape == (3, 12) and a.dtype == torch.int64
+    assert int(a.min()) >= 0 and int(a.max()) < teacher.config.vocab_size
+    assert torch.equal(a, sample_windows(teacher, 3, 12, seed=5, batch=2, progress=False))
+    assert not torch.equal(a, sample_windows(teacher, 3, 12, seed=6, batch=2, progress=False))
+    # sampled, not argmax: the windows are not all the greedy continuation of their first token
+    with torch.no_grad():
+        greedy = teacher(a).logits[:, :-1].argmax(-1)  # [3, 11]
+    assert not torch.equal(greedy, a[:, 1:])
+    mixed = interleave_windows(a[:2], a[1:])
+    assert torch.equal(mixed[0], a[0]) and torch.equal(mixed[1], a[1]) and torch.equal(mixed[3], a[2])
+
+
+def test_mixed_distillation_data_runs_through_quantize(calib_ids):
+    teacher, plain, _ = _w4(calib_ids)
+    _, tuned, report = _w4(calib_ids, kd_steps=8, kd_data="mixed")
+    assert report.choices["distill"]["steps"] == 8
+    assert _mean_kl(tuned, teacher, calib_ids) < _mean_kl(plain, teacher, calib_ids)
+
+
 def test_what_distillation_cannot_run_is_refused(calib_ids):
+    with pytest.raises(ValueError, match="--kd-data"):
+        QuantConfig(method="haq", kd_steps=4, kd_data="wiki")
     with pytest.raises(ValueError, match="--kd-steps"):
         QuantConfig(method="tender", act_scheme="tender", kd_steps=4)
     with pytest.raises(ValueError, match="--kd-steps"):
