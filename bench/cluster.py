@@ -1,11 +1,16 @@
 """Serving SmolLM2 W8A8 on a local Ray cluster: 1 node vs 3 nodes (separate raylets, this machine).
 
 For each cluster: single-stream decode tokens/s (greedy, 128 tokens, median of --reps), time to
-first token, per-hop overhead (a stage's round trip minus its compute, median over decode steps),
-bytes on the wire per token, and the throughput of 8 concurrent streams (batched decode steps)
-against one stream, measured alike: decode rate against decode rate, end to end against end to end.
+first token, per-hop overhead (median over decode steps), bytes on the wire per token, and the
+throughput of 8 concurrent streams (batched decode steps) against one stream, measured alike:
+decode rate against decode rate, end to end against end to end.
 
-    python bench/cluster.py [CHECKPOINT_DIR] [--reps 5] [--tokens 128] [--rounds 3] [--unary-steps]
+Per-hop overhead: with relayed steps (the default on 3 nodes: each stage passes the step on, the
+last answers the front end), the step's time minus every stage's compute, over its N + 1 one-way
+hops; with the front end calling each stage (1 node, or --star), a stage's round trip minus its
+compute (two one-way messages: front end to stage and back).
+
+    python bench/cluster.py [CHECKPOINT_DIR] [--reps 5] [--tokens 128] [--rounds 3] [--unary-steps] [--compare-star]
 """
 
 from __future__ import annotations
@@ -61,11 +66,13 @@ def concurrent(address: str, streams: int, tokens: int) -> tuple[float, float]:
     return e2e, decode
 
 
-def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int, streams: bool) -> dict:
+def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int, streams: bool,
+            relay: bool = True) -> dict:
     import ray
 
     with LocalCluster([LocalNode(b, cpus=cpus) for b in budgets]):
-        actor, address = start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH, stream_steps=streams))
+        actor, address = start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH, stream_steps=streams,
+                                                       relay=relay))
         placement = Placement.from_dict(ray.get(actor.placement_dict.remote()))
         one_stream(address, 8)  # warm-up
         ray.get(actor.reset_stats.remote())
@@ -79,7 +86,7 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
         ray.get(actor.shutdown.remote(), timeout=60)
     rate = statistics.median(r[0] for r in runs)
     decode_steps = max(stats["steps"] - reps, 1)  # one prefill step per run
-    return {"cluster": name, "budgets": budgets, "stages": [[s.first, s.last] for s in placement.stages],
+    return {"cluster": name, "budgets": budgets, "relayed": stats["relayed"], "stages": [[s.first, s.last] for s in placement.stages],
             "decode_tok_s": rate, "runs_tok_s": [r[0] for r in runs], "ttft_s": statistics.median(r[1] for r in runs),
             "e2e_tok_s": statistics.median(r[3] for r in runs),
             "hop_overhead_ms": stats["hop_overhead_ms_median"], "compute_ms": stats["compute_ms_median"],
@@ -105,10 +112,15 @@ def main() -> None:
                     help="cores (kernel threads) of every node in both clusters, so equal nodes are compared")
     ap.add_argument("--unary-steps", action="store_true",
                     help="a unary Forward per step and stage (the default: one ForwardStream per stage)")
+    ap.add_argument("--compare-star", action="store_true",
+                    help="each round also serves the 3 nodes with the front end calling each stage (--star)")
     a = ap.parse_args()
     ckpt = str(Path(a.checkpoint).resolve())
-    rounds = [{name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps)
-               for name, b in CLUSTERS.items()} for _ in range(a.rounds)]
+    clusters = [(name, b, True) for name, b in CLUSTERS.items()]
+    if a.compare_star:
+        clusters.append(("3 nodes, star", CLUSTERS["3 nodes"], False))
+    rounds = [{name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps, relay)
+               for name, b, relay in clusters} for _ in range(a.rounds)]
     med = statistics.median
     per_round = [{"three_vs_one_decode": r["3 nodes"]["decode_tok_s"] / r["1 node"]["decode_tok_s"],
                   # like for like: decode rate vs decode rate, end to end vs end to end
@@ -118,13 +130,20 @@ def main() -> None:
                   # runs 1-13's measure: the 8 streams end to end over one stream's decode rate
                   "concurrent8_e2e_vs_one_stream_decode_3nodes":
                       r["3 nodes"]["concurrent8_tok_s"] / r["3 nodes"]["decode_tok_s"],
-                  "max_hop_overhead_ms_3nodes": max(x for x in r["3 nodes"]["hop_overhead_ms"] if x is not None)}
+                  "max_hop_overhead_ms_3nodes": max(x for x in r["3 nodes"]["hop_overhead_ms"] if x is not None),
+                  **({"three_star_vs_one_decode": r["3 nodes, star"]["decode_tok_s"] / r["1 node"]["decode_tok_s"],
+                      "max_hop_overhead_ms_3nodes_star": max(x for x in r["3 nodes, star"]["hop_overhead_ms"]
+                                                             if x is not None),
+                      "concurrent8_vs_one_stream_3nodes_star":
+                          r["3 nodes, star"]["concurrent8_decode_tok_s"] / r["3 nodes, star"]["decode_tok_s"]}
+                     if "3 nodes, star" in r else {})}
                  for r in rounds]
     ratios = {k: med(x[k] for x in per_round) for k in per_round[0]}
     name = "cluster-unary" if a.unary_steps else "cluster"  # the unary baseline keeps its own results and section
     write_results(name, {"rounds": rounds, "ratios_per_round": per_round, "ratios": ratios, "context": CONTEXT,
                               "batch": BATCH, "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint,
-                              "node_cpus": a.node_cpus, "steps": "unary" if a.unary_steps else "stream"})
+                              "node_cpus": a.node_cpus, "steps": "unary" if a.unary_steps else "stream",
+                              "compare_star": a.compare_star})
     rows = []
     for i, rnd in enumerate(rounds):
         for r in rnd.values():
@@ -133,7 +152,7 @@ def main() -> None:
                          " / ".join(f"{x:.2f}" for x in r["hop_overhead_ms"]),
                          " / ".join(f"{x:.1f}" for x in r["compute_ms"]), f"{r['wire_bytes_per_token']:,.0f}",
                          f"{r['e2e_tok_s']:.1f}", f"{r['concurrent8_decode_tok_s']:.1f}", f"{r['concurrent8_tok_s']:.1f}"])
-    md = table(["round", "cluster", "layers per stage", "decode tok/s", "TTFT ms", "hop overhead ms (per stage)",
+    md = table(["round", "cluster", "layers per stage", "decode tok/s", "TTFT ms", "hop overhead ms",
                 "stage compute ms", "wire bytes/token", "end-to-end tok/s", "8 streams decode tok/s",
                 "8 streams end-to-end tok/s"], rows)
     conc_rows = [[str(i + 1), r["cluster"], f"{r['concurrent8_step_ms']:.1f}",
@@ -142,13 +161,20 @@ def main() -> None:
                  for i, rnd in enumerate(rounds) for r in rnd.values()]
     conc_md = table(["round", "cluster", "wall ms per batched step", "stage compute ms", "hop overhead ms"], conc_rows)
     each = lambda k, f: ", ".join(f.format(x[k]) for x in per_round)  # noqa: E731
+    star = f"""- the same 3 nodes with the front end calling each stage (`--star`): decode **{ratios['three_star_vs_one_decode']:.2f}x**
+  1-node (rounds: {each('three_star_vs_one_decode', '{:.2f}')}); its round trip per stage less compute
+  **{ratios['max_hop_overhead_ms_3nodes_star']:.2f} ms** (rounds: {each('max_hop_overhead_ms_3nodes_star', '{:.2f}')});
+  8 streams / 1 stream {ratios['concurrent8_vs_one_stream_3nodes_star']:.2f}x
+""" if a.compare_star else ""
+    flags = (" --unary-steps" if a.unary_steps else "") + (" --compare-star" if a.compare_star else "")
     update_section(name, f"""## Serving on a local Ray cluster (`bench/cluster.py`{' --unary-steps' if a.unary_steps else ''})
 
-Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --rounds {a.rounds} --node-cpus {a.node_cpus}{' --unary-steps' if a.unary_steps else ''}`
+Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --rounds {a.rounds} --node-cpus {a.node_cpus}{flags}`
 (SmolLM2-135M HAQ W8A8 per-token; context {CONTEXT} x batch {BATCH}; each node a separate raylet on this
 {machine()['cores']}-core machine with {a.node_cpus} core(s), in both clusters, so equal nodes are compared;
 budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; {a.rounds} rounds of 1 node then 3 nodes, median of
-{a.reps} runs per cluster and round; steps {'as unary Forward calls' if a.unary_steps else 'over one ForwardStream per stage'}).
+{a.reps} runs per cluster and round; steps {'as unary Forward calls' if a.unary_steps else 'over ForwardStream calls'};
+{'the 3 nodes relay each step stage to stage, the last answering the front end (N + 1 one-way hops), so their hop overhead is the step time less all compute, per one-way hop; on 1 node (and with --star) it is a stage round trip less its compute (two one-way messages)' if not a.unary_steps else 'the front end calls each stage; hop overhead is a stage round trip less its compute'}).
 
 {md}
 
@@ -160,7 +186,7 @@ compute and hop overhead: medians over the decode steps):
 Medians over the rounds of each round's figure:
 - 3-node decode / 1-node decode: **{ratios['three_vs_one_decode']:.2f}x** (target >= 0.8; rounds: {each('three_vs_one_decode', '{:.2f}')})
 - largest per-hop overhead, 3 nodes: **{ratios['max_hop_overhead_ms_3nodes']:.2f} ms** (target <= 1 ms; rounds: {each('max_hop_overhead_ms_3nodes', '{:.2f}')})
-- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
+{star}- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
   (1 node: {ratios['concurrent8_vs_one_stream_1node']:.2f}x; target >= 3x; rounds: {each('concurrent8_vs_one_stream_3nodes', '{:.2f}')})
 - the same, end to end (every token over each request's whole time, first token included), 3 nodes:
   **{ratios['concurrent8_vs_one_stream_e2e_3nodes']:.2f}x** (rounds: {each('concurrent8_vs_one_stream_e2e_3nodes', '{:.2f}')})

@@ -58,6 +58,7 @@ class ServeOptions:
     hop_ms: float = 1.0
     quantize_wire: bool = False
     stream_steps: bool = True  # one ForwardStream per stage (False: a unary Forward per step and stage)
+    relay: bool = True  # stages pass steps on to each other (a chain); False: the front end calls each (a star)
     step_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     health_interval_s: float = 2.0
@@ -138,7 +139,7 @@ class Controller:
         self.engine = Engine(self.placement, self.worker_addresses(),
                              {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set(),
                              EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire,
-                                           stream_steps=opts.stream_steps),
+                                           stream_steps=opts.stream_steps, relay=opts.relay),
                              recover=self.recover, security=self.sec)
         self.server, self.port, self.health_servicer = start_inference_server(
             InferenceServicer(lambda: self.engine, self.tokenizer, root.name), opts.host, opts.port, security=self.sec)
@@ -303,12 +304,15 @@ class Controller:
             self.health_servicer.set(name, status)
 
     def _spec(self, placement: Placement, root: Path, node_id: str) -> pb.ShardSpec:
-        stage = next((s for s in placement.stages if s.node_id == node_id), None)
+        k = next((i for i, s in enumerate(placement.stages) if s.node_id == node_id), None)
+        stage = placement.stages[k] if k is not None else None
         spec = pb.ShardSpec(checkpoint=str(root), placement_id=placement.placement_id, max_context=placement.context,
                             threads=self.cores[node_id])
         if stage is not None:
             spec.first_layer, spec.last_layer, spec.embed, spec.head = stage.first, stage.last, stage.embed, stage.head
             spec.kv_budget_bytes = stage.kv_bytes
+            if k is not None and k + 1 < len(placement.stages):  # relayed steps go on to the next stage
+                spec.next_stage = self.addresses[placement.stages[k + 1].node_id]
         if self.moe:
             remote = placement.remote_units()
             if stage is not None:
@@ -486,7 +490,8 @@ class Controller:
         med = [statistics.median(x) if x else None for x in st.hop_overhead_ms]
         comp = [statistics.median(x) if x else None for x in st.compute_ms]
         return {"steps": st.steps, "tokens": st.tokens, "wire_bytes": st.wire_bytes,
-                "hop_overhead_ms_median": med, "compute_ms_median": comp, "health": dict(self.health),
+                "hop_overhead_ms_median": med, "compute_ms_median": comp, "relayed": st.relayed,
+                "health": dict(self.health),
                 "placement_id": self.placement.placement_id, "recoveries": st.recoveries,
                 "recovery_s": list(st.recovery_s), "replayed_tokens": st.replayed_tokens,
                 "unavailable": self.engine.unavailable, "replanning": self.engine.replanning}

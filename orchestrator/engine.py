@@ -1,10 +1,10 @@
 """The front end's decode loop: batches the steps of concurrent sessions and drives the stages.
 
-Hop pattern: the front end calls each stage in turn (a star), rather than stages forwarding to one
-another (a chain). On loopback both cost one round trip per stage per step; the star keeps each
-stage's inputs at the front end, which is what a replay after a node failure needs, lets the front
-end batch sessions and see each stage's latency, and keeps workers free of peer addresses
-(docs/runtime.md has the measurement).
+Hop pattern (docs/runtime.md): with 2+ stages the steps are relayed. The engine writes each step
+to the first stage, every stage passes it on to the next, and the last stage answers the front end
+(RelayChain): N + 1 one-way messages per step instead of the 2N of calling each stage in turn
+(EngineOptions.relay=False, the star). The engine keeps every session's token chunks either way,
+which is all a replay after a node failure needs.
 
 Each loop iteration takes every active session's next input (a prompt chunk of at most
 prefill_chunk tokens, or the last generated token), sends them as one ForwardRequest through the
@@ -38,10 +38,10 @@ import torch
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, open_channel
-from workers.wire import encode_tensor
+from workers.wire import encode_tensor, next_stage_items
 
 from .planner import Placement
-from .streams import StageStream, StepFailed
+from .streams import ChainFailed, RelayChain, StageStream, StepFailed
 
 __all__ = ["EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats", "Unavailable",
            "Recover", "RECOVERABLE"]
@@ -53,7 +53,8 @@ class StageError(RuntimeError):
     """A stage failed a step (dead node, deadline, refused input); the message names the stage."""
 
     def __init__(self, stage: int, address: str, code: grpc.StatusCode | None, details: str) -> None:
-        super().__init__(f"stage {stage} at {address}: {code.name if code else 'error'}: {details}")
+        where = f"stage {stage} at {address}" if stage >= 0 else "the relayed stages"  # -1: no stage said which
+        super().__init__(f"{where}: {code.name if code else 'error'}: {details}")
         self.stage, self.address, self.code, self.details = stage, address, code, details
 
     @property
@@ -83,6 +84,9 @@ class EngineOptions:
     max_recoveries: int = 3  # re-plans in a row without a successful step before the requests fail
     replan_defer_s: float = 30.0  # a requested (not failure) re-plan waits this long for an idle moment
     stream_steps: bool = True  # steps over one ForwardStream per stage (False: a unary Forward per step)
+    # with stream_steps and 2+ stages: each stage passes its output on to the next and the last one
+    # answers the front end (a chain: N + 1 messages per step instead of 2N; docs/runtime.md)
+    relay: bool = True
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,10 @@ class EngineStats:
     steps: int = 0
     tokens: int = 0
     wire_bytes: int = 0
-    # per stage: round trip ms minus the worker's compute ms, per step (decode steps only)
+    # per stage, per decode step: the round trip ms minus the worker's compute ms (star: two one-way
+    # messages); relayed: the step's ms minus every stage's compute ms, over the N + 1 one-way hops
     hop_overhead_ms: list[list[float]] = field(default_factory=list)
+    relayed: bool = False  # the placement's steps are relayed (a chain)
     compute_ms: list[list[float]] = field(default_factory=list)
     recoveries: int = 0
     recovery_s: list[float] = field(default_factory=list)  # failure seen -> sessions caught up again
@@ -136,6 +142,7 @@ class Engine:
         self.eos, self.opts, self.recover, self.security = eos_ids, opts, recover, security or Security()
         self.channels: list[grpc.Channel] = []
         self.streams: list[StageStream] = []
+        self.chain: RelayChain | None = None
         self.stats = EngineStats()
         self._switch(placement, addresses)
         self.waiting: deque[_Session] = deque()
@@ -207,6 +214,8 @@ class Engine:
             self._stop = True
             self.cv.notify()
         self.thread.join(timeout=10)
+        if self.chain is not None:
+            self.chain.close()
         for st in self.streams:
             st.close()
         for c in self.channels:
@@ -215,11 +224,16 @@ class Engine:
     def _switch(self, placement: Placement, addresses: list[str]) -> None:
         if len(addresses) != len(placement.stages):
             raise ValueError(f"{len(placement.stages)} stages but {len(addresses)} addresses")
+        if self.chain is not None:
+            self.chain.close()
         for st in self.streams:
             st.close()
         for c in self.channels:
             c.close()
         self.placement, self.addresses = placement, list(addresses)
+        relay = self.opts.relay and self.opts.stream_steps and len(addresses) > 1
+        self.chain = RelayChain(addresses, placement.placement_id, self.security) if relay else None
+        self.stats.relayed = relay
         self.channels = [open_channel(a, self.security) for a in addresses]
         self.stubs = [pb_grpc.WorkerServiceStub(c) for c in self.channels]
         self.streams = [StageStream(stub, a, self.security, self.opts.stream_steps)
@@ -368,12 +382,12 @@ class Engine:
             self._release(finished)
 
     def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
+        if self.chain is not None:
+            return self._relayed(items, decode)
         prev: list[pb.StepResult] | None = None
         for k, stream in enumerate(self.streams):
             if prev is not None:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
-                items = [pb.StepItem(session_id=it.session_id, position=it.position, max_tokens=it.max_tokens,
-                                     hidden=r.hidden, step=it.step, sampling=it.sampling,
-                                     route=r.route if r.HasField("route") else None) for it, r in zip(items, prev)]
+                items = next_stage_items(items, prev)
             req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
                                     quantize_output=self.opts.quantize_wire)
             t0 = time.perf_counter()
@@ -390,6 +404,31 @@ class Engine:
                 raise StageError(k, self.addresses[k], None, f"{len(resp.results)} results for {len(items)} items")
             prev = list(resp.results)
         return list(resp.results)
+
+    def _relayed(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
+        """One step down the chain: the first stage takes it, the last one answers."""
+        assert self.chain is not None
+        req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
+                                quantize_output=self.opts.quantize_wire)
+        n = len(self.addresses)
+        t0 = time.perf_counter()
+        try:
+            event = self.chain.step(req, self.opts.step_timeout_s)
+        except ChainFailed as e:
+            k = -1 if e.stage is None else e.stage
+            raise StageError(k, self.addresses[k] if k >= 0 else "", e.code, e.details) from e
+        rtt = (time.perf_counter() - t0) * 1e3
+        results = list(event.result.results)
+        if len(results) != len(items) or len(event.stage_ms) != n:
+            raise StageError(n - 1, self.addresses[-1], None,
+                             f"{len(results)} results for {len(items)} items, compute of {len(event.stage_ms)} stages")
+        if decode:
+            hop = (rtt - sum(event.stage_ms)) / (n + 1)
+            for k in range(n):
+                self.stats.hop_overhead_ms[k].append(hop)
+                self.stats.compute_ms[k].append(event.stage_ms[k])
+            self.stats.wire_bytes += req.ByteSize() + event.relay_bytes + event.ByteSize()
+        return results
 
     def _release(self, sessions: list[_Session]) -> None:
         ids = [s.sid for s in sessions]

@@ -12,6 +12,7 @@ ForwardStream (UNIMPLEMENTED) are served with unary Forward from then on.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, call_metadata, open_aio_channel
 
-__all__ = ["StepFailed", "StageStream"]
+__all__ = ["StepFailed", "StageStream", "RelayChain", "ChainFailed"]
 
 STREAM_LIFETIME_S = 3600.0  # each stream's own deadline; it is reopened before it runs out
 
@@ -129,3 +130,156 @@ class StageStream:
             if pending:
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class ChainFailed(StepFailed):
+    """A relayed step failed at `stage` (None: no stage said; the chain ran past the deadline)."""
+
+    def __init__(self, stage: int | None, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(code, details)
+        self.stage = stage
+
+
+class RelayChain:
+    """Relayed steps over a placement's stages (a chain; docs/runtime.md, "Hop pattern"): the front
+    end writes each step to the first stage's ForwardStream; every stage passes its output on to the
+    next; the last stage sends the results back on a Subscribe call. N + 1 one-way messages per step
+    for N stages, where calling each stage in turn (StageStream) takes 2N.
+
+    A Subscribe call is open on every stage: each stage reports there what it refused or could not
+    pass on, and a stage whose process dies ends its call, so a failure anywhere surfaces at once,
+    not at the deadline. Any failure drops every call; the next step opens them again. Used by one
+    thread at a time."""
+
+    def __init__(self, addresses: list[str], placement_id: str, security: Security | None = None,
+                 lifetime_s: float = STREAM_LIFETIME_S) -> None:
+        if len(addresses) < 2:
+            raise ValueError("a relay chain needs at least 2 stages")
+        self.addresses, self.placement_id, self.security = list(addresses), placement_id, security
+        self.lifetime_s = lifetime_s
+        self.relay_id = uuid.uuid4().hex
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._calls: list[Any] = []  # every Subscribe call, then the first stage's ForwardStream
+        self._head: Any = None
+        self._events: asyncio.Queue | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._opened = 0.0
+        self._seq = 0
+
+    def step(self, req: pb.ForwardRequest, timeout_s: float) -> pb.RelayEvent:
+        """req (without relay fields) -> the last stage's event: result, stage_ms, relay_bytes.
+        Raises ChainFailed."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        try:
+            return self._loop.run_until_complete(self._step(req, timeout_s))
+        except ChainFailed:
+            self._loop.run_until_complete(self._drop())
+            raise
+        except grpc.RpcError as e:
+            self._loop.run_until_complete(self._drop())
+            raise ChainFailed(0, e.code(), e.details() or "") from e
+
+    async def _open(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._events = asyncio.Queue()
+        self._opened = loop.time()
+        md = call_metadata(self.security)
+        for k, address in enumerate(self.addresses):
+            channel = open_aio_channel(address, self.security)
+            self._channels.append(channel)
+            call = pb_grpc.WorkerServiceStub(channel).Subscribe(
+                pb.SubscribeRequest(placement_id=self.placement_id, relay_id=self.relay_id),
+                timeout=self.lifetime_s, metadata=md)
+            self._calls.append(call)
+            try:
+                ready = await asyncio.wait_for(call.read(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError as e:
+                raise ChainFailed(k, grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to Subscribe within the step deadline") from e
+            except grpc.RpcError as e:
+                raise ChainFailed(k, e.code(), e.details() or "") from e
+            if ready is grpc.aio.EOF:
+                failed = await _ended(call)
+                raise ChainFailed(k, failed.code, failed.details)
+            self._tasks.append(asyncio.ensure_future(self._pump(k, call)))
+        self._head = pb_grpc.WorkerServiceStub(self._channels[0]).ForwardStream(timeout=self.lifetime_s, metadata=md)
+        self._calls.append(self._head)
+        self._tasks.append(asyncio.ensure_future(self._pump(0, self._head)))
+
+    async def _pump(self, stage: int, call) -> None:
+        """Moves one call's events to the queue; its end (any end: these calls stay open while the
+        front end serves) is a failure of that stage."""
+        assert self._events is not None
+        try:
+            while True:
+                event = await call.read()
+                if event is grpc.aio.EOF:
+                    await self._events.put((stage, await _ended(call)))
+                    return
+                await self._events.put((stage, event))
+        except grpc.RpcError as e:
+            code = e.code() if e.code() not in (None, grpc.StatusCode.OK, grpc.StatusCode.INTERNAL) \
+                else grpc.StatusCode.UNAVAILABLE
+            await self._events.put((stage, StepFailed(code, e.details() or "the call ended")))
+
+    async def _step(self, req: pb.ForwardRequest, timeout_s: float) -> pb.RelayEvent:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if self._head is not None and loop.time() - self._opened > self.lifetime_s - timeout_s - 5.0:
+            await self._drop()  # would run out during this step
+        if self._head is None:
+            await self._open(deadline)
+        assert self._events is not None
+        self._seq += 1
+        req.relay_id, req.relay_seq = self.relay_id, self._seq
+        try:
+            await self._head.write(req)
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:  # the call ended between steps
+            failed = await _ended(self._head)
+            raise ChainFailed(0, failed.code, failed.details) from e
+        while True:
+            try:
+                stage, event = await asyncio.wait_for(self._events.get(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError as e:
+                raise ChainFailed(None, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no result from the {len(self.addresses)} relayed stages within the step deadline "
+                                  f"of {timeout_s:g} s") from e
+            if isinstance(event, StepFailed):
+                raise ChainFailed(stage, event.code, event.details)
+            if event.seq != self._seq:  # seq 0 (ready), or an event of a step given up on earlier
+                continue
+            if event.error_code:
+                raise ChainFailed(stage, _CODES.get(event.error_code, grpc.StatusCode.UNKNOWN), event.error)
+            if stage != len(self.addresses) - 1 or not event.HasField("result"):
+                raise ChainFailed(stage, grpc.StatusCode.UNKNOWN, "an event with neither a result nor an error")
+            return event
+
+    async def _drop(self) -> None:
+        """Cancels every call and its reader; the next step opens them again."""
+        calls, self._calls, self._head = self._calls, [], None
+        tasks, self._tasks = self._tasks, []
+        channels, self._channels = self._channels, []
+        for call in calls:
+            call.cancel()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for ch in channels:
+            await ch.close()
+
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.run_until_complete(self._drop())
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()

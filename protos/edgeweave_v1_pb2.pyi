@@ -59,7 +59,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ShardSpec(_message.Message):
-    __slots__ = ("checkpoint", "first_layer", "last_layer", "embed", "head", "placement_id", "kv_budget_bytes", "max_context", "threads", "experts", "hosted", "fast_slots", "redis_url", "model_name", "prefetch")
+    __slots__ = ("checkpoint", "first_layer", "last_layer", "embed", "head", "placement_id", "kv_budget_bytes", "max_context", "threads", "experts", "hosted", "fast_slots", "redis_url", "model_name", "prefetch", "next_stage")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class ShardSpec(_message.Message):
     REDIS_URL_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STAGE_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     first_layer: int
     last_layer: int
@@ -90,7 +91,8 @@ class ShardSpec(_message.Message):
     redis_url: str
     model_name: str
     prefetch: bool
-    def __init__(self, checkpoint: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., placement_id: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., threads: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., hosted: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., fast_slots: _Optional[int] = ..., redis_url: _Optional[str] = ..., model_name: _Optional[str] = ..., prefetch: _Optional[bool] = ...) -> None: ...
+    next_stage: str
+    def __init__(self, checkpoint: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., placement_id: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., threads: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., hosted: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., fast_slots: _Optional[int] = ..., redis_url: _Optional[str] = ..., model_name: _Optional[str] = ..., prefetch: _Optional[bool] = ..., next_stage: _Optional[str] = ...) -> None: ...
 
 class ExpertUnit(_message.Message):
     __slots__ = ("layer", "expert", "address")
@@ -137,14 +139,22 @@ class StepItem(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Activation, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., route: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("placement_id", "items", "quantize_output")
+    __slots__ = ("placement_id", "items", "quantize_output", "relay_id", "relay_seq", "stage_ms", "relay_bytes")
     PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAY_SEQ_FIELD_NUMBER: _ClassVar[int]
+    STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_BYTES_FIELD_NUMBER: _ClassVar[int]
     placement_id: str
     items: _containers.RepeatedCompositeFieldContainer[StepItem]
     quantize_output: bool
-    def __init__(self, placement_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[StepItem, _Mapping]]] = ..., quantize_output: _Optional[bool] = ...) -> None: ...
+    relay_id: str
+    relay_seq: int
+    stage_ms: _containers.RepeatedScalarFieldContainer[float]
+    relay_bytes: int
+    def __init__(self, placement_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[StepItem, _Mapping]]] = ..., quantize_output: _Optional[bool] = ..., relay_id: _Optional[str] = ..., relay_seq: _Optional[int] = ..., stage_ms: _Optional[_Iterable[float]] = ..., relay_bytes: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("session_id", "hidden", "token", "route")
@@ -165,6 +175,30 @@ class ForwardResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
     compute_ms: float
     def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("placement_id", "relay_id")
+    PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    placement_id: str
+    relay_id: str
+    def __init__(self, placement_id: _Optional[str] = ..., relay_id: _Optional[str] = ...) -> None: ...
+
+class RelayEvent(_message.Message):
+    __slots__ = ("seq", "result", "stage_ms", "error_code", "error", "relay_bytes")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RELAY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    result: ForwardResponse
+    stage_ms: _containers.RepeatedScalarFieldContainer[float]
+    error_code: int
+    error: str
+    relay_bytes: int
+    def __init__(self, seq: _Optional[int] = ..., result: _Optional[_Union[ForwardResponse, _Mapping]] = ..., stage_ms: _Optional[_Iterable[float]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., relay_bytes: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_ids",)

@@ -49,6 +49,11 @@ class WorkerServiceStub:
                 request_serializer=protos_dot_edgeweave__v1__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=protos_dot_edgeweave__v1__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/edgeweave.v1.WorkerService/Subscribe',
+                request_serializer=protos_dot_edgeweave__v1__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=protos_dot_edgeweave__v1__pb2.RelayEvent.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/edgeweave.v1.WorkerService/Release',
                 request_serializer=protos_dot_edgeweave__v1__pb2.ReleaseRequest.SerializeToString,
@@ -101,6 +106,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """Relayed steps' results (last stage) and failures (any stage) for one front end; a stream that
+        stays open while the front end serves. At most 4 open on a worker (RESOURCE_EXHAUSTED beyond).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -148,6 +161,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ForwardStream,
                     request_deserializer=protos_dot_edgeweave__v1__pb2.ForwardRequest.FromString,
                     response_serializer=protos_dot_edgeweave__v1__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=protos_dot_edgeweave__v1__pb2.SubscribeRequest.FromString,
+                    response_serializer=protos_dot_edgeweave__v1__pb2.RelayEvent.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -256,6 +274,33 @@ class WorkerService:
             '/edgeweave.v1.WorkerService/ForwardStream',
             protos_dot_edgeweave__v1__pb2.ForwardRequest.SerializeToString,
             protos_dot_edgeweave__v1__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgeweave.v1.WorkerService/Subscribe',
+            protos_dot_edgeweave__v1__pb2.SubscribeRequest.SerializeToString,
+            protos_dot_edgeweave__v1__pb2.RelayEvent.FromString,
             options,
             channel_credentials,
             insecure,

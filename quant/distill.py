@@ -104,7 +104,7 @@ def sample_windows(teacher: nn.Module, n: int, length: int, seed: int = 0, batch
     """-> [n, length] token ids sampled from the float model (temperature 1, no top-k or top-p),
     each window from a random first token, as LLM-QAT's data-free distillation does: text in the
     model's own distribution rather than one corpus's. Seeded: the same seed gives the same windows."""
-    vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    vocab = int(getattr(teacher, "config").vocab_size)  # a transformers model
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, n, batch), desc="sample distillation windows", disable=not progress):

@@ -9,6 +9,8 @@ already use every core of the node, and the front end batches concurrent session
 from __future__ import annotations
 
 import logging
+import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import torch
 from orchestrator.profile import NodeProfile
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
-from protos.security import Security, open_channel
+from protos.security import Security, call_metadata, open_channel
 from protos.serving import start_server
 from quant.checkpoint import CheckpointError
 from quant.generate import pick_token
@@ -27,7 +29,7 @@ from quant.generate import pick_token
 from .llama_stage import KVCache
 from .moe import ExpertStore, MoERunner, expert_forward
 from .shard import LoadedShard, ShardRange, layer_count, load_shard, moe_shape
-from .wire import WireError, decode_activation, decode_tensor, encode_activation, encode_tensor
+from .wire import WireError, decode_activation, decode_tensor, encode_activation, encode_tensor, next_stage_items
 
 __all__ = ["WorkerServicer", "start_worker_server", "MAX_ITEMS", "MAX_SESSION_ID"]
 
@@ -35,7 +37,14 @@ log = logging.getLogger("edgeweave.worker")
 
 MAX_ITEMS = 256  # sessions in one forward step
 MAX_SESSION_ID = 128
-MAX_STREAMS = 4  # open ForwardStream calls per worker; each holds one of the server's 8 threads
+MAX_STREAMS = 4  # open ForwardStream calls per worker; each holds one of the server's threads
+MAX_SUBSCRIPTIONS = 4  # open Subscribe calls per worker; each holds one of the server's threads
+SERVER_THREADS = 12  # streams and subscriptions at their bounds leave 4 for unary calls and health
+MAX_RELAY_ID = 64
+RELAY_QUEUE = 64  # events waiting for a subscriber (at most one step in flight per front end)
+RELAY_LIFETIME_S = 3600.0  # the relay stream's own deadline; it is reopened before it runs out
+_ADDRESS = re.compile(r"^[A-Za-z0-9_.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class _Abort(Exception):
@@ -54,6 +63,57 @@ class _Item:
     seed: int
     step: int
     route: torch.Tensor | None = None  # MoE: int32 [T, R, k] experts at the R layers before this stage
+
+
+def _status(e: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The gRPC status a refused request gets for `e`; None for an unexpected error (a bug)."""
+    if isinstance(e, _Abort):
+        return e.code, e.message
+    if isinstance(e, (WireError, FileNotFoundError)) or (isinstance(e, ValueError) and not isinstance(e, CheckpointError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, CheckpointError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    return None
+
+
+class _RelayOut:
+    """The stream a stage passes relayed steps on to the next stage over. Relayed steps get no
+    answer, so the stream only ever ends: a watcher notes why, and calls `on_end` with it (the stage
+    then reports it to the front end); the next send reopens the stream."""
+
+    def __init__(self, address: str, security: Security, on_end) -> None:
+        self.address, self.on_end = address, on_end
+        self.channel = open_channel(address, security)
+        self.q: queue.Queue[pb.ForwardRequest | None] = queue.Queue()
+        self.ended = ""
+        self.closing = False  # closed here: its end is no failure to report
+        self.sent: tuple[str, int] | None = None  # (relay id, seq) of the last step put on it
+        self.opened = time.monotonic()
+        self.call = pb_grpc.WorkerServiceStub(self.channel).ForwardStream(
+            iter(self.q.get, None), timeout=RELAY_LIFETIME_S, metadata=call_metadata(security))
+        threading.Thread(target=self._watch, name="edgeweave-relay-out", daemon=True).start()
+
+    def _watch(self) -> None:
+        try:
+            for _ in self.call:  # a relayed step is never answered
+                pass
+            why = "the relay stream ended"
+            code = grpc.StatusCode.UNAVAILABLE
+        except grpc.RpcError as e:
+            code = e.code() if e.code() not in (None, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) \
+                else grpc.StatusCode.UNAVAILABLE
+            why = f"{e.code().name if e.code() else 'error'}: {e.details() or ''}"
+        self.ended = why
+        self.on_end(self, code, why)
+
+    def usable(self) -> bool:
+        return not self.ended and time.monotonic() - self.opened < RELAY_LIFETIME_S - 60.0
+
+    def close(self) -> None:
+        self.closing = True
+        self.q.put(None)
+        self.call.cancel()
+        self.channel.close()
 
 
 def _check_placement(placement_id: str, spec: pb.ShardSpec) -> None:
@@ -78,19 +138,21 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._peers: dict[str, pb_grpc.WorkerServiceStub] = {}
         self._refresh_stop = threading.Event()
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)  # open ForwardStream calls
+        # relayed steps (docs/runtime.md, "Hop pattern"): the front ends' Subscribe queues by relay id,
+        # and the stream to the next stage
+        self._subs: dict[str, queue.Queue[pb.RelayEvent | None]] = {}
+        self._sub_slots = threading.BoundedSemaphore(MAX_SUBSCRIPTIONS)
+        self._relay_lock = threading.Lock()  # guards _subs and _out
+        self._out: _RelayOut | None = None
 
     # ------------------------------------------------------------------ helpers
     def _run(self, context: grpc.ServicerContext, fn):
         try:
             return fn()
-        except _Abort as e:
-            context.abort(e.code, e.message)
-        except WireError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except CheckpointError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except (FileNotFoundError, ValueError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (_Abort, ValueError, FileNotFoundError) as e:
+            status = _status(e)
+            assert status is not None
+            context.abort(*status)
 
     def _kv_used(self) -> int:
         return sum(c.nbytes for c in self.sessions.values())
@@ -103,6 +165,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "shard.checkpoint and shard.placement_id are required")
             if s.max_context < 1 or s.max_context > 1 << 20:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"shard.max_context {s.max_context} is not in [1, 2^20]")
+            if s.next_stage and (s.head or not _ADDRESS.match(s.next_stage)):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"shard.next_stage {s.next_stage[:300]!r} must be host:port, and empty on the last stage")
             t0 = time.perf_counter()
             if s.threads:
                 torch.set_num_threads(int(s.threads))
@@ -120,6 +185,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 self.shard, self.spec, self.sessions = shard, s, {}
                 self.store, self.runner, self.map_version, self.last_route = store, runner, 0, {}
                 self.recorder = runner.recorder if runner else None
+                self._end_relays()  # they served the previous placement
                 if runner is not None and runner.recorder is not None:
                     self._refresh_stop = threading.Event()
                     threading.Thread(target=self._refresh_stats, args=(runner, s, manifest, self._refresh_stop),
@@ -315,11 +381,139 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                           f"{MAX_STREAMS} ForwardStream calls are already open on this worker; use Forward")
         try:
             for request in request_iterator:
-                yield self._run(context, lambda: self._forward(request, context))
+                if request.relay_id:
+                    self._relay(request, context)  # answered further down the chain, or on Subscribe
+                else:
+                    yield self._run(context, lambda: self._forward(request, context))
         finally:
             self._streams.release()
 
+    # ------------------------------------------------------------------ relayed steps (chain)
+    def _relay(self, request: pb.ForwardRequest, context) -> None:
+        """Runs a relayed step and passes its output on: to the next stage's ForwardStream, or, on
+        the last stage, to the front end's Subscribe call. A refusal is reported on this stage's
+        Subscribe call; without one the stream ends with the status, as an unrelayed step's would."""
+        rid, seq = request.relay_id, request.relay_seq
+        try:
+            if len(rid) > MAX_RELAY_ID:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"relay_id must be 1..{MAX_RELAY_ID} characters")
+            if len(request.stage_ms) > 64:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "stage_ms lists more than 64 stages")
+            resp, spec = self._forward_spec(request, context)
+            stage_ms = [*request.stage_ms, resp.compute_ms]
+            if spec.head:
+                self._deliver(rid, pb.RelayEvent(seq=seq, result=resp, stage_ms=stage_ms,
+                                                 relay_bytes=request.relay_bytes), context)
+                return
+            if not spec.next_stage:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             "this stage has no next stage (ShardSpec.next_stage): step it without relay_id")
+            nxt = pb.ForwardRequest(placement_id=request.placement_id,
+                                    items=next_stage_items(request.items, resp.results),
+                                    quantize_output=request.quantize_output, relay_id=rid, relay_seq=seq,
+                                    stage_ms=stage_ms)
+            nxt.relay_bytes = request.relay_bytes + nxt.ByteSize() + 10  # the field itself: at most 10 bytes
+            self._pass_on(spec.next_stage, rid, seq, nxt)
+        except (_Abort, ValueError, FileNotFoundError) as e:
+            status = _status(e)
+            assert status is not None
+            self._deliver(rid, pb.RelayEvent(seq=seq, error_code=status[0].value[0], error=status[1]), context,
+                          abort_with=status)
+
+    def _pass_on(self, address: str, rid: str, seq: int, req: pb.ForwardRequest) -> None:
+        with self._relay_lock:
+            out = self._out
+            if out is not None and (out.address != address or not out.usable()):
+                self._out = None
+                out.close()
+                out = None
+            if out is None:
+                out = self._out = _RelayOut(address, self.security, self._relay_ended)
+            out.sent = (rid, seq)
+            out.q.put(req)
+
+    def _relay_ended(self, out: _RelayOut, code: grpc.StatusCode, why: str) -> None:
+        """The stream to the next stage ended: the front end waiting on the last step passed on hears
+        it from here (the next stage may be gone and unable to say so itself)."""
+        with self._relay_lock:
+            if self._out is out:
+                self._out = None
+            sent = None if out.closing else out.sent
+        out.close()
+        if sent is not None:
+            self._deliver(sent[0], pb.RelayEvent(seq=sent[1], error_code=code.value[0],
+                                                 error=f"the next stage at {out.address}: {why}"))
+
+    def _deliver(self, rid: str, event: pb.RelayEvent, context=None,
+                 abort_with: tuple[grpc.StatusCode, str] | None = None) -> None:
+        with self._relay_lock:
+            q = self._subs.get(rid)
+        if q is None:
+            if context is not None:
+                context.abort(*(abort_with or (grpc.StatusCode.FAILED_PRECONDITION,
+                                               f"no Subscribe call is open here for relay id {rid[:MAX_RELAY_ID]!r}")))
+            return
+        try:
+            q.put_nowait(event)
+        except queue.Full:  # the subscriber stopped reading; it will fail its step by its deadline
+            log.warning("relay %s: %d events unread, dropping one", rid, RELAY_QUEUE)
+
+    def _end_relays(self) -> None:
+        """Ends every Subscribe call and the stream to the next stage (a new shard was loaded)."""
+        with self._relay_lock:
+            subs, self._subs = list(self._subs.values()), {}
+            out, self._out = self._out, None
+        for q in subs:
+            q.put(None)
+        if out is not None:
+            out.close()
+
+    def Subscribe(self, request: pb.SubscribeRequest, context):
+        """The front end's end of relayed steps: a ready event (seq 0), then the results (last stage)
+        and failures (any stage) of relayed steps with this relay id, until the call ends or a new
+        shard is loaded."""
+        rid = request.relay_id
+        if not 1 <= len(rid) <= MAX_RELAY_ID:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"relay_id must be 1..{MAX_RELAY_ID} characters")
+        with self.lock:
+            spec = self.spec
+        try:
+            if spec is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
+            _check_placement(request.placement_id, spec)
+        except _Abort as e:
+            context.abort(e.code, e.message)
+        if not self._sub_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_SUBSCRIPTIONS} Subscribe calls are already open on this worker")
+        q: queue.Queue[pb.RelayEvent | None] = queue.Queue(maxsize=RELAY_QUEUE)
+        with self._relay_lock:
+            old, self._subs[rid] = self._subs.get(rid), q
+        if old is not None:
+            old.put(None)
+        try:
+            yield pb.RelayEvent(seq=0)
+            while context.is_active():
+                try:
+                    event = q.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if event is None:
+                    return
+                yield event
+        finally:
+            with self._relay_lock:
+                if self._subs.get(rid) is q:
+                    del self._subs[rid]
+            self._sub_slots.release()
+
     def _forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
+        if request.relay_id:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "relayed steps (relay_id) go over ForwardStream")
+        return self._forward_spec(request, context)[0]
+
+    def _forward_spec(self, request: pb.ForwardRequest, context) -> tuple[pb.ForwardResponse, pb.ShardSpec]:
+        """-> the step's response and the spec of the shard that ran it."""
         with self.lock:
             if self.shard is None or self.spec is None:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
@@ -360,7 +554,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                         route = routes[j] if routes is not None else None
                         if route is not None:
                             results[-1].route.CopyFrom(route)
-            return pb.ForwardResponse(results=results, compute_ms=(time.perf_counter() - t0) * 1e3)
+            return pb.ForwardResponse(results=results, compute_ms=(time.perf_counter() - t0) * 1e3), spec
 
     def _end_moe_step(self, items: list[_Item], shard: LoadedShard) -> list[pb.Tensor | None]:
         """Records the step's routes; -> per item, the route tensor for the next stage."""
@@ -423,5 +617,5 @@ def start_worker_server(profile: NodeProfile, host: str = "127.0.0.1", port: int
     With TLS configured and security.mutual, only clients with a certificate from the CA get in."""
     servicer = WorkerServicer(profile, security)
     server, bound, _ = start_server(pb_grpc.add_WorkerServiceServicer_to_server, servicer, "WorkerService", host, port,
-                                    8, security, mutual=True)
+                                    SERVER_THREADS, security, mutual=True)
     return server, bound, servicer

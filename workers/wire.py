@@ -15,7 +15,7 @@ from protos import edgeweave_v1_pb2 as pb
 from protos.serving import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 
 __all__ = ["WireError", "encode_tensor", "decode_tensor", "encode_activation", "decode_activation",
-           "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
+           "next_stage_items", "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
 
 _TO_NP: dict[int, np.dtype] = {pb.FLOAT32: np.dtype("<f4"), pb.INT8: np.dtype("i1"), pb.INT32: np.dtype("<i4"), pb.INT64: np.dtype("<i8")}
 _FROM_TORCH = {torch.float32: pb.FLOAT32, torch.int8: pb.INT8, torch.int32: pb.INT32, torch.int64: pb.INT64}
@@ -96,3 +96,12 @@ def decode_activation(msg: pb.Activation, what: str, hidden: int, max_rows: int)
     else:
         raise WireError(f"{what}: empty activation (neither dense nor quantized)")
     return h
+
+
+def next_stage_items(items, results) -> list[pb.StepItem]:
+    """A stage's step items and its results -> the next stage's items: the same sessions, positions
+    and sampling, with the hidden states (and, for MoE, the tokens' last experts) as input. Used by
+    the front end (star) and by a stage passing a relayed step on (chain)."""
+    return [pb.StepItem(session_id=it.session_id, position=it.position, max_tokens=it.max_tokens, hidden=r.hidden,
+                        step=it.step, sampling=it.sampling, route=r.route if r.HasField("route") else None)
+            for it, r in zip(items, results, strict=True)]

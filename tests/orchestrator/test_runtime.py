@@ -14,7 +14,7 @@ from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from quant.checkpoint import load_checkpoint
 from quant.generate import SamplingConfig, generate_tokens, make_decoder
-from tests.conftest import tiny_checkpoint
+from tests.conftest import tiny_checkpoint, tiny_tokenizer
 
 BUDGETS = (600_000, 550_000, 500_000)  # bytes; none holds the 6-layer model alone (planner: 3 stages)
 PROMPTS = ["t5 t9 t33 t100 t7", "t200 t3 t3 t18", "t42", "t77 t78 t79 t80 t81 t82 t83 t84 t85 t86 t87 t88"]
@@ -110,12 +110,34 @@ def test_bad_requests_get_invalid_argument_and_service_stays_up(served):
 def test_stop_strings_end_generation(served):
     ckpt, _, address = served
     ref = _reference(ckpt, PROMPTS[0], 12)
-    from tests.conftest import tiny_tokenizer
 
     word = tiny_tokenizer().decode([ref[3]])
     _, msgs = _generate(address, PROMPTS[0], 12, stop=(word,))
     text = "".join(m.text for m in msgs)
     assert msgs[-1].finish_reason == "stop" and word not in text
+
+
+def test_stages_relay_steps_and_calling_each_stage_gives_the_same_tokens(served):
+    """The service's steps go down the chain (N + 1 messages); an engine calling each stage in turn
+    (the star, --star) on the same workers produces the same tokens."""
+    import ray
+
+    from orchestrator.engine import Engine, EngineOptions, GenerationRequest
+
+    _, actor, address = served
+    relayed, _ = _generate(address, PROMPTS[1], 8)
+    assert ray.get(actor.stats.remote())["relayed"] is True
+    p = Placement.from_dict(ray.get(actor.placement_dict.remote()))
+    tok = tiny_tokenizer()
+    engine = Engine(p, ray.get(actor.worker_addresses.remote()), {tok.eos_token_id}, EngineOptions(relay=False))
+    try:
+        assert engine.chain is None
+        ids = tuple(tok(PROMPTS[1], add_special_tokens=False)["input_ids"])
+        star = [pc.token for pc in engine.submit(GenerationRequest(ids, 8))
+                if pc.token is not None and pc.token != tok.eos_token_id]
+    finally:
+        engine.close()
+    assert star == relayed
 
 
 def test_a_dead_stage_fails_the_request_cleanly_and_the_engine_keeps_serving(served):
