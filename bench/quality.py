@@ -64,6 +64,9 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # the weight scales and norms distilled end to end against the float model (--kd-steps, quant/distill.py)
     "haq-w4g128ark-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                             "rotate_down": True, "kd_steps": 128},
+    # ... fewer steps at a lower rate (--kd-steps 64 --kd-lr 2e-3: the setting of a 2-window check)
+    "haq-w4g128ark64-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                              "rotate_down": True, "kd_steps": 64, "kd_lr": 2e-3},
     # ... on calibration windows alternating with windows sampled from the float model (--kd-data mixed)
     "haq-w4g128arkm-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                              "rotate_down": True, "kd_steps": 128, "kd_data": "mixed"},
@@ -147,7 +150,7 @@ def main() -> None:
                "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10,
                "haq-w4g128arall-token": 1.10, "haq-w4g128arf-token": 1.10,
                "haq-w4g128arf1-token": 1.10, "haq-w4g128ark-token": 1.10,
-               "haq-w4g128arkm-token": 1.10}
+               "haq-w4g128arkm-token": 1.10, "haq-w4g128ark64-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]

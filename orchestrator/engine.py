@@ -41,7 +41,7 @@ from protos.security import Security, open_channel
 from workers.wire import encode_tensor, next_stage_items
 
 from .planner import Placement
-from .streams import ChainFailed, RelayChain, StageStream, StepFailed
+from .streams import ChainFailed, RelayChain, RelayUnsupported, StageStream, StepFailed
 
 __all__ = ["EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats", "Unavailable",
            "Recover", "RECOVERABLE"]
@@ -383,7 +383,12 @@ class Engine:
 
     def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
         if self.chain is not None:
-            return self._relayed(items, decode)
+            try:
+                return self._relayed(items, decode)
+            except RelayUnsupported as e:  # nothing was sent: this step, and the placement's next, go the star's way
+                log.warning("the stages cannot relay steps (%s); calling each stage in turn", e)
+                self.chain.close()
+                self.chain, self.stats.relayed = None, False
         prev: list[pb.StepResult] | None = None
         for k, stream in enumerate(self.streams):
             if prev is not None:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage

@@ -21,7 +21,7 @@ from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, call_metadata, open_aio_channel
 
-__all__ = ["StepFailed", "StageStream", "RelayChain", "ChainFailed"]
+__all__ = ["StepFailed", "StageStream", "RelayChain", "ChainFailed", "RelayUnsupported"]
 
 STREAM_LIFETIME_S = 3600.0  # each stream's own deadline; it is reopened before it runs out
 
@@ -143,6 +143,11 @@ class ChainFailed(StepFailed):
         self.stage = stage
 
 
+class RelayUnsupported(Exception):
+    """The stages cannot relay steps as a chain in the front end's order (a worker without Subscribe,
+    or loaded without next_stage, or pointing at another next stage); nothing was sent."""
+
+
 class RelayChain:
     """Relayed steps over a placement's stages (a chain; docs/runtime.md, "Hop pattern"): the front
     end writes each step to the first stage's ForwardStream; every stage passes its output on to the
@@ -177,7 +182,7 @@ class RelayChain:
             self._loop = asyncio.new_event_loop()
         try:
             return self._loop.run_until_complete(self._step(req, timeout_s))
-        except ChainFailed:
+        except (ChainFailed, RelayUnsupported):
             self._loop.run_until_complete(self._drop())
             raise
         except grpc.RpcError as e:
@@ -201,10 +206,18 @@ class RelayChain:
             except asyncio.TimeoutError as e:
                 raise ChainFailed(k, grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to Subscribe within the step deadline") from e
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise RelayUnsupported(f"stage {k} at {address} has no Subscribe") from e
                 raise ChainFailed(k, e.code(), e.details() or "") from e
             if ready is grpc.aio.EOF:
                 failed = await _ended(call)
+                if failed.code == grpc.StatusCode.UNIMPLEMENTED:
+                    raise RelayUnsupported(f"stage {k} at {address} has no Subscribe")
                 raise ChainFailed(k, failed.code, failed.details)
+            want = self.addresses[k + 1] if k + 1 < len(self.addresses) else ""
+            if not ready.can_relay or ready.next_stage != want:
+                raise RelayUnsupported(f"stage {k} at {address} passes steps on to {ready.next_stage or 'no stage'!r}"
+                                       f", not {want or 'the front end'!r}")
             self._tasks.append(asyncio.ensure_future(self._pump(k, call)))
         self._head = pb_grpc.WorkerServiceStub(self._channels[0]).ForwardStream(timeout=self.lifetime_s, metadata=md)
         self._calls.append(self._head)

@@ -185,20 +185,24 @@ class SubscribeRequest(_message.Message):
     def __init__(self, placement_id: _Optional[str] = ..., relay_id: _Optional[str] = ...) -> None: ...
 
 class RelayEvent(_message.Message):
-    __slots__ = ("seq", "result", "stage_ms", "error_code", "error", "relay_bytes")
+    __slots__ = ("seq", "result", "stage_ms", "error_code", "error", "relay_bytes", "can_relay", "next_stage")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RELAY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAN_RELAY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STAGE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     result: ForwardResponse
     stage_ms: _containers.RepeatedScalarFieldContainer[float]
     error_code: int
     error: str
     relay_bytes: int
-    def __init__(self, seq: _Optional[int] = ..., result: _Optional[_Union[ForwardResponse, _Mapping]] = ..., stage_ms: _Optional[_Iterable[float]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., relay_bytes: _Optional[int] = ...) -> None: ...
+    can_relay: bool
+    next_stage: str
+    def __init__(self, seq: _Optional[int] = ..., result: _Optional[_Union[ForwardResponse, _Mapping]] = ..., stage_ms: _Optional[_Iterable[float]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., relay_bytes: _Optional[int] = ..., can_relay: _Optional[bool] = ..., next_stage: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_ids",)

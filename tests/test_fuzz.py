@@ -100,7 +100,9 @@ def _seeds() -> dict[str, list[bytes]]:
 
 SEEDS = _seeds()
 SEEDS["ForwardStream"] = SEEDS["Forward"]  # each case sends its message twice on one stream
-WORKER_METHODS = ["Forward", "ForwardStream", "Release", "Health", "Profile", "ExpertForward", "SetExpertTiers", "LoadShard"]
+SEEDS["Subscribe"] = [pb.SubscribeRequest(placement_id=PID, relay_id="fuzz").SerializeToString()]
+WORKER_METHODS = ["Forward", "ForwardStream", "Subscribe", "Release", "Health", "Profile", "ExpertForward",
+                  "SetExpertTiers", "LoadShard"]
 
 
 def _mutate(data: bytes, rnd: random.Random) -> bytes:
@@ -174,6 +176,14 @@ def structured(draw) -> tuple[str, bytes]:
     if method in ("Forward", "ForwardStream"):
         msg = pb.ForwardRequest(placement_id=draw(st.sampled_from([PID, "", "v9-other"])),
                                 items=draw(st.lists(step_items(), max_size=3)), quantize_output=draw(st.booleans()))
+        if method == "ForwardStream" and draw(st.booleans()):  # a relayed step (chain)
+            msg.relay_id = draw(st.sampled_from(["fuzz", "x" * 65, "ünï"]))
+            msg.relay_seq = draw(st.integers(0, 2**64 - 1))
+            msg.stage_ms.extend(draw(st.lists(floats, max_size=70)))
+            msg.relay_bytes = draw(st.integers(0, 2**64 - 1))
+    elif method == "Subscribe":
+        msg = pb.SubscribeRequest(placement_id=draw(st.sampled_from([PID, "", "v9-other"])),
+                                  relay_id=draw(st.sampled_from(["", "fuzz", "x" * 65, "ünï"])))
     elif method == "Release":
         msg = pb.ReleaseRequest(session_ids=draw(st.lists(st.sampled_from(POOL + ["nope"]), max_size=2000)))
     elif method == "ExpertForward":
@@ -223,6 +233,14 @@ def _call(channels, method: str, raw: bytes) -> grpc.StatusCode:
         except grpc.RpcError as e:
             return e.code()
     target = channels[random.Random(len(raw)).randrange(2)]
+    if method == "Subscribe":  # stays open while subscribed: the ready event is the answer
+        call = target.unary_stream(f"/edgeweave.v1.WorkerService/{method}")(raw, timeout=10)
+        try:
+            next(call)
+            call.cancel()
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
     if method == "ForwardStream":
         try:
             for _ in target.stream_stream(f"/edgeweave.v1.WorkerService/{method}")(iter([raw, raw]), timeout=10):

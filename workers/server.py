@@ -492,7 +492,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if old is not None:
             old.put(None)
         try:
-            yield pb.RelayEvent(seq=0)
+            yield pb.RelayEvent(seq=0, can_relay=bool(spec.head or spec.next_stage), next_stage=spec.next_stage)
             while context.is_active():
                 try:
                     event = q.get(timeout=1.0)

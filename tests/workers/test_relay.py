@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from orchestrator.profile import NodeProfile
-from orchestrator.streams import ChainFailed, RelayChain
+from orchestrator.streams import ChainFailed, RelayChain, RelayUnsupported
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from quant.checkpoint import load_checkpoint
@@ -98,6 +98,19 @@ def test_a_step_refused_down_the_chain_is_reported_by_that_stage_and_the_chain_s
         relay.close()
         for stub in stubs:
             stub.Release(pb.ReleaseRequest(session_ids=["gone", "fresh"]), timeout=5)
+
+
+def test_stages_that_do_not_chain_in_the_front_ends_order_are_not_relayed_to(chain):
+    """The ready events say where each stage passes steps on; a front end whose order differs
+    (or whose stages were loaded without next_stage) is told before any step is sent."""
+    stubs, addrs = chain
+    relay = RelayChain([addrs[0], addrs[2], addrs[1]], PID)
+    try:
+        with pytest.raises(RelayUnsupported, match="passes steps on to"):
+            relay.step(_req("never", 0, [5]), 10.0)
+    finally:
+        relay.close()
+    assert all(s.Release(pb.ReleaseRequest(session_ids=["never"]), timeout=5).released == 0 for s in stubs)
 
 
 def test_bad_relay_input_gets_a_clear_status(ckpt, chain):
