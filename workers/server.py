@@ -483,6 +483,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             _check_placement(request.placement_id, spec)
         except _Abort as e:
             context.abort(e.code, e.message)
+        assert spec is not None  # context.abort raised otherwise
         if not self._sub_slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{MAX_SUBSCRIPTIONS} Subscribe calls are already open on this worker")
