@@ -484,13 +484,17 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         except _Abort as e:
             context.abort(e.code, e.message)
         assert spec is not None  # context.abort raised otherwise
-        if not self._sub_slots.acquire(blocking=False):
+        with self._relay_lock:  # a front end subscribing again (after a failed step) replaces its call
+            old = self._subs.pop(rid, None)
+        if old is not None:
+            old.put(None)  # that call ends and frees its slot at once
+        if not self._sub_slots.acquire(timeout=2.0):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{MAX_SUBSCRIPTIONS} Subscribe calls are already open on this worker")
         q: queue.Queue[pb.RelayEvent | None] = queue.Queue(maxsize=RELAY_QUEUE)
         with self._relay_lock:
             old, self._subs[rid] = self._subs.get(rid), q
-        if old is not None:
+        if old is not None:  # another call of the same id came in meanwhile
             old.put(None)
         try:
             yield pb.RelayEvent(seq=0, can_relay=bool(spec.head or spec.next_stage), next_stage=spec.next_stage)

@@ -94,6 +94,12 @@ def test_a_step_refused_down_the_chain_is_reported_by_that_stage_and_the_chain_s
         assert e.value.stage == 1 and e.value.code == grpc.StatusCode.NOT_FOUND and "gone" in e.value.details
         assert time.monotonic() - t0 < 2.0  # reported, not found out at the deadline
         assert relay.step(_req("fresh", 0, [5, 9]), 10.0).result.results[0].session_id == "fresh"
+        # every failure drops the front end's calls and the next step subscribes again: more times in
+        # a row than a worker has Subscribe slots, without running out of them
+        for _ in range(6):
+            with pytest.raises(ChainFailed):
+                relay.step(_req("fresh", 0, [5]), 10.0)  # position 0 again: refused by stage 0
+        assert relay.step(_req("fresh", 2, [7], step=1), 10.0).result.results[0].session_id == "fresh"
     finally:
         relay.close()
         for stub in stubs:
