@@ -47,6 +47,16 @@ async def _ended(call) -> StepFailed:
     return StepFailed(code, details or "the step stream to the worker ended")
 
 
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancels what is left on a private loop (gRPC's status watchers of cancelled calls), closes it."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
+
+
 class StageStream:
     """One stage's steps, in order, over a ForwardStream call; or a unary Forward per step on `stub`
     (use_stream=False, or a worker without streams). Used by one thread at a time."""
@@ -124,12 +134,7 @@ class StageStream:
         if loop is not None:
             if channel is not None:
                 loop.run_until_complete(channel.close())
-            pending = asyncio.all_tasks(loop)  # gRPC's status watchers of the cancelled calls
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
+            _close_loop(loop)
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -228,16 +233,11 @@ class RelayChain:
         front end serves) is a failure of that stage."""
         assert self._events is not None
         try:
-            while True:
-                event = await call.read()
-                if event is grpc.aio.EOF:
-                    await self._events.put((stage, await _ended(call)))
-                    return
+            while (event := await call.read()) is not grpc.aio.EOF:
                 await self._events.put((stage, event))
-        except grpc.RpcError as e:
-            code = e.code() if e.code() not in (None, grpc.StatusCode.OK, grpc.StatusCode.INTERNAL) \
-                else grpc.StatusCode.UNAVAILABLE
-            await self._events.put((stage, StepFailed(code, e.details() or "the call ended")))
+        except grpc.RpcError:
+            pass  # the call's status says why, as at its end
+        await self._events.put((stage, await _ended(call)))
 
     async def _step(self, req: pb.ForwardRequest, timeout_s: float) -> pb.RelayEvent:
         loop = asyncio.get_running_loop()
@@ -290,9 +290,4 @@ class RelayChain:
         if loop is None:
             return
         loop.run_until_complete(self._drop())
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+        _close_loop(loop)

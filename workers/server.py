@@ -44,7 +44,6 @@ MAX_RELAY_ID = 64
 RELAY_QUEUE = 64  # events waiting for a subscriber (at most one step in flight per front end)
 RELAY_LIFETIME_S = 3600.0  # the relay stream's own deadline; it is reopened before it runs out
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class _Abort(Exception):
@@ -453,10 +452,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 context.abort(*(abort_with or (grpc.StatusCode.FAILED_PRECONDITION,
                                                f"no Subscribe call is open here for relay id {rid[:MAX_RELAY_ID]!r}")))
             return
-        try:
-            q.put_nowait(event)
-        except queue.Full:  # the subscriber stopped reading; it will fail its step by its deadline
+        if q.qsize() >= RELAY_QUEUE:  # the subscriber stopped reading; it will fail its step by its deadline
             log.warning("relay %s: %d events unread, dropping one", rid, RELAY_QUEUE)
+            return
+        q.put(event)
 
     def _end_relays(self) -> None:
         """Ends every Subscribe call and the stream to the next stage (a new shard was loaded)."""
@@ -491,20 +490,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if not self._sub_slots.acquire(timeout=2.0):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{MAX_SUBSCRIPTIONS} Subscribe calls are already open on this worker")
-        q: queue.Queue[pb.RelayEvent | None] = queue.Queue(maxsize=RELAY_QUEUE)
+        q: queue.Queue[pb.RelayEvent | None] = queue.Queue()  # _deliver bounds it at RELAY_QUEUE events
+        context.add_callback(lambda: q.put(None))  # the call ended (cancelled, deadline): stop waiting at once
         with self._relay_lock:
             old, self._subs[rid] = self._subs.get(rid), q
         if old is not None:  # another call of the same id came in meanwhile
             old.put(None)
         try:
             yield pb.RelayEvent(seq=0, can_relay=bool(spec.head or spec.next_stage), next_stage=spec.next_stage)
-            while context.is_active():
-                try:
-                    event = q.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                if event is None:
-                    return
+            while (event := q.get()) is not None:
                 yield event
         finally:
             with self._relay_lock:
