@@ -9,13 +9,17 @@ Key schema, version 1 (docs/moe.md). {model} is the checkpoint's name, {w} a tim
   edgeweave:v1:{model}:l1:{l}:{w}      HASH  "e,f" -> tokens with e at layer l-1 and f at layer l
   edgeweave:v1:{model}:l2:{l}:{w}      HASH  "e,f" -> tokens with e at layer l-2 and f at layer l
   edgeweave:v1:{model}:t1:{l}:{w}      HASH  "e,f" -> previous token e, this token f, at layer l
+  edgeweave:v1:{model}:batch:{id}      STRING "1": a writer's batch {id} was applied (not a count)
 Window keys expire after keep_windows windows; a reader weighs window w by decay ** (now - w),
 which gives counts that are both time-windowed and decayed without read-modify-write.
 
 Writers (workers) add counts to a local buffer on the token's path and a background thread
-flushes it with one pipelined batch of HINCRBY/INCRBY every flush_interval_s. If Redis is
-unreachable the counts stay buffered (bounded: max_buffered_fields) and go out when it returns;
-what the bound drops is counted in `lost`, never silently.
+flushes it as one batch of HINCRBY/INCRBY every flush_interval_s, in a script that applies each
+batch id once: a batch whose reply was lost (Redis applied it, then the connection dropped) is sent
+again with the same id and not counted twice (the ids applied are kept as
+`{schema}:{model}:batch:{id}` keys, which expire with the counts). If Redis is unreachable the counts stay buffered
+(bounded: max_buffered_fields) and go out when it returns; what the bound drops is counted in
+`lost`, never silently.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +107,9 @@ class StatsRecorder:
         self.max_buffered_fields = max_buffered_fields
         self._buf: Deltas = {}
         self._windows: set[int] = set()
+        # the batch being sent, kept whole with its id until Redis has it: a retry after a lost reply
+        # sends the same id, and the script applies a batch id once (exactly once, not at least once)
+        self._inflight: tuple[str, Deltas, set[int]] | None = None
         self._lock = threading.Lock()
         self._recorded = self._flushed = self._lost = self._errors = 0
         self._up = False
@@ -131,42 +139,37 @@ class StatsRecorder:
 
     def counters(self) -> RecorderCounters:
         with self._lock:
-            return RecorderCounters(self._recorded, self._flushed, sum(self._buf.values()), self._lost, self._errors,
-                                    self._up)
+            inflight = sum(self._inflight[1].values()) if self._inflight else 0
+            return RecorderCounters(self._recorded, self._flushed, sum(self._buf.values()) + inflight, self._lost,
+                                    self._errors, self._up)
 
     def flush(self) -> bool:
-        """One batch to Redis now -> whether the buffer is empty afterwards."""
+        """One batch to Redis now -> whether nothing is left to send afterwards. A batch whose send
+        failed is sent again, with its id, before any newer counts."""
         with self._lock:
-            buf, self._buf = self._buf, {}
-            windows, self._windows = self._windows, set()
-        if not buf:
-            return True
+            if self._inflight is None:
+                if not self._buf:
+                    return True
+                self._inflight = (uuid.uuid4().hex, self._buf, self._windows)
+                self._buf, self._windows = {}, set()
+            batch_id, buf, windows = self._inflight
         ttl = int(self.window_s * self.keep_windows) + 1
+        args: list = [ttl, self.layers, self.experts, self.window_s, SCHEMA, len(windows), *sorted(windows)]
+        for (name, f), v in buf.items():
+            args += [name, "" if f is None else f, v]
         try:
-            p = self._client.pipeline(transaction=False)
-            p.hset(key(self.model, "meta"), mapping={"layers": self.layers, "experts": self.experts,
-                                                      "window_s": self.window_s, "schema": SCHEMA})
-            for w in windows:
-                p.zadd(key(self.model, "windows"), {str(w): w})
-            for (name, f), v in buf.items():
-                if f is None:
-                    p.incrby(name, v)
-                else:
-                    p.hincrby(name, f, v)
-                p.expire(name, ttl)
-            p.execute()
-        except Exception as e:  # redis.ConnectionError, TimeoutError, ...: keep everything, retry later
+            self._client.eval(_APPLY_BATCH, 3, key(self.model, "batch", batch_id), key(self.model, "meta"),
+                              key(self.model, "windows"), *args)
+        except Exception as e:  # redis.ConnectionError, TimeoutError, ...: keep the batch, retry later
             with self._lock:
-                for k, v in buf.items():
-                    self._buf[k] = self._buf.get(k, 0) + v
-                self._windows |= windows
                 if self._up or not self._errors:
                     log.warning("Redis at %s unreachable (%s); keeping %d counts until it returns",
-                                self.url, type(e).__name__, sum(self._buf.values()))
+                                self.url, type(e).__name__, sum(self._buf.values()) + sum(buf.values()))
                 self._errors += 1
                 self._up = False
             return False
         with self._lock:
+            self._inflight = None
             self._flushed += sum(buf.values())
             if not self._up:
                 log.info("Redis at %s: flushed %d counts", self.url, sum(buf.values()))
@@ -188,6 +191,24 @@ class StatsRecorder:
         while not self.flush() and time.time() < deadline:
             time.sleep(0.2)
         self._client.close()
+
+
+# One batch of counts, applied at most once per batch id (KEYS[1], kept for the statistics' lifetime):
+# ARGV = ttl, layers, experts, window_s, schema, n windows, the windows, then (key, field or "", delta)
+# triples. A retry of a batch whose reply was lost finds its id and changes nothing.
+_APPLY_BATCH = """
+local ttl = tonumber(ARGV[1])
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 0 end
+redis.call('HSET', KEYS[2], 'layers', ARGV[2], 'experts', ARGV[3], 'window_s', ARGV[4], 'schema', ARGV[5])
+local nw = tonumber(ARGV[6])
+for i = 7, 6 + nw do redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i]) end
+for i = 7 + nw, #ARGV, 3 do
+  if ARGV[i + 1] == '' then redis.call('INCRBY', ARGV[i], ARGV[i + 2])
+  else redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+  redis.call('EXPIRE', ARGV[i], ttl)
+end
+return 1
+"""
 
 
 def read_stats(client, model: str, layers: int, experts: int, windows: int = 60, decay: float = 0.9,

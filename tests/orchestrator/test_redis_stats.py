@@ -81,3 +81,35 @@ def test_redis_down_buffers_and_flushes_when_back(tmp_path):
         assert np.array_equal(st.act, _expected().act)  # nothing lost, the first batch survived the restart
     finally:
         srv.close()
+
+
+def test_a_batch_whose_reply_was_lost_is_counted_once(server):
+    """Redis applied a batch but the connection dropped before its reply: the recorder sends the
+    same batch again, and Redis must not count it twice (the outage test above saw exactly that)."""
+    import redis
+
+    rec = StatsRecorder(server.url, "m-once", 3, 8, flush_interval_s=3600)  # flushes only when called
+    real, sent = rec._client.eval, []
+
+    def reply_lost_once(*args):
+        real(*args)
+        sent.append(args)
+        if len(sent) == 1:
+            raise redis.ConnectionError("connection closed before the reply")
+
+    rec._client.eval = reply_lost_once
+    prev = None
+    for r in ROUTES:
+        rec.record(r, prev, range(3))
+        prev = r
+    assert rec.flush() is False and rec.counters().buffered > 0  # not acknowledged: kept
+    assert rec.flush() is True
+    assert len(sent) == 2 and sent[0][2] == sent[1][2]  # the same batch id both times
+    c = rec.counters()
+    assert c.flushed == c.recorded and c.buffered == 0
+    st = read_stats(connect(server.url), "m-once", 3, 8)
+    ref = _expected()
+    assert np.array_equal(st.act, ref.act)
+    for k in PathStats.KINDS:
+        assert np.array_equal(st.trans[k], ref.trans[k])
+    rec.close()
