@@ -11,6 +11,7 @@ hops; with the front end calling each stage (1 node, or --star), a stage's round
 compute (two one-way messages: front end to stage and back).
 
     python bench/cluster.py [CHECKPOINT_DIR] [--reps 5] [--tokens 128] [--rounds 3] [--unary-steps] [--compare-star]
+                            [--pipeline-depth N] [--compare-depth1]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from orchestrator.planner import Placement  # noqa: E402
 PROMPT = "The history of the city begins in the early middle ages, when"
 CLUSTERS = {"1 node": [1_000_000_000], "3 nodes": [170_000_000, 140_000_000, 140_000_000]}
 CONTEXT, BATCH = 512, 8
+DEPTH1 = "3 nodes, 1 step in flight"
 
 
 def one_stream(address: str, tokens: int) -> tuple[float, float, int, float]:
@@ -67,12 +69,12 @@ def concurrent(address: str, streams: int, tokens: int) -> tuple[float, float]:
 
 
 def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int, streams: bool,
-            relay: bool = True) -> dict:
+            relay: bool = True, depth: int = 0) -> dict:
     import ray
 
     with LocalCluster([LocalNode(b, cpus=cpus) for b in budgets]):
         actor, address = start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH, stream_steps=streams,
-                                                       relay=relay))
+                                                       relay=relay, pipeline_depth=depth))
         placement = Placement.from_dict(ray.get(actor.placement_dict.remote()))
         one_stream(address, 8)  # warm-up
         ray.get(actor.reset_stats.remote())
@@ -97,7 +99,9 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
             # decode steps), and the wall time per step of the whole concurrent phase
             "concurrent8_compute_ms": conc_stats["compute_ms_median"],
             "concurrent8_hop_overhead_ms": conc_stats["hop_overhead_ms_median"],
-            "concurrent8_step_ms": conc_s * 1e3 / max(conc_stats["steps"], 1)}
+            "concurrent8_step_ms": conc_s * 1e3 / max(conc_stats["steps"], 1),
+            # steps sent while another was in flight (relayed steps of different sessions pipelined)
+            "concurrent8_overlapped_steps": conc_stats["overlapped_steps"], "concurrent8_steps": conc_stats["steps"]}
 
 
 def main() -> None:
@@ -114,13 +118,19 @@ def main() -> None:
                     help="a unary Forward per step and stage (the default: one ForwardStream per stage)")
     ap.add_argument("--compare-star", action="store_true",
                     help="each round also serves the 3 nodes with the front end calling each stage (--star)")
+    ap.add_argument("--pipeline-depth", type=int, default=0,
+                    help="relayed steps in flight at once on 3 nodes (serve's --pipeline-depth; 0: one per stage)")
+    ap.add_argument("--compare-depth1", action="store_true",
+                    help="each round also serves the 3 nodes relayed with one step in flight at a time")
     a = ap.parse_args()
     ckpt = str(Path(a.checkpoint).resolve())
-    clusters = [(name, b, True) for name, b in CLUSTERS.items()]
+    clusters = [(name, b, True, a.pipeline_depth) for name, b in CLUSTERS.items()]
     if a.compare_star:
-        clusters.append(("3 nodes, star", CLUSTERS["3 nodes"], False))
-    rounds = [{name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps, relay)
-               for name, b, relay in clusters} for _ in range(a.rounds)]
+        clusters.append(("3 nodes, star", CLUSTERS["3 nodes"], False, 0))
+    if a.compare_depth1:
+        clusters.append((DEPTH1, CLUSTERS["3 nodes"], True, 1))
+    rounds = [{name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps, relay, depth)
+               for name, b, relay, depth in clusters} for _ in range(a.rounds)]
     med = statistics.median
     per_round = [{"three_vs_one_decode": r["3 nodes"]["decode_tok_s"] / r["1 node"]["decode_tok_s"],
                   # like for like: decode rate vs decode rate, end to end vs end to end
@@ -136,14 +146,19 @@ def main() -> None:
                                                              if x is not None),
                       "concurrent8_vs_one_stream_3nodes_star":
                           r["3 nodes, star"]["concurrent8_decode_tok_s"] / r["3 nodes, star"]["decode_tok_s"]}
-                     if "3 nodes, star" in r else {})}
+                     if "3 nodes, star" in r else {}),
+                  **({"concurrent8_vs_one_stream_3nodes_depth1":
+                      r[DEPTH1]["concurrent8_decode_tok_s"] / r[DEPTH1]["decode_tok_s"],
+                      "concurrent8_pipelined_vs_depth1":
+                          r["3 nodes"]["concurrent8_decode_tok_s"] / r[DEPTH1]["concurrent8_decode_tok_s"]}
+                     if DEPTH1 in r else {})}
                  for r in rounds]
     ratios = {k: med(x[k] for x in per_round) for k in per_round[0]}
     name = "cluster-unary" if a.unary_steps else "cluster"  # the unary baseline keeps its own results and section
     write_results(name, {"rounds": rounds, "ratios_per_round": per_round, "ratios": ratios, "context": CONTEXT,
                               "batch": BATCH, "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint,
                               "node_cpus": a.node_cpus, "steps": "unary" if a.unary_steps else "stream",
-                              "compare_star": a.compare_star})
+                              "compare_star": a.compare_star, "pipeline_depth": a.pipeline_depth})
     rows = []
     for i, rnd in enumerate(rounds):
         for r in rnd.values():
@@ -156,17 +171,25 @@ def main() -> None:
                 "stage compute ms", "wire bytes/token", "end-to-end tok/s", "8 streams decode tok/s",
                 "8 streams end-to-end tok/s"], rows)
     conc_rows = [[str(i + 1), r["cluster"], f"{r['concurrent8_step_ms']:.1f}",
+                  f"{r['concurrent8_overlapped_steps']} / {r['concurrent8_steps']}",
                   " / ".join(f"{x:.1f}" for x in r["concurrent8_compute_ms"] if x is not None),
                   " / ".join(f"{x:.2f}" for x in r["concurrent8_hop_overhead_ms"] if x is not None)]
                  for i, rnd in enumerate(rounds) for r in rnd.values()]
-    conc_md = table(["round", "cluster", "wall ms per batched step", "stage compute ms", "hop overhead ms"], conc_rows)
+    conc_md = table(["round", "cluster", "wall ms per step", "steps overlapping another", "stage compute ms",
+                     "hop overhead ms (steps alone)"], conc_rows)
     each = lambda k, f: ", ".join(f.format(x[k]) for x in per_round)  # noqa: E731
     star = f"""- the same 3 nodes with the front end calling each stage (`--star`): decode **{ratios['three_star_vs_one_decode']:.2f}x**
   1-node (rounds: {each('three_star_vs_one_decode', '{:.2f}')}); its round trip per stage less compute
   **{ratios['max_hop_overhead_ms_3nodes_star']:.2f} ms** (rounds: {each('max_hop_overhead_ms_3nodes_star', '{:.2f}')});
   8 streams / 1 stream {ratios['concurrent8_vs_one_stream_3nodes_star']:.2f}x
 """ if a.compare_star else ""
-    flags = (" --unary-steps" if a.unary_steps else "") + (" --compare-star" if a.compare_star else "")
+    depth1 = f"""- the same 3 nodes relayed with one step in flight at a time (`--pipeline-depth 1`, runs up to 19):
+  8 streams / 1 stream **{ratios['concurrent8_vs_one_stream_3nodes_depth1']:.2f}x** (rounds: {each('concurrent8_vs_one_stream_3nodes_depth1', '{:.2f}')});
+  8 streams pipelined / one step at a time: **{ratios['concurrent8_pipelined_vs_depth1']:.2f}x** (rounds: {each('concurrent8_pipelined_vs_depth1', '{:.2f}')})
+""" if a.compare_depth1 else ""
+    flags = ((" --unary-steps" if a.unary_steps else "") + (" --compare-star" if a.compare_star else "")
+             + (f" --pipeline-depth {a.pipeline_depth}" if a.pipeline_depth else "")
+             + (" --compare-depth1" if a.compare_depth1 else ""))
     update_section(name, f"""## Serving on a local Ray cluster (`bench/cluster.py`{' --unary-steps' if a.unary_steps else ''})
 
 Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --rounds {a.rounds} --node-cpus {a.node_cpus}{flags}`
@@ -178,15 +201,17 @@ budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; {a.rounds} rounds of 1 node
 
 {md}
 
-The 8 concurrent streams' batched steps (whole concurrent phase, prefill included, over its steps;
-compute and hop overhead: medians over the decode steps):
+The 8 concurrent streams' steps (whole concurrent phase, prefill included, over its steps; relayed
+steps of different sessions overlap in the pipeline, up to one per stage unless `--pipeline-depth`
+says otherwise; compute: medians over the decode steps; hop overhead: over the decode steps that had
+the chain to themselves, none where every step overlapped another):
 
 {conc_md}
 
 Medians over the rounds of each round's figure:
 - 3-node decode / 1-node decode: **{ratios['three_vs_one_decode']:.2f}x** (target >= 0.8; rounds: {each('three_vs_one_decode', '{:.2f}')})
 - largest per-hop overhead, 3 nodes: **{ratios['max_hop_overhead_ms_3nodes']:.2f} ms** (target <= 1 ms; rounds: {each('max_hop_overhead_ms_3nodes', '{:.2f}')})
-{star}- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
+{star}{depth1}- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
   (1 node: {ratios['concurrent8_vs_one_stream_1node']:.2f}x; target >= 3x; rounds: {each('concurrent8_vs_one_stream_3nodes', '{:.2f}')})
 - the same, end to end (every token over each request's whole time, first token included), 3 nodes:
   **{ratios['concurrent8_vs_one_stream_e2e_3nodes']:.2f}x** (rounds: {each('concurrent8_vs_one_stream_e2e_3nodes', '{:.2f}')})

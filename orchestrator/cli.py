@@ -200,7 +200,7 @@ def _serve_options(a: argparse.Namespace):
               f"the model (docs/security.md)", file=sys.stderr)
     return ServeOptions(checkpoint=str(Path(a.checkpoint).resolve()), host=a.host, port=a.port, context=a.context,
                         batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire, stream_steps=not a.unary_steps,
-                        relay=not a.star,
+                        relay=not a.star, pipeline_depth=a.pipeline_depth,
                         fast_slots=a.fast_slots, remote_experts=a.remote_experts, redis_url=a.redis_url or "",
                         prefetch=not a.no_prefetch, security=sec)
 
@@ -357,6 +357,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--star", action="store_true",
                    help="the front end calls each stage in turn (2 messages per stage and step) instead of the stages "
                         "passing each step on to the next, the last one answering (N + 1 messages; docs/runtime.md)")
+    p.add_argument("--pipeline-depth", type=int, default=0,
+                   help="relayed steps in flight at once, each for a different group of the concurrent sessions, so "
+                        "that the stages compute at the same time (default 0: one per stage; 1: one step for all)")
     p.add_argument("--redis-url", default=None,
                    help="MoE statistics go here (redis:// or rediss://, password in the URL); default: "
                         "$EDGEWEAVE_REDIS_URL, else a private Redis server started and stopped by edgeweave")

@@ -59,6 +59,7 @@ class ServeOptions:
     quantize_wire: bool = False
     stream_steps: bool = True  # one ForwardStream per stage (False: a unary Forward per step and stage)
     relay: bool = True  # stages pass steps on to each other (a chain); False: the front end calls each (a star)
+    pipeline_depth: int = 0  # relayed steps in flight at once, each for other sessions (0: one per stage)
     step_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     health_interval_s: float = 2.0
@@ -139,7 +140,8 @@ class Controller:
         self.engine = Engine(self.placement, self.worker_addresses(),
                              {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set(),
                              EngineOptions(opts.step_timeout_s, opts.prefill_chunk, opts.quantize_wire,
-                                           stream_steps=opts.stream_steps, relay=opts.relay),
+                                           stream_steps=opts.stream_steps, relay=opts.relay,
+                                           pipeline_depth=opts.pipeline_depth),
                              recover=self.recover, security=self.sec)
         self.server, self.port, self.health_servicer = start_inference_server(
             InferenceServicer(lambda: self.engine, self.tokenizer, root.name), opts.host, opts.port, security=self.sec)
@@ -491,6 +493,7 @@ class Controller:
         comp = [statistics.median(x) if x else None for x in st.compute_ms]
         return {"steps": st.steps, "tokens": st.tokens, "wire_bytes": st.wire_bytes,
                 "hop_overhead_ms_median": med, "compute_ms_median": comp, "relayed": st.relayed,
+                "overlapped_steps": st.overlapped_steps,
                 "health": dict(self.health),
                 "placement_id": self.placement.placement_id, "recoveries": st.recoveries,
                 "recovery_s": list(st.recovery_s), "replayed_tokens": st.replayed_tokens,
@@ -498,7 +501,7 @@ class Controller:
 
     def reset_stats(self) -> None:
         st = self.engine.stats
-        st.steps = st.tokens = st.wire_bytes = 0
+        st.steps = st.tokens = st.wire_bytes = st.overlapped_steps = 0
         for x in (*st.hop_overhead_ms, *st.compute_ms):
             x.clear()
 

@@ -87,6 +87,14 @@ class EngineOptions:
     # with stream_steps and 2+ stages: each stage passes its output on to the next and the last one
     # answers the front end (a chain: N + 1 messages per step instead of 2N; docs/runtime.md)
     relay: bool = True
+    # relayed steps in flight at once, each for a different group of sessions, so that the stages
+    # compute different groups' steps at the same time (a pipeline); 0: one per stage; 1: one step
+    # for every session at a time. Only relayed steps overlap: the star and one stage step one at a time.
+    pipeline_depth: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pipeline_depth < 0:
+            raise ValueError(f"pipeline_depth must be 0 (one per stage) or more, got {self.pipeline_depth}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class _Session:
     pos: int = 0  # tokens the stages hold
     generated: int = 0
     cancelled: bool = False
+    flying: bool = False  # in a step that has not come back yet
     fed: list[list[int]] = field(default_factory=list)  # every chunk fed so far, in order (for a replay)
     replay: deque[list[int]] = field(default_factory=deque)  # chunks still to re-feed after a re-plan
 
@@ -130,9 +139,22 @@ class EngineStats:
     hop_overhead_ms: list[list[float]] = field(default_factory=list)
     relayed: bool = False  # the placement's steps are relayed (a chain)
     compute_ms: list[list[float]] = field(default_factory=list)
+    overlapped_steps: int = 0  # steps sent while another was in flight (no hop figures of their own)
     recoveries: int = 0
     recovery_s: list[float] = field(default_factory=list)  # failure seen -> sessions caught up again
     replayed_tokens: int = 0
+
+
+@dataclass
+class _Flight:
+    """A step sent and not yet come back."""
+
+    batch: list[_Session]
+    fed: dict[str, list[int]]  # session id -> the chunk this step feeds it
+    decode: bool  # every chunk is one token
+    t0: float  # perf_counter when sent
+    req_bytes: int = 0
+    alone: bool = True  # no other step was in flight meanwhile, so its time is its own
 
 
 class Engine:
@@ -156,6 +178,9 @@ class Engine:
         self._recovery_t0: float | None = None  # when the failure being recovered from was seen
         self._stop = False
         self._ids = itertools.count()
+        self._flights: dict[int, _Flight] = {}  # key (relay_seq; negative: stepped synchronously) -> step
+        self._done: deque[tuple[int, list[pb.StepResult]]] = deque()  # synchronous steps' results
+        self._sync_keys = itertools.count(-1, -1)
         self.thread = threading.Thread(target=self._loop, name="edgeweave-engine", daemon=True)
         self.thread.start()
 
@@ -246,10 +271,32 @@ class Engine:
         while self.waiting and len(self.active) < self.placement.batch:
             self.active.append(self.waiting.popleft())
 
+    def _depth(self) -> int:
+        """Steps that may be in flight at once: only relayed steps overlap."""
+        if self.chain is None:
+            return 1
+        return self.opts.pipeline_depth or len(self.addresses)
+
+    def _groups(self) -> list[list[_Session]]:
+        """The admitted sessions not in a step, split into the groups to send now: as many as the
+        free pipeline slots allow, each of at most ceil(admitted / depth) sessions. Called under cv."""
+        idle = [s for s in self.active if not s.flying]
+        depth = self._depth()
+        free = depth - len(self._flights)
+        if not idle or free <= 0:
+            return []
+        size = -(-len(self.active) // depth)
+        groups = [idle[i:i + size] for i in range(0, len(idle), size)][:free]
+        for g in groups:
+            for s in g:
+                s.flying = True
+        return groups
+
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and not self.waiting and not self.active and not self._replan:
+                while (not self._stop and not self.waiting and not self.active and not self._replan
+                       and not self._flights):
                     self.cv.wait()
                 if self._stop:
                     for s in [*self.active, *self.waiting]:
@@ -257,24 +304,27 @@ class Engine:
                     return
                 replan = self._replan and (not self.active or bool(self.unavailable)
                                            or time.monotonic() - self._replan_at > self.opts.replan_defer_s)
-                if replan:
+                if replan and not self._flights:  # a re-plan waits for the steps in flight
                     self._replan, self._recovering = False, True
-                gone = [s for s in self.active if s.cancelled]
-                self.active = [s for s in self.active if not s.cancelled]
+                gone = [s for s in self.active if s.cancelled and not s.flying]
+                self.active = [s for s in self.active if s not in gone]
                 if not self.unavailable:
                     self._admit()
-                batch = list(self.active)
+                groups = [] if replan else self._groups()
             if gone:
                 self._release(gone)
-            if replan:
+            if replan and not self._flights:
                 self._recover(None)
                 continue
-            if not batch:
+            if not groups and not self._flights:
                 continue
             try:
-                self._step(batch)
+                for g in groups:
+                    self._send(g)
+                self._receive()
                 self._failures = 0
             except StageError as e:
+                batch = self._abort_flights()
                 if self.recover is not None and e.recoverable and self._failures < self.opts.max_recoveries:
                     log.warning("step failed, re-planning: %s", e)
                     self._failures += 1
@@ -285,7 +335,19 @@ class Engine:
                     self._fail(batch, str(e))
             except Exception as e:  # a bug: fail these requests, keep serving the rest
                 log.exception("step failed")
-                self._fail(batch, str(e))
+                self._fail(self._abort_flights(), str(e))
+
+    def _abort_flights(self) -> list[_Session]:
+        """Forgets every step in flight (a failure drops the chain's calls, so none of them can come
+        back) -> their sessions, which hold what they held before those steps."""
+        batch = [s for f in self._flights.values() for s in f.batch]
+        self._flights.clear()
+        self._done.clear()
+        if self.chain is not None and self.chain.in_flight:
+            self.chain.close()  # a bug between send and receive: drop the calls the steps are on
+        for s in batch:
+            s.flying = False
+        return batch
 
     def _fail(self, batch: list[_Session], error: str) -> None:
         for s in batch:
@@ -346,10 +408,58 @@ class Engine:
                 sampling=pb.SamplingParams(temperature=s.req.temperature, top_p=s.req.top_p, seed=s.req.seed)))
         return fed, items
 
-    def _step(self, batch: list[_Session]) -> None:
+    def _send(self, batch: list[_Session]) -> None:
+        """Sends one group's step: relayed, it is in flight until _receive; otherwise it runs now."""
         fed, items = self._items(batch)
-        decode = all(len(c) == 1 for c in fed.values())
-        results = self._through_stages(items, decode)
+        flight = _Flight(batch, fed, all(len(c) == 1 for c in fed.values()), time.perf_counter(),
+                         alone=not self._flights)
+        if self._flights:
+            for f in self._flights.values():
+                f.alone = False
+            self.stats.overlapped_steps += 1
+        if self.chain is not None:
+            req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
+                                    quantize_output=self.opts.quantize_wire)
+            try:
+                key = self.chain.send(req, self.opts.step_timeout_s)
+            except RelayUnsupported as e:  # nothing was sent: this step, and the placement's next, go the star's way
+                log.warning("the stages cannot relay steps (%s); calling each stage in turn", e)
+                self.chain.close()
+                self.chain, self.stats.relayed = None, False
+            except ChainFailed as e:
+                self._flights[0] = flight  # lost with the others
+                raise self._chain_error(e) from e
+            else:
+                flight.req_bytes = req.ByteSize()
+                self._flights[key] = flight
+                return
+        key = next(self._sync_keys)
+        self._flights[key] = flight
+        self._done.append((key, self._through_stages(items, flight.decode)))
+
+    def _chain_error(self, e: ChainFailed) -> StageError:
+        k = -1 if e.stage is None else e.stage
+        return StageError(k, self.addresses[k] if k >= 0 else "", e.code, e.details)
+
+    def _receive(self) -> None:
+        """Takes the next step to come back and hands its sessions their tokens."""
+        if self._done:
+            key, results = self._done.popleft()
+            flight = self._flights.pop(key)
+        else:
+            assert self.chain is not None
+            try:
+                key, event = self.chain.receive()
+            except ChainFailed as e:
+                raise self._chain_error(e) from e
+            flight = self._flights.pop(key)
+            results = self._relayed(flight, event)
+        for s in flight.batch:
+            s.flying = False
+        self._finish(flight, results)
+
+    def _finish(self, flight: _Flight, results: list[pb.StepResult]) -> None:
+        fed, batch = flight.fed, flight.batch
         finished = []
         for s, r in zip(batch, results):
             chunk = fed[s.sid]
@@ -373,7 +483,7 @@ class Engine:
             else:
                 s.pending = [tok]
         self.stats.steps += 1
-        if self._recovery_t0 is not None and not any(s.replay for s in batch):
+        if self._recovery_t0 is not None and not any(s.replay for s in self.active):
             self.stats.recovery_s.append(time.perf_counter() - self._recovery_t0)
             self._recovery_t0 = None
         if finished:
@@ -382,13 +492,7 @@ class Engine:
             self._release(finished)
 
     def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
-        if self.chain is not None:
-            try:
-                return self._relayed(items, decode)
-            except RelayUnsupported as e:  # nothing was sent: this step, and the placement's next, go the star's way
-                log.warning("the stages cannot relay steps (%s); calling each stage in turn", e)
-                self.chain.close()
-                self.chain, self.stats.relayed = None, False
+        """One step through every stage in turn (the star, or a single stage)."""
         prev: list[pb.StepResult] | None = None
         for k, stream in enumerate(self.streams):
             if prev is not None:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
@@ -410,29 +514,22 @@ class Engine:
             prev = list(resp.results)
         return list(resp.results)
 
-    def _relayed(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
-        """One step down the chain: the first stage takes it, the last one answers."""
-        assert self.chain is not None
-        req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
-                                quantize_output=self.opts.quantize_wire)
+    def _relayed(self, flight: _Flight, event: pb.RelayEvent) -> list[pb.StepResult]:
+        """A relayed step's results, checked; its figures go to the stats (its hop overhead only when
+        no other step was in flight meanwhile: queueing behind another step is no hop's cost)."""
         n = len(self.addresses)
-        t0 = time.perf_counter()
-        try:
-            event = self.chain.step(req, self.opts.step_timeout_s)
-        except ChainFailed as e:
-            k = -1 if e.stage is None else e.stage
-            raise StageError(k, self.addresses[k] if k >= 0 else "", e.code, e.details) from e
-        rtt = (time.perf_counter() - t0) * 1e3
+        rtt = (time.perf_counter() - flight.t0) * 1e3
         results = list(event.result.results)
-        if len(results) != len(items) or len(event.stage_ms) != n:
-            raise StageError(n - 1, self.addresses[-1], None,
-                             f"{len(results)} results for {len(items)} items, compute of {len(event.stage_ms)} stages")
-        if decode:
+        if len(results) != len(flight.batch) or len(event.stage_ms) != n:
+            raise StageError(n - 1, self.addresses[-1], None, f"{len(results)} results for {len(flight.batch)} "
+                             f"items, compute of {len(event.stage_ms)} stages")
+        if flight.decode:
             hop = (rtt - sum(event.stage_ms)) / (n + 1)
             for k in range(n):
-                self.stats.hop_overhead_ms[k].append(hop)
+                if flight.alone:
+                    self.stats.hop_overhead_ms[k].append(hop)
                 self.stats.compute_ms[k].append(event.stage_ms[k])
-            self.stats.wire_bytes += req.ByteSize() + event.relay_bytes + event.ByteSize()
+            self.stats.wire_bytes += flight.req_bytes + event.relay_bytes + event.ByteSize()
         return results
 
     def _release(self, sessions: list[_Session]) -> None:

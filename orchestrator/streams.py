@@ -161,8 +161,9 @@ class RelayChain:
 
     A Subscribe call is open on every stage: each stage reports there what it refused or could not
     pass on, and a stage whose process dies ends its call, so a failure anywhere surfaces at once,
-    not at the deadline. Any failure drops every call; the next step opens them again. Used by one
-    thread at a time."""
+    not at the deadline. Any failure drops every call; the next step opens them again. Several steps
+    may be in flight at once (send, then receive), so that the stages compute different sessions'
+    steps at the same time. Used by one thread at a time."""
 
     def __init__(self, addresses: list[str], placement_id: str, security: Security | None = None,
                  lifetime_s: float = STREAM_LIFETIME_S) -> None:
@@ -179,14 +180,38 @@ class RelayChain:
         self._tasks: list[asyncio.Task] = []
         self._opened = 0.0
         self._seq = 0
+        self._pending: dict[int, tuple[float, float]] = {}  # relay_seq in flight -> (deadline, its timeout)
 
     def step(self, req: pb.ForwardRequest, timeout_s: float) -> pb.RelayEvent:
         """req (without relay fields) -> the last stage's event: result, stage_ms, relay_bytes.
-        Raises ChainFailed."""
+        One step at a time; raises ChainFailed."""
+        if self._pending:
+            raise RuntimeError("step() with steps in flight: use send() and receive()")
+        self.send(req, timeout_s)
+        return self.receive()[1]
+
+    def send(self, req: pb.ForwardRequest, timeout_s: float) -> int:
+        """Writes a step (without relay fields) to the first stage and returns its relay_seq, without
+        waiting for it: several steps may be in flight, each stage computing a different one (their
+        sessions must differ). Raises ChainFailed, or RelayUnsupported when the chain was not open and
+        cannot be (nothing sent)."""
+        return self._run(self._send(req, timeout_s))
+
+    def receive(self) -> tuple[int, pb.RelayEvent]:
+        """Waits for the next step in flight to come back: (its relay_seq, the last stage's event).
+        Raises ChainFailed when any step in flight fails or runs past its deadline; every other step
+        in flight is lost with it (the calls are dropped)."""
+        return self._run(self._receive())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def _run(self, coro):
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
         try:
-            return self._loop.run_until_complete(self._step(req, timeout_s))
+            return self._loop.run_until_complete(coro)
         except (ChainFailed, RelayUnsupported):
             self._loop.run_until_complete(self._drop())
             raise
@@ -239,14 +264,13 @@ class RelayChain:
             pass  # the call's status says why, as at its end
         await self._events.put((stage, await _ended(call)))
 
-    async def _step(self, req: pb.ForwardRequest, timeout_s: float) -> pb.RelayEvent:
+    async def _send(self, req: pb.ForwardRequest, timeout_s: float) -> int:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        if self._head is not None and loop.time() - self._opened > self.lifetime_s - timeout_s - 5.0:
+        if self._head is not None and not self._pending and loop.time() - self._opened > self.lifetime_s - timeout_s - 5.0:
             await self._drop()  # would run out during this step
         if self._head is None:
             await self._open(deadline)
-        assert self._events is not None
         self._seq += 1
         req.relay_id, req.relay_seq = self.relay_id, self._seq
         try:
@@ -254,7 +278,16 @@ class RelayChain:
         except (grpc.RpcError, asyncio.InvalidStateError) as e:  # the call ended between steps
             failed = await _ended(self._head)
             raise ChainFailed(0, failed.code, failed.details) from e
+        self._pending[self._seq] = (deadline, timeout_s)
+        return self._seq
+
+    async def _receive(self) -> tuple[int, pb.RelayEvent]:
+        if not self._pending:
+            raise RuntimeError("no relayed step is in flight")
+        assert self._events is not None
+        loop = asyncio.get_running_loop()
         while True:
+            deadline, timeout_s = min(self._pending.values())
             try:
                 stage, event = await asyncio.wait_for(self._events.get(), max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError as e:
@@ -263,18 +296,20 @@ class RelayChain:
                                   f"of {timeout_s:g} s") from e
             if isinstance(event, StepFailed):
                 raise ChainFailed(stage, event.code, event.details)
-            if event.seq != self._seq:  # seq 0 (ready), or an event of a step given up on earlier
+            if event.seq not in self._pending:  # seq 0 (ready), or an event of a step given up on earlier
                 continue
             if event.error_code:
                 raise ChainFailed(stage, _CODES.get(event.error_code, grpc.StatusCode.UNKNOWN), event.error)
             if stage != len(self.addresses) - 1 or not event.HasField("result"):
                 raise ChainFailed(stage, grpc.StatusCode.UNKNOWN, "an event with neither a result nor an error")
-            return event
+            del self._pending[event.seq]
+            return event.seq, event
 
     async def _drop(self) -> None:
         """Cancels every call and its reader; the next step opens them again."""
         calls, self._calls, self._head = self._calls, [], None
         tasks, self._tasks = self._tasks, []
+        self._pending.clear()  # those steps are lost: their results can no longer arrive
         channels, self._channels = self._channels, []
         for call in calls:
             call.cancel()

@@ -73,7 +73,12 @@ def test_seeded_sampling_identical_to_single_process(served):
 
 
 def test_concurrent_sessions_do_not_mix_kv_caches(served):
-    ckpt, _, address = served
+    """8 streams over a batch of 4 on 3 relayed stages: the sessions go in groups, several steps in
+    flight at once (one per stage by default), and each stream still gets the single process's tokens."""
+    import ray
+
+    ckpt, actor, address = served
+    before = ray.get(actor.stats.remote())["overlapped_steps"]
     results: dict[str, list[int]] = {}
     errors = []
 
@@ -91,6 +96,7 @@ def test_concurrent_sessions_do_not_mix_kv_caches(served):
     assert not errors
     for p in PROMPTS:
         assert results[p] == _reference(ckpt, p, 20), p
+    assert ray.get(actor.stats.remote())["overlapped_steps"] > before, "concurrent sessions' steps were pipelined"
 
 
 def test_bad_requests_get_invalid_argument_and_service_stays_up(served):

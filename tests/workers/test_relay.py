@@ -82,6 +82,56 @@ def test_relayed_steps_generate_what_the_single_process_model_does(ckpt, chain):
         assert stub.Release(pb.ReleaseRequest(session_ids=["greedy"]), timeout=5).released == 1
 
 
+def test_steps_of_different_sessions_in_flight_at_once_each_match_the_single_process(ckpt, chain):
+    """A pipeline: two sessions' steps are sent before either comes back (the stages compute them at
+    the same time); each session's tokens are the single-process model's."""
+    stubs, addrs = chain
+    model, _, _ = load_checkpoint(ckpt)
+    prompts = {"pa": [5, 9, 33, 100, 7], "pb": [42, 3, 3]}
+    ref = {sid: list(generate_tokens(make_decoder(model), p, SamplingConfig(max_new_tokens=8), set()))
+           for sid, p in prompts.items()}
+    relay = RelayChain(addrs, PID)
+    try:
+        state = {sid: (0, p, []) for sid, p in prompts.items()}  # position, next input, tokens so far
+        for step in range(8):
+            seqs = {relay.send(_req(sid, pos, x, step), 10.0): sid for sid, (pos, x, _) in state.items()}
+            assert relay.in_flight == 2
+            while seqs:
+                seq, event = relay.receive()
+                sid = seqs.pop(seq)
+                assert event.result.results[0].session_id == sid
+                pos, x, got = state[sid]
+                got.append(int(event.result.results[0].token))
+                state[sid] = (pos + len(x), [got[-1]], got)
+            assert relay.in_flight == 0
+        assert {sid: got for sid, (_, _, got) in state.items()} == ref
+        with pytest.raises(RuntimeError, match="in flight"):
+            relay.receive()
+    finally:
+        relay.close()
+        for stub in stubs:
+            stub.Release(pb.ReleaseRequest(session_ids=list(prompts)), timeout=5)
+
+
+def test_a_refusal_with_other_steps_in_flight_fails_them_all_and_the_chain_serves_on(chain):
+    stubs, addrs = chain
+    relay = RelayChain(addrs, PID)
+    try:
+        relay.send(_req("ok", 0, [5, 9]), 10.0)
+        relay.send(_req("bad", 3, [7]), 10.0)  # position 3 of a session no stage holds: refused by stage 0
+        t0 = time.monotonic()
+        with pytest.raises(ChainFailed) as e:
+            while relay.in_flight:
+                relay.receive()
+        assert e.value.stage == 0 and e.value.code == grpc.StatusCode.NOT_FOUND
+        assert relay.in_flight == 0 and time.monotonic() - t0 < 2.0  # every step in flight is given up at once
+        assert relay.step(_req("fresh", 0, [5, 9]), 10.0).result.results[0].session_id == "fresh"
+    finally:
+        relay.close()
+        for stub in stubs:
+            stub.Release(pb.ReleaseRequest(session_ids=["ok", "bad", "fresh"]), timeout=5)
+
+
 def test_a_step_refused_down_the_chain_is_reported_by_that_stage_and_the_chain_serves_on(chain):
     stubs, addrs = chain
     relay = RelayChain(addrs, PID)
