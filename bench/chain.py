@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 from bench.hop import serve  # noqa: E402
 from bench.report import update_section, write_results  # noqa: E402
 from orchestrator.streams import RelayChain, StageStream  # noqa: E402

@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 from bench.report import machine, table, update_section, write_results  # noqa: E402
 from orchestrator.client import stream_generate  # noqa: E402
 from orchestrator.controller import ServeOptions, start_controller  # noqa: E402

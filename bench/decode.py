@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 from bench.report import machine, table, update_section, write_results  # noqa: E402
 from quant.checkpoint import load_checkpoint  # noqa: E402
 from quant.generate import HFDecoder, SamplingConfig, generate_tokens, make_decoder  # noqa: E402

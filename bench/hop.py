@@ -22,7 +22,8 @@ from pathlib import Path
 import grpc
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 from bench.report import write_results  # noqa: E402
 from orchestrator.streams import StageStream  # noqa: E402
 from protos import edgeweave_v1_pb2 as pb  # noqa: E402

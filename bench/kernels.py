@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 from bench.report import machine, median_time, table, update_section, write_results  # noqa: E402
 from quant.int4 import pack_int4, unpack_int4  # noqa: E402
 from quant.kernels import W4_FUSED_MAX_M, W4_NIBBLE_PER_CHANNEL_MAX_M, int4_linear, int8_linear, int8_linear_grouped, int8_matmul, quantize_activations  # noqa: E402

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 from bench.decode import PROMPT, decode_rate  # noqa: E402
 from bench.report import RESULTS, table, update_section, write_results  # noqa: E402
 from quant.checkpoint import load_checkpoint, read_manifest  # noqa: E402

@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 
 from bench.report import ROOT, table, update_section, write_results  # noqa: E402
 from orchestrator.experts import expert_bytes, fast_tier_fraction, load_trace, token_routes  # noqa: E402

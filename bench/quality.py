@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
+# would shadow the `kernels` package that transformers imports)
 from bench.report import RESULTS, table, update_section, write_results  # noqa: E402
 from quant.calibration import SHARED_DATA, calibration_windows, read_text  # noqa: E402
 from quant.checkpoint import save_checkpoint  # noqa: E402
