@@ -67,7 +67,7 @@ def quant_config(a: argparse.Namespace):
                            mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
                            avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
                            rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down,
-                           rotate_all=a.rotate_all, gptq_refit=a.refit_scales,
+                           rotate_all=a.rotate_all, rotate_residual=a.rotate_residual, gptq_refit=a.refit_scales,
                            kd_steps=a.kd_steps, kd_lr=a.kd_lr, kd_data=a.kd_data)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotate-all", action="store_true",
                    help="let every linear group's input (q/k/v, o, gate/up, down) be rotated the same way, each "
                         "group choosing by its output error; mostly for 4-bit weights; rtn, haq")
+    q.add_argument("--rotate-residual", action="store_true",
+                   help="first rotate the residual stream by a random orthogonal matrix folded into the weights (norms "
+                        "folded into the linears, embeddings untied; the float model is unchanged), so no channel "
+                        "carries outliers; mostly for 4-bit weights; rtn, haq, luc; llama, mistral, mixtral")
     q.add_argument("--refit-scales", type=int, default=0, metavar="ROUNDS",
                    help="after GPTQ's rounding, refit each weight row's scales by least squares to its integer codes, "
                         "and round again to them, this many times (mostly for 4-bit weights; default 0); haq, luc")

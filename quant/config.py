@@ -86,6 +86,10 @@ class QuantConfig:
     # down), each group choosing by its quantized output error; for 4-bit weights, whose input-channel
     # outliers the rotation spreads too. Blocks: the largest power of two dividing the width.
     rotate_all: bool = False
+    # Rotate the residual stream by a seeded random orthogonal matrix folded into the weights before
+    # anything else (quant/rotation.py; QuaRot's R1): norms folded into their readers, embeddings untied.
+    # The float model is unchanged; its weights and activations lose their outlier channels. rtn, haq, luc.
+    rotate_residual: bool = False
     # MobileQuant: smoothing strength of the initial transforms, training length and learning rates
     # (transforms and clips as in the paper; ranges act on log-scale and offset in initial
     # quantization steps, kept nearly fixed as in the paper).
@@ -135,6 +139,8 @@ class QuantConfig:
                              f"not {self.method} W{self.w_bits}")
         if (self.rotate_down or self.rotate_all) and self.method not in ("rtn", "haq"):
             raise ValueError(f"--rotate-down and --rotate-all work with rtn and haq, not {self.method}")
+        if self.rotate_residual and self.method not in ("rtn", "haq", "luc"):
+            raise ValueError(f"--rotate-residual works with rtn, haq and luc, not {self.method}")
         if self.gptq_refit < 0 or (self.gptq_refit and self.method not in ("haq", "luc")):
             raise ValueError(f"--refit-scales refits GPTQ's scales: it works with haq and luc, not {self.method}")
         if self.kd_steps < 0 or (self.kd_steps and self.method not in ("rtn", "haq", "luc")) or not self.kd_lr > 0:

@@ -350,6 +350,12 @@ def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, 
 def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> QuantReport:
     """Quantize a transformers CausalLM in place. calib_ids: LongTensor [N, L] calibration windows."""
     luc_info = None
+    rotated = None
+    if cfg.rotate_residual:  # before anything looks at the weights: every later step sees the rotated model
+        from .rotation import rotate_residual
+
+        rotate_residual(model, seed=cfg.calib.seed)
+        rotated = {"seed": cfg.calib.seed, "hidden": model.config.hidden_size}
     if cfg.method == "luc" and not cfg.layer_policy:  # choose the per-layer policy first
         from .luc import choose_policy
 
@@ -366,6 +372,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     batches = _capture_first_layer_inputs(model, layers, calib_ids)
     keep = max(1, -(-cfg.search_tokens // len(batches)))  # ceil: search tokens spread over batches
     report = QuantReport(config=cfg)
+    if rotated is not None:
+        report.choices["rotate_residual"] = rotated
     if luc_info is not None:
         report.choices["luc"] = luc_info
     bits = "per-layer bits" if cfg.layer_policy else f"W{cfg.w_bits}A{cfg.a_bits}"

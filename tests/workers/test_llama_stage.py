@@ -54,7 +54,8 @@ def test_float_and_other_architectures_fall_back():
 
 
 @pytest.mark.parametrize("extra", [{}, {"act_scheme": "tensor"}, {"w_bits": 4, "w_group": 16, "w_asym": True},
-                                   {"w_bits": 4}, {"rotate_down": True}])
+                                   {"w_bits": 4}, {"rotate_down": True},
+                                   {"w_bits": 4, "w_group": 16, "w_asym": True, "rotate_residual": True}])
 def test_c_stage_matches_the_torch_ops_stage(extra, calib_ids):
     """The one-call C stage (norms, RoPE, cache, attention, integer linears) computes what the torch-ops
     stage does: outputs and KV caches agree to float rounding, over a prompt fed in pieces."""
