@@ -359,7 +359,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "passing each step on to the next, the last one answering (N + 1 messages; docs/runtime.md)")
     p.add_argument("--pipeline-depth", type=int, default=0,
                    help="relayed steps in flight at once, each for a different group of the concurrent sessions, so "
-                        "that the stages compute at the same time (default 0: one per stage; 1: one step for all)")
+                        "that the stages compute at the same time (default 0: one per stage, but no more than this machine's "
+                        "cores for the stages on it; 1: one step for all)")
     p.add_argument("--redis-url", default=None,
                    help="MoE statistics go here (redis:// or rediss://, password in the URL); default: "
                         "$EDGEWEAVE_REDIS_URL, else a private Redis server started and stopped by edgeweave")

@@ -59,7 +59,7 @@ class ServeOptions:
     quantize_wire: bool = False
     stream_steps: bool = True  # one ForwardStream per stage (False: a unary Forward per step and stage)
     relay: bool = True  # stages pass steps on to each other (a chain); False: the front end calls each (a star)
-    pipeline_depth: int = 0  # relayed steps in flight at once, each for other sessions (0: one per stage)
+    pipeline_depth: int = 0  # relayed steps in flight at once, each for other sessions (0: auto_pipeline_depth)
     step_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     health_interval_s: float = 2.0

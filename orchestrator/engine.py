@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -43,7 +44,7 @@ from workers.wire import encode_tensor, next_stage_items
 from .planner import Placement
 from .streams import ChainFailed, RelayChain, RelayUnsupported, StageStream, StepFailed
 
-__all__ = ["EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats", "Unavailable",
+__all__ = ["auto_pipeline_depth", "EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats", "Unavailable",
            "Recover", "RECOVERABLE"]
 
 log = logging.getLogger("edgeweave.engine")
@@ -88,8 +89,9 @@ class EngineOptions:
     # answers the front end (a chain: N + 1 messages per step instead of 2N; docs/runtime.md)
     relay: bool = True
     # relayed steps in flight at once, each for a different group of sessions, so that the stages
-    # compute different groups' steps at the same time (a pipeline); 0: one per stage; 1: one step
-    # for every session at a time. Only relayed steps overlap: the star and one stage step one at a time.
+    # compute different groups' steps at the same time (a pipeline); 0: auto_pipeline_depth (one per
+    # stage, but no more than this machine's cores for the stages on it); 1: one step for every
+    # session at a time. Only relayed steps overlap: the star and one stage step one at a time.
     pipeline_depth: int = 0
 
     def __post_init__(self) -> None:
@@ -155,6 +157,17 @@ class _Flight:
     t0: float  # perf_counter when sent
     req_bytes: int = 0
     alone: bool = True  # no other step was in flight meanwhile, so its time is its own
+
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+
+
+def auto_pipeline_depth(addresses: list[str], local_cores: int) -> int:
+    """Relayed steps worth having in flight: one per stage, except that the stages on this machine
+    (loopback addresses: a local cluster) share its `local_cores` cores, so no more steps than that
+    compute there at once. 3 local stages on 2 cores: 2 (measured best, docs/runtime.md)."""
+    hosts = Counter(a.rsplit(":", 1)[0] for a in addresses)
+    return max(1, sum(min(n, local_cores) if h in LOCAL_HOSTS else n for h, n in hosts.items()))
 
 
 class Engine:
@@ -275,7 +288,7 @@ class Engine:
         """Steps that may be in flight at once: only relayed steps overlap."""
         if self.chain is None:
             return 1
-        return self.opts.pipeline_depth or len(self.addresses)
+        return self.opts.pipeline_depth or auto_pipeline_depth(self.addresses, os.cpu_count() or 1)
 
     def _groups(self) -> list[list[_Session]]:
         """The admitted sessions not in a step, split into the groups to send now: as many as the

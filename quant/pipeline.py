@@ -354,8 +354,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     if cfg.rotate_residual:  # before anything looks at the weights: every later step sees the rotated model
         from .rotation import rotate_residual
 
-        rotate_residual(model, seed=cfg.calib.seed)
-        rotated = {"seed": cfg.calib.seed, "hidden": model.config.hidden_size}
+        q = rotate_residual(model, seed=cfg.calib.seed)
+        rotated = {"seed": cfg.calib.seed, "hidden": q.shape[0]}
     if cfg.method == "luc" and not cfg.layer_policy:  # choose the per-layer policy first
         from .luc import choose_policy
 

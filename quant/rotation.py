@@ -20,6 +20,8 @@ a rotation until the model is rewritten around it, which OPT's is not.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -50,7 +52,7 @@ def _writes(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, seed: int = 0) -> torch.Tensor:
+def rotate_residual(model: Any, seed: int = 0) -> torch.Tensor:
     """Rotates a transformers CausalLM's residual stream in place (the function it computes is
     unchanged, to float rounding) -> Q [D, D] float64. Raises ValueError for other architectures."""
     spec = arch_spec(model)
@@ -64,7 +66,7 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> torch.Tensor:
     head_w = head.weight.data.clone()  # before the embedding is rotated: they may be one tensor
     emb.weight = nn.Parameter(emb.weight.data.double().matmul(q).to(emb.weight.dtype))  # E Q, a tensor of its own
 
-    def fold_norm(norm: nn.Module) -> torch.Tensor:
+    def fold_norm(norm: Any) -> torch.Tensor:
         if getattr(norm, "bias", None) is not None:
             raise ValueError(f"{type(norm).__name__} has a bias: only RMSNorm can be folded")
         g = norm.weight.data.clone()

@@ -162,3 +162,15 @@ def test_a_dead_stage_fails_the_request_cleanly_and_the_engine_keeps_serving(ser
             assert pieces[-1].finish == "error" and "stage 1 at 127.0.0.1:9" in pieces[-1].error
     finally:
         engine.close()
+
+
+def test_pipeline_depth_is_one_per_stage_but_no_more_than_this_machines_cores_for_local_stages():
+    from orchestrator.engine import EngineOptions, auto_pipeline_depth
+
+    three_local = ["127.0.0.1:5001", "127.0.0.1:5002", "127.0.0.1:5003"]
+    assert auto_pipeline_depth(three_local, local_cores=2) == 2  # a local cluster on 2 cores
+    assert auto_pipeline_depth(three_local, local_cores=16) == 3
+    assert auto_pipeline_depth(["10.0.0.2:7000", "10.0.0.3:7000", "127.0.0.1:5001"], local_cores=1) == 3  # machines
+    assert auto_pipeline_depth(["localhost:1"], local_cores=8) == 1
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        EngineOptions(pipeline_depth=-1)
