@@ -6,10 +6,13 @@ to the first stage, every stage passes it on to the next, and the last stage ans
 (EngineOptions.relay=False, the star). The engine keeps every session's token chunks either way,
 which is all a replay after a node failure needs.
 
-Each loop iteration takes every active session's next input (a prompt chunk of at most
-prefill_chunk tokens, or the last generated token), sends them as one ForwardRequest through the
-stages, and hands each session its next token. Sessions beyond the placement's batch wait, so the
-workers' KV budgets (sized for context x batch) always hold the admitted sessions.
+The loop batches sessions' next inputs (a prompt chunk of at most prefill_chunk tokens, or the
+last generated token) into one ForwardRequest per group of sessions, and hands each session its next
+token when the step comes back. Relayed steps are pipelined: the active sessions go in groups, with
+up to pipeline_depth steps in flight at once, so the stages compute different groups' steps at the
+same time (docs/runtime.md, "Pipelined steps"); otherwise one step carries every active session.
+Sessions beyond the placement's batch wait, so the workers' KV budgets (sized for context x batch)
+always hold the admitted sessions.
 
 Failures (docs/reliability.md): when a stage fails a step in a way a new placement can mend (the
 peer is gone, too slow for the deadline, lost its shard or the session), the engine asks its
