@@ -68,7 +68,7 @@ def quant_config(a: argparse.Namespace):
                            avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
                            rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down,
                            rotate_all=a.rotate_all, rotate_residual=a.rotate_residual, gptq_refit=a.refit_scales,
-                           kd_steps=a.kd_steps, kd_lr=a.kd_lr, kd_data=a.kd_data, kd_codes_lr=a.kd_codes_lr)
+                           kd_steps=a.kd_steps, kd_lr=a.kd_lr, kd_data=a.kd_data)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
 
@@ -413,9 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "end against the float model for this many steps, one calibration window each (mostly for "
                         "4-bit weights; about 8 s a step for SmolLM2 on 2 cores; default 0: off); rtn, haq, luc")
     q.add_argument("--kd-lr", type=float, default=qd.kd_lr, help="--kd-steps: Adam learning rate of the scales (norms: a tenth)")
-    q.add_argument("--kd-codes-lr", type=float, default=qd.kd_codes_lr,
-                   help="--kd-steps: also learn each integer weight's rounding (one step up or down) at this Adam "
-                        "rate (learned rounding; e.g. 0.01); default 0: the codes stay as rounded")
     q.add_argument("--kd-data", choices=("calib", "mixed"), default=qd.kd_data,
                    help="--kd-steps: train on the calibration windows, or on them alternating with windows sampled "
                         "from the float model (mixed: text of no one domain)")

@@ -64,9 +64,6 @@ class QuantConfig:
     # window per step; the integer codes stay. rtn, haq, luc. 0: off.
     kd_steps: int = 0
     kd_lr: float = 3e-3  # for the log-scale multipliers; the norm weights take a tenth
-    # > 0: distillation also learns each integer weight's rounding (one step up or down), at this
-    # Adam rate for the latent rounding variables (quant/distill.py); 0: the codes stay GPTQ's.
-    kd_codes_lr: float = 0.0
     # What distillation trains on: "calib" (the calibration windows) or "mixed" (calibration windows
     # alternating with windows sampled from the float model itself, text of no one domain)
     kd_data: str = "calib"
@@ -149,9 +146,6 @@ class QuantConfig:
         if self.kd_steps < 0 or (self.kd_steps and self.method not in ("rtn", "haq", "luc")) or not self.kd_lr > 0:
             raise ValueError(f"--kd-steps distills the weight scales of rtn, haq and luc checkpoints (steps >= 0, "
                              f"lr > 0), not {self.method} with {self.kd_steps} steps at lr {self.kd_lr}")
-        if self.kd_codes_lr < 0 or (self.kd_codes_lr and not self.kd_steps):
-            raise ValueError(f"--kd-codes-lr (learned rounding) needs --kd-steps and a rate >= 0, got {self.kd_codes_lr} "
-                             f"with {self.kd_steps} steps")
         if self.kd_data not in ("calib", "mixed"):
             raise ValueError(f"--kd-data must be 'calib' or 'mixed', got {self.kd_data!r}")
         if self.method == "luc":

@@ -43,7 +43,6 @@ class DistillReport:
     kl_first: float  # KL (nats per token) of the first step's window, before any update
     kl_last: float  # mean KL of the last min(8, steps) steps' windows
     seconds: float
-    codes_changed: int = 0  # integer weights moved by learned rounding (codes_lr > 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,28 +69,20 @@ def _fake_quant_rows(x: torch.Tensor, static: float | None) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | None],
-                   rounding: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
-                   ) -> Iterator[None]:
-    """Inside: each linear computes fake_quant(x) @ ((codes + step - zero) * scale * exp(log_scale))^T in
-    float (differentiable in log_scale and x); the integer forward again afterwards. rounding: per
-    linear, None or (v [N, K] the latent rounding, lo, hi [N, K] the steps allowed): step is round(v)
-    clamped to [lo, hi], with v's gradient passed straight through (learned rounding)."""
+def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | None]) -> Iterator[None]:
+    """Inside: each linear computes fake_quant(x) @ ((codes - zero) * scale * exp(log_scale))^T in
+    float (differentiable in log_scale and x); the integer forward again afterwards."""
     saved = []
-    for m, ls, rd in zip(linears, log_scales, rounding or [None] * len(linears), strict=True):
+    for m, ls in zip(linears, log_scales, strict=True):
         codes = m.int8_weight().float()  # [N, K]: codes - zero, as the kernel multiplies them
         static = m.static_scale()
 
-        def forward(x: torch.Tensor, m=m, ls=ls, codes=codes, static=static, rd=rd) -> torch.Tensor:
+        def forward(x: torch.Tensor, m=m, ls=ls, codes=codes, static=static) -> torch.Tensor:
             x = m.centred(x)
             if m.rotate_block:
                 x = hadamard(x, m.rotate_block)
             scale = m.w_scale if ls is None else m.w_scale * torch.exp(ls)  # [N] or [N, G]
-            c = codes
-            if rd is not None:
-                v, lo, hi = rd
-                c = codes + v + (torch.clamp(v.detach().round(), lo, hi) - v).detach()
-            w = c * (scale[:, None] if scale.dim() == 1 else expand_group_scale(scale, m.in_features, m.group_size))
+            w = codes * (scale[:, None] if scale.dim() == 1 else expand_group_scale(scale, m.in_features, m.group_size))
             y = _fake_quant_rows(x.float(), static) @ w.t()  # [..., N]
             return y + m.bias if m.bias is not None else y
 
@@ -105,16 +96,6 @@ def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | N
                 del m.forward
             else:
                 m.forward = f  # type: ignore[method-assign]
-
-
-def _rounding_state(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(v zeros [N, K] trainable, lo, hi [N, K]): each code may move by one step, within what the
-    module can store."""
-    codes = m.int8_weight().to(torch.int16)
-    lo, hi = m.code_range()
-    lo_t = torch.clamp(torch.as_tensor(lo, dtype=torch.int16) - codes, min=-1).float()
-    hi_t = torch.clamp(torch.as_tensor(hi, dtype=torch.int16) - codes, max=1).float()
-    return torch.zeros(codes.shape, requires_grad=True), lo_t, hi_t
 
 
 @torch.no_grad()
@@ -147,17 +128,13 @@ def interleave_windows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, steps: int, lr: float,
-                   progress: bool = True, codes_lr: float = 0.0) -> DistillReport:
+                   progress: bool = True) -> DistillReport:
     """Trains, in place, the weight scales of tunable_linears(model) and its norm weights for `steps`
     Adam steps, one calibration window [L] per step (calib_ids [N, L], cycled), against teacher's
-    next-token distributions. Norm weights take lr / 10. codes_lr > 0: the integer weights of the
-    dense linears learn their rounding too (each may move one step up or down, AdaRound-like, with a
-    straight-through gradient; Adam at codes_lr), and the moved codes are stored at the end."""
+    next-token distributions. Norm weights take lr / 10."""
     t0 = time.time()
     linears = tunable_linears(model)
     log_scales = [torch.zeros_like(m.w_scale, requires_grad=True) for m in linears]
-    rounding = [_rounding_state(m) if codes_lr > 0 and m.sparse_nnz is None else None for m in linears]
-    latents = [r[0] for r in rounding if r is not None]
     norms = [p for n, p in model.named_parameters() if "norm" in n.split(".")[-2]]
     frozen = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -166,16 +143,12 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
         p.requires_grad_(True)
     head = getattr(model, "lm_head", None)
     extra = [head] if isinstance(head, QuantLinear) else []  # passes gradients, keeps its scales
-    groups = [{"params": log_scales, "lr": lr}, {"params": norms, "lr": lr / 10}]
-    if latents:
-        groups.append({"params": latents, "lr": codes_lr})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam([{"params": log_scales, "lr": lr}, {"params": norms, "lr": lr / 10}])
     kls: list[float] = []
     model.eval()
     teacher.eval()
     try:
-        with _float_forward(linears + extra, log_scales + [None] * len(extra), rounding + [None] * len(extra)), \
-                torch.enable_grad():
+        with _float_forward(linears + extra, log_scales + [None] * len(extra)), torch.enable_grad():
             bar = tqdm(range(steps), desc="distill scales", disable=not progress)
             for step in bar:
                 ids = calib_ids[step % calib_ids.shape[0]].unsqueeze(0)  # [1, L]
@@ -188,18 +161,12 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
                 opt.step()
                 kls.append(loss.item())
                 bar.set_postfix(kl=f"{kls[-1]:.4f}")
-        changed = 0
         with torch.no_grad():
-            for m, ls, rd in zip(linears, log_scales, rounding, strict=True):
+            for m, ls in zip(linears, log_scales, strict=True):
                 m.w_scale.mul_(torch.exp(ls))
-                if rd is not None:
-                    step = torch.clamp(rd[0].round(), rd[1], rd[2])
-                    changed += int((step != 0).sum())
-                    m.set_codes(m.int8_weight().to(torch.int16) + step.to(torch.int16))
     finally:
         for p in model.parameters():
             p.requires_grad_(frozen.get(id(p), False))
     tail = kls[-8:]
-    return DistillReport(steps, sum(t.numel() for t in log_scales) + sum(p.numel() for p in norms)
-                         + sum(v.numel() for v in latents), kls[0] if kls else 0.0,
-                         sum(tail) / len(tail) if tail else 0.0, time.time() - t0, changed)
+    return DistillReport(steps, sum(t.numel() for t in log_scales) + sum(p.numel() for p in norms),
+                         kls[0] if kls else 0.0, sum(tail) / len(tail) if tail else 0.0, time.time() - t0)

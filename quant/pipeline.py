@@ -403,5 +403,5 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
             sampled = sample_windows(teacher, n, calib_ids.shape[1], seed=cfg.calib.seed, progress=progress)
             kd_ids = interleave_windows(calib_ids[:n], sampled)
         report.choices["distill"] = distill_scales(model, teacher, kd_ids, cfg.kd_steps, cfg.kd_lr,
-                                                   progress, codes_lr=cfg.kd_codes_lr).to_dict()
+                                                   progress).to_dict()
     return report

@@ -168,30 +168,6 @@ class QuantLinear(nn.Module):
             return self._dense
         return unpack_w4(self.qweight4, self.w_zero, self.in_features, self.group_size) if self.w_bits == 4 else self.qweight
 
-    def code_range(self) -> tuple[torch.Tensor | int, torch.Tensor | int]:
-        """The bounds of int8_weight()'s values this module can store: W8 [-127, 127], W4 [-7, 7], W4 with
-        zero points [-z, 15 - z] per weight ([N, K] tensors)."""
-        if self.w_bits == 4 and self.w_zero is not None:
-            z = expand_group_scale(self.w_zero, self.in_features, self.group_size).to(torch.int16)
-            return -z, 15 - z
-        return (-7, 7) if self.w_bits == 4 else (-127, 127)
-
-    def set_codes(self, codes: torch.Tensor) -> None:
-        """Stores new integer weights [N, K] (values of int8_weight(), within code_range()) in this
-        module's format; scales, zero points and everything else stay. Dense modules only."""
-        if self.sparse_nnz is not None:
-            raise ValueError("a pruned (sparse) linear's codes are fixed by its mask")
-        if codes.shape != (self.out_features, self.in_features):
-            raise ValueError(f"codes must be [{self.out_features}, {self.in_features}], got {tuple(codes.shape)}")
-        codes = codes.to(torch.int16)
-        if self.w_bits == 8:
-            self.qweight = codes.clamp(-127, 127).to(torch.int8).contiguous()
-        elif self.w_zero is not None:
-            u = codes + expand_group_scale(self.w_zero, self.in_features, self.group_size).to(torch.int16)
-            self.qweight4 = pack_int4(u.to(torch.int8), signed=False)
-        else:
-            self.qweight4 = pack_int4(codes.to(torch.int8))
-
     def trainable(self) -> bool:
         """Whether tuning can train this module's weight scales (per output channel, not Tender)."""
         return self.group_size == 0 and self.act_scheme != "tender"

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from quant.config import QuantConfig
 from quant.distill import _float_forward, distill_scales, interleave_windows, sample_windows, tunable_linears
 from quant.pipeline import quantize
-from quant.int4 import expand_group_scale
 from quant.qlinear import QuantLinear
 from tests.conftest import sqnr_db, tiny_model
 
@@ -102,56 +101,3 @@ def test_what_distillation_cannot_run_is_refused(calib_ids):
     quantize(moe, QuantConfig(method="haq", search_tokens=128), calib_ids, progress=False)
     with pytest.raises(ValueError, match="MoE"):
         tunable_linears(moe)
-
-
-def test_learned_rounding_moves_codes_by_one_step_within_range_and_lowers_the_kl_further(calib_ids, tmp_path):
-    """--kd-codes-lr: the integer weights learn their rounding too. Each code moves at most one step,
-    stays storable (unsigned nibbles with the same zero points), the KL falls below scale
-    distillation alone, and the checkpoint brings the moved codes back."""
-    from quant.checkpoint import load_checkpoint, save_checkpoint
-    from tests.conftest import tiny_tokenizer
-
-    teacher, scales_only, _ = _w4(calib_ids)
-    distill_scales(scales_only, teacher, calib_ids, steps=24, lr=3e-3, progress=False)
-    _, model, _ = _w4(calib_ids)
-    before = {n: (m.int8_weight().clone(), m.w_zero.clone()) for n, m in model.named_modules()
-              if isinstance(m, QuantLinear) and m is not model.lm_head}
-    report = distill_scales(model, teacher, calib_ids, steps=24, lr=3e-3, progress=False, codes_lr=0.05)
-    assert report.codes_changed > 0
-    moved = 0
-    for n, m in model.named_modules():
-        if n in before:
-            step = m.int8_weight().to(torch.int16) - before[n][0].to(torch.int16)
-            assert int(step.abs().max()) <= 1 and torch.equal(m.w_zero, before[n][1])
-            moved += int((step != 0).sum())
-    assert moved == report.codes_changed
-    assert _mean_kl(model, teacher, calib_ids) < _mean_kl(scales_only, teacher, calib_ids)
-    cfg = QuantConfig(method="haq", w_bits=4, w_group=16, w_asym=True, search_tokens=128)
-    loaded, _, _ = load_checkpoint(save_checkpoint(model, tiny_tokenizer(), cfg, quantize_report(cfg), tmp_path / "ck"))
-    with torch.no_grad():
-        assert torch.equal(loaded(calib_ids[:2]).logits, model(calib_ids[:2]).logits)
-    with pytest.raises(ValueError, match="--kd-codes-lr"):
-        QuantConfig(method="haq", kd_codes_lr=0.01)  # without --kd-steps
-
-
-def quantize_report(cfg):
-    from quant.pipeline import QuantReport
-
-    return QuantReport(config=cfg)
-
-
-def test_set_codes_round_trips_every_storage_format():
-    for bits, group, zero in ((8, 0, False), (4, 0, False), (4, 16, True)):
-        q = torch.randint(-7, 8, (6, 32), dtype=torch.int8)
-        scale = torch.rand(6, 2) + 0.5 if group else torch.rand(6) + 0.5
-        z = torch.randint(0, 16, scale.shape).float() if zero else None
-        if zero:
-            zz = expand_group_scale(z, 32, group)
-            q = torch.clamp(q.float(), -zz, 15 - zz).to(torch.int8)
-        m = QuantLinear.from_quantized(q, scale, None, "token", w_bits=bits, w_group=group, w_zero=z)
-        assert torch.equal(m.int8_weight(), q)
-        lo, hi = m.code_range()
-        new = torch.clamp(q.to(torch.int16) + torch.randint(-1, 2, q.shape, dtype=torch.int16),
-                          torch.as_tensor(lo), torch.as_tensor(hi))
-        m.set_codes(new)
-        assert torch.equal(m.int8_weight().to(torch.int16), new)
