@@ -85,6 +85,10 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # the issue's budget, 0.5 x the decoder's uniform-W8 bytes: per-channel W4 is the uniform policy there
     # (compare with haq-w4a-token); KL costs on 4 x 512 tokens
     "luc-half": {"method": "luc", "act_scheme": "token", "w_group": 0, "w_asym": True, "target_ratio": 0.5},
+    # the same budget with one more option per layer: W4 with group-128 scales (4:0:128), whose bytes
+    # the knapsack may pay for with pruning or per-channel W4 elsewhere
+    "luc-half-g128": {"method": "luc", "act_scheme": "token", "w_group": 0, "w_asym": True, "target_ratio": 0.5,
+                      "luc_options": ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.5), (4, 0.0, 128))},
 }
 TEXTS = {"wikitext2": SHARED_DATA / "wikitext2" / "test.txt", "c4": SHARED_DATA / "c4" / "validation_2k.jsonl"}
 

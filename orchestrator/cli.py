@@ -25,15 +25,17 @@ def _load_any(name_or_dir: str):
     return model, tok, "fp32"
 
 
-def _luc_options(text: str) -> tuple[tuple[int, float], ...]:
-    """"8,8:0.5,4,4:0.5" -> ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.5))."""
-    out = []
+def _luc_options(text: str) -> tuple[tuple, ...]:
+    """"8,8:0.5,4,4:0.5,4:0:128" -> ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.5), (4, 0.0, 128))."""
+    out: list[tuple] = []
     for item in text.split(","):
-        bits, _, sp = item.strip().partition(":")
+        bits, _, rest = item.strip().partition(":")
+        sp, _, group = rest.partition(":")
         try:
-            out.append((int(bits), float(sp or 0)))
+            out.append((int(bits), float(sp or 0), *((int(group),) if group else ())))
         except ValueError as e:
-            raise SystemExit(f"edgeweave quantize: --luc-options item {item!r} is not BITS or BITS:SPARSITY") from e
+            raise SystemExit(f"edgeweave quantize: --luc-options item {item!r} is not BITS, BITS:SPARSITY or "
+                             f"BITS:SPARSITY:GROUP") from e
     return tuple(out)
 
 
@@ -428,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--avg-sparsity", type=float, default=0.0,
                    help="luc: mean fraction of decoder weights pruned (bits stay at --w-bits)")
     q.add_argument("--luc-options", default=",".join(f"{b}:{sp:g}" if sp else str(b) for b, sp in qd.luc_options),
-                   help="luc: per-layer choices, BITS or BITS:SPARSITY, comma-separated")
+                   help="luc: per-layer choices, BITS, BITS:SPARSITY or BITS:SPARSITY:GROUP (a W4 option's own "
+                        "weight-scale group, 0: per channel; default --w-group), comma-separated")
     q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")

@@ -103,7 +103,8 @@ class QuantConfig:
     mq_lr_clip: float = 1e-2
     mq_lr_range: float = 1e-4
     # LUC: per-layer (bits, sparsity) options, the budget (one of the three), the policy it chose.
-    luc_options: tuple[tuple[int, float], ...] = ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.5))
+    # An option may name its own W4 weight-scale group: (bits, sparsity, group); without one, w_group.
+    luc_options: tuple[tuple, ...] = ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.5))
     target_bytes: int = 0  # the whole tensor file
     target_ratio: float = 0.0  # the decoder layers' weight bytes as a fraction of uniform W8
     avg_sparsity: float = 0.0  # mean fraction of decoder weights pruned (bits fixed to w_bits)
@@ -111,7 +112,7 @@ class QuantConfig:
     # what an option costs: "kl" = mean KL divergence of the next-token distribution from the float
     # model's (never negative); "loss" = the calibration loss increase (noisy: can go below zero)
     luc_cost: str = "kl"
-    layer_policy: tuple[tuple[int, float], ...] = ()  # per decoder layer (bits, sparsity); () = uniform
+    layer_policy: tuple[tuple, ...] = ()  # per decoder layer (bits, sparsity[, group]); () = uniform
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = CONFIG_VERSION
 
@@ -154,8 +155,11 @@ class QuantConfig:
                 raise ValueError("--method luc needs exactly one budget: --target-bytes, --target-ratio or --avg-sparsity")
             if self.luc_cost not in ("kl", "loss"):
                 raise ValueError(f"luc_cost must be 'kl' or 'loss', got {self.luc_cost!r}")
-            if self.act_scheme == "tender" or any(b not in (4, 8) or not 0 <= sp < 1 for b, sp in self.luc_options):
-                raise ValueError("luc options are (bits 4 or 8, sparsity in [0, 1)) with activation scheme token or tensor")
+            if self.act_scheme == "tender" or any(
+                    len(o) not in (2, 3) or o[0] not in (4, 8) or not 0 <= o[1] < 1
+                    or (len(o) == 3 and (o[2] < 0 or o[2] % 2 or o[0] != 4)) for o in self.luc_options):
+                raise ValueError("luc options are (bits 4 or 8, sparsity in [0, 1)[, an even W4 group, 0: per "
+                                 "channel]) with activation scheme token or tensor")
         elif self.layer_policy:
             raise ValueError("a per-layer policy belongs to --method luc")
         if not 1 <= self.tender_groups <= 16:
@@ -173,5 +177,5 @@ class QuantConfig:
                 d[key] = tuple(d[key])
         for key in ("luc_options", "layer_policy"):
             if key in d:
-                d[key] = tuple((int(b), float(sp)) for b, sp in d[key])
+                d[key] = tuple((int(o[0]), float(o[1]), *(int(g) for g in o[2:])) for o in d[key])
         return cls(calib=calib, **d)

@@ -1,6 +1,6 @@
 """Edge-LLM's layer-wise unified compression (LUC, METHODS.md section 3).
 
-1. Sensitivity: for every decoder layer l and every option o = (bits, sparsity), only layer l is
+1. Sensitivity: for every decoder layer l and every option o = (bits, sparsity[, W4 group]), only layer l is
    compressed with o (Hessian-aware rounding, with SparseGPT-style pruning when sparsity > 0, on
    the float model's own inputs) and cost[l][o] = the mean KL divergence of its next-token
    distributions from the float model's on calibration windows (luc_cost "kl"; "loss": the
@@ -128,11 +128,12 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
     shapes = [[(layer.get_submodule(p).out_features, layer.get_submodule(p).in_features) for g in spec.groups
                for p in g.linears] for layer in layers]
     if cfg.avg_sparsity:  # size = weights kept
-        sizes = [[sum(math.ceil(n * k * (1 - sp)) for n, k in sh) for _, sp in options] for sh in shapes]
+        sizes = [[sum(math.ceil(n * k * (1 - o[1])) for n, k in sh) for o in options] for sh in shapes]
         budget = int(sum(n * k for sh in shapes for n, k in sh) * (1 - cfg.avg_sparsity))
     else:
-        sizes = [[sum(linear_bytes(n, k, b, sp, cfg.w_group, cfg.gptq_block, static, cfg.w_asym) for n, k in sh)
-                  for b, sp in options]
+        schemes = [LayerScheme.of_option(cfg, o) for o in options]
+        sizes = [[sum(linear_bytes(n, k, sc.bits, sc.sparsity, sc.group, cfg.gptq_block, static, sc.asym)
+                      for n, k in sh) for sc in schemes]
                  for sh in shapes]
         w8 = sum(linear_bytes(n, k, 8, 0.0, 0, cfg.gptq_block, static) for sh in shapes for n, k in sh)
         names = {f"{spec.layers_path}.{i}.{p}" for i in range(len(layers)) for g in spec.groups for p in g.linears}
@@ -153,8 +154,9 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
     for i, layer in enumerate(layers):
         originals = {p: layer.get_submodule(p).weight.data.clone() for g in spec.groups for p in g.linears}
         row = []
-        for bits, sp in options:
-            scheme = LayerScheme.of(cfg, bits, sp)
+        for option in options:
+            scheme = LayerScheme.of_option(cfg, option)
+            bits, sp = scheme.bits, scheme.sparsity
             for g in spec.groups:
                 w = torch.cat([originals[p] for p in g.linears])  # [sum N, K]
                 h = hess[i][g.name]

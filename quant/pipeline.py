@@ -50,16 +50,22 @@ class LayerScheme:
     asym: bool = False  # W4 with zero points (dense layers only)
 
     @classmethod
-    def of(cls, cfg: QuantConfig, bits: int, sparsity: float) -> "LayerScheme":
+    def of(cls, cfg: QuantConfig, bits: int, sparsity: float, group: int | None = None) -> "LayerScheme":
+        """group: this W4 layer's weight-scale group (None: the config's w_group)."""
         w4 = bits == 4
-        return cls(bits, sparsity, cfg.w_group if w4 else 0, cfg.w_asym and w4 and sparsity == 0)
+        return cls(bits, sparsity, (cfg.w_group if group is None else group) if w4 else 0,
+                   cfg.w_asym and w4 and sparsity == 0)
+
+    @classmethod
+    def of_option(cls, cfg: QuantConfig, option: tuple) -> "LayerScheme":
+        """A LUC option or policy entry: (bits, sparsity) or (bits, sparsity, group)."""
+        return cls.of(cfg, int(option[0]), float(option[1]), int(option[2]) if len(option) > 2 else None)
 
 
 def layer_scheme(cfg: QuantConfig, i: int) -> LayerScheme:
     """Layer i's scheme: from LUC's policy when there is one, else the config's uniform one."""
     if cfg.layer_policy:
-        bits, sparsity = cfg.layer_policy[i]
-        return LayerScheme.of(cfg, int(bits), float(sparsity))
+        return LayerScheme.of_option(cfg, cfg.layer_policy[i])
     return LayerScheme.of(cfg, cfg.w_bits, 0.0)
 
 

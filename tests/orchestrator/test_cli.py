@@ -183,3 +183,11 @@ def test_kd_steps_flag_reaches_the_config_and_is_refused_for_methods_it_cannot_r
     assert (c.kd_steps, c.kd_lr) == (64, 0.001)
     with pytest.raises(SystemExit, match="--kd-steps distills the weight scales of rtn, haq and luc"):
         cfg("--method", "tender", "--kd-steps", "8")
+
+
+def test_luc_options_parse_bits_sparsity_and_an_optional_group():
+    from orchestrator.cli import _luc_options
+
+    assert _luc_options("8,8:0.5,4,4:0:128") == ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.0, 128))
+    with pytest.raises(SystemExit, match="BITS:SPARSITY:GROUP"):
+        _luc_options("4:half")

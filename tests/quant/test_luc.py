@@ -93,3 +93,29 @@ def test_luc_avg_sparsity_and_budget_errors(tmp_path):
         QuantConfig(method="luc", target_bytes=1, target_ratio=0.5)
     with pytest.raises(ValueError, match="raise it by"):
         _luc(tmp_path, target_ratio=0.1)
+
+
+def test_luc_options_may_name_their_own_weight_group(tmp_path):
+    """An option (4, 0.0, 16) is W4 with one scale per 16 columns, (4, 0.0, 0) one per output channel: at a
+    budget that holds two finer-grouped layers, the policy mixes them, each layer is stored with its own
+    group, and the checkpoint loads back to the same model."""
+    from quant.checkpoint import load_checkpoint, read_manifest
+    from quant.qlinear import QuantLinear
+
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # q k v o gate up down
+    per_layer = {g: sum(linear_bytes(n, k, 4, 0.0, g) for n, k in shapes) for g in (0, 16)}
+    w8 = 3 * sum(linear_bytes(n, k, 8, 0.0, 0) for n, k in shapes)
+    budget = 2 * per_layer[16] + per_layer[0] + (per_layer[16] - per_layer[0]) // 2  # not 3 x 16: half a step short
+    options = ((4, 0.0, 0), (4, 0.0, 16))
+    model, out, _ = _luc(tmp_path, target_ratio=budget / w8, luc_options=options)
+    policy = [tuple(p) for p in read_manifest(out)["method"]["layer_policy"]]
+    assert sorted(policy) == [(4, 0.0, 0), (4, 0.0, 16), (4, 0.0, 16)], policy
+    for i, (_, _, group) in enumerate(policy):
+        linears = [m for m in model.model.layers[i].modules() if isinstance(m, QuantLinear)]
+        assert {m.group_size for m in linears} == {group}
+    loaded, _, _ = load_checkpoint(out)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="luc options"):
+        QuantConfig(method="luc", target_ratio=0.5, luc_options=((8, 0.0, 16),))  # a group belongs to W4 options
