@@ -297,6 +297,8 @@ class Engine:
         """The admitted sessions not in a step, split into the groups to send now: as many as the
         free pipeline slots allow, each of at most ceil(admitted / depth) sessions. Called under cv."""
         idle = [s for s in self.active if not s.flying]
+        if self._flights and self.chain is not None and self.chain.expiring(self.opts.step_timeout_s):
+            return []  # the chain's calls are renewed once the steps in flight are back
         depth = self._depth()
         free = depth - len(self._flights)
         if not idle or free <= 0:
@@ -461,18 +463,19 @@ class Engine:
         """Takes the next step to come back and hands its sessions their tokens."""
         if self._done:
             key, results = self._done.popleft()
-            flight = self._flights.pop(key)
+            flight = self._flights[key]
         else:
             assert self.chain is not None
             try:
                 key, event = self.chain.receive()
             except ChainFailed as e:
                 raise self._chain_error(e) from e
-            flight = self._flights.pop(key)
-            results = self._relayed(flight, event)
+            flight = self._flights[key]
+            results = self._relayed(flight, event)  # a bad answer raises with the step still in flight
+        self._finish(flight, results)
+        del self._flights[key]
         for s in flight.batch:
             s.flying = False
-        self._finish(flight, results)
 
     def _finish(self, flight: _Flight, results: list[pb.StepResult]) -> None:
         fed, batch = flight.fed, flight.batch

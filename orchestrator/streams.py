@@ -12,6 +12,7 @@ ForwardStream (UNIMPLEMENTED) are served with unary Forward from then on.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -207,6 +208,12 @@ class RelayChain:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def expiring(self, timeout_s: float) -> bool:
+        """The open calls would run out during a step of timeout_s: they are renewed at the next send
+        with no step in flight, so a caller pipelining steps should let those in flight come back
+        first."""
+        return self._head is not None and time.monotonic() - self._opened > self.lifetime_s - timeout_s - 5.0
+
     def _run(self, coro):
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
@@ -222,7 +229,7 @@ class RelayChain:
     async def _open(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         self._events = asyncio.Queue()
-        self._opened = loop.time()
+        self._opened = time.monotonic()
         md = call_metadata(self.security)
         for k, address in enumerate(self.addresses):
             channel = open_aio_channel(address, self.security)
@@ -267,8 +274,8 @@ class RelayChain:
     async def _send(self, req: pb.ForwardRequest, timeout_s: float) -> int:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        if self._head is not None and not self._pending and loop.time() - self._opened > self.lifetime_s - timeout_s - 5.0:
-            await self._drop()  # would run out during this step
+        if not self._pending and self.expiring(timeout_s):
+            await self._drop()  # would run out during this step (renewed only with no step in flight)
         if self._head is None:
             await self._open(deadline)
         self._seq += 1

@@ -207,3 +207,23 @@ def test_a_dead_stage_fails_the_relayed_step_at_once_not_at_the_deadline(ckpt):
     finally:
         relay.close()
         servers[0].stop(0)
+
+
+def test_calls_near_the_end_of_their_lifetime_are_renewed_between_steps(chain):
+    """The chain's calls have a lifetime; once a step could outlive it the chain says so (a pipelining
+    caller then lets its steps come back first), and the next send with none in flight opens new calls."""
+    stubs, addrs = chain
+    relay = RelayChain(addrs, PID, lifetime_s=7.0)  # a 1 s step may outlive it 1 s after opening
+    try:
+        assert relay.step(_req("life", 0, [5, 9]), 1.0).result.results[0].session_id == "life"
+        assert not relay.expiring(1.0)
+        opened = relay._opened
+        time.sleep(1.2)
+        assert relay.expiring(1.0)
+        relay.send(_req("life", 2, [7], step=1), 1.0)
+        assert relay._opened > opened  # renewed: no step was in flight
+        assert relay.receive()[1].result.results[0].session_id == "life"
+    finally:
+        relay.close()
+        for stub in stubs:
+            stub.Release(pb.ReleaseRequest(session_ids=["life"]), timeout=5)
