@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,12 +55,15 @@ ROWS = {
     "mq-w4g128": ("MobileQuant", "W4A8 group-128, per-tensor static (integer-only)"),
     "luc-w4bytes": ("LUC", "W8/W4 x sparsity per layer (loss-difference costs), at the bytes of haq-w4g128-token"),
     "luc-half": ("LUC", "W8/W4 (per-channel, zero points) x sparsity per layer at 0.5x uniform-W8 bytes"),
+    "luc-half-g128": ("LUC", "as luc-half, plus W4 group-128 with zero points as a per-layer option (`4:0:128`)"),
+    "haq-w4g128arq-token": ("HAQ", "W4A8 group-128 with zero points, per-token, down_proj input rotated, residual "
+                                   "stream rotated (`--rotate-residual`)"),
 }
 TARGETS = {"tender-g8": 1.02, "mq-w8": 1.02, "haq-w4g128-token": 1.10, "haq-w4-token": 1.10, "mq-w4g128": 1.10,
            "haq-w4g128-tensor": 1.10, "haq-w4a-token": 1.10, "haq-w4g128a-token": 1.10,
            "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10, "haq-token": 1.01,
            "haq-w4g128arall-token": 1.10, "haq-w4g128ark-token": 1.10,
-           "haq-tensor": 1.03}
+           "haq-tensor": 1.03, "haq-w4g128arq-token": 1.10}
 
 
 def resident_bytes(manifest: dict) -> int:
@@ -74,7 +78,11 @@ def main() -> None:
     a = ap.parse_args()
     quality = json.loads((RESULTS / "quality.json").read_text())["rows"]
     fp = quality["fp"]["ppl"]
-    rows = {}
+    previous = RESULTS / "methods.json"  # rows of earlier runs stay, with the date they were measured
+    old = json.loads(previous.read_text()) if previous.is_file() else {}
+    same = (old.get("tokens"), old.get("reps")) == (a.tokens, a.reps)
+    rows = {n: {"measured": "2026-11-23", **r} for n, r in old.get("rows", {}).items()} if same else {}
+    today = time.strftime("%Y-%m-%d %H:%M")
     for name in a.configs.split(","):
         ckpt = RESULTS / "checkpoints" / name
         if not (ckpt / "edgeweave.json").is_file() or name not in quality:
@@ -88,31 +96,38 @@ def main() -> None:
         rates = [decode_rate(dec, ids, a.tokens)[0] for _ in range(a.reps)]
         rows[name] = {"ppl": quality[name]["ppl"], "file_bytes": quality[name]["bytes"],
                       "resident_bytes": resident_bytes(manifest), "decode_tok_s": statistics.median(rates),
-                      "policy": manifest["method"].get("layer_policy") or None}
+                      "policy": manifest["method"].get("layer_policy") or None, "measured": today}
         print(name, rows[name], flush=True)
         del model, dec
+    base = {}  # run -> HAQ W8A8 per-token's decode rate in that run: speeds compare within a run only
+    for r in rows.values():
+        r.setdefault("measured", today)
+    if "haq-token" in rows:
+        base = {rows["haq-token"]["measured"]: rows["haq-token"]["decode_tok_s"]}
     write_results("methods", {"tokens": a.tokens, "reps": a.reps, "fp_ppl": fp, "rows": rows})
-    base = rows.get("haq-token", {}).get("decode_tok_s")
     lines = []
-    for name, r in rows.items():
+    for name in [n for n in ROWS if n in rows]:
+        r = rows[name]
         method, scheme = ROWS[name]
         rel = {k: r["ppl"][k] / fp[k] for k in fp}
         t = TARGETS.get(name)
         verdict = "" if t is None else (f"<= {t}x: " + ("met" if rel["wikitext2"] <= t else "**missed**"))
-        speed = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / base:.2f}x)" if base else "")
+        b = base.get(r["measured"])
+        speed = f"{r['decode_tok_s']:.1f}" + (f" ({r['decode_tok_s'] / b:.2f}x)" if b else "")
         lines.append([method, scheme, f"{r['ppl']['wikitext2']:.3f} ({rel['wikitext2']:.3f}x)",
                       f"{r['ppl']['c4']:.3f} ({rel['c4']:.3f}x)", f"{r['file_bytes']:,}", f"{r['resident_bytes']:,}",
-                      speed, verdict])
+                      speed, verdict, r["measured"]])
     update_section("methods", f"""## Methods side by side (`bench/methods.py`)
 
 Command: `python bench/quality.py --windows 8 --calib-samples 64 --configs ...` (perplexity, file bytes), then
 `python bench/methods.py --reps {a.reps} --tokens {a.tokens}` (resident bytes, decode speed). SmolLM2-135M-Instruct,
 FP WikiText-2 {fp['wikitext2']:.3f}, C4 {fp['c4']:.3f} (first 8 windows of 2048). Resident: weight bytes a worker
 holding the whole model keeps (the planner's count). Decode: greedy, {a.tokens} new tokens through the integer
-decoder, median of {a.reps}, all rows in one run; in brackets, relative to HAQ W8A8 per-token.
-torch threads: {torch.get_num_threads()}.
+decoder, median of {a.reps}; in brackets, relative to HAQ W8A8 per-token measured in the same run (rows of
+other runs have no bracket: this shared machine's speed drifts between runs). Last column: when the row's
+decode speed was measured (`--configs` re-measures some rows and keeps the rest). torch threads: {torch.get_num_threads()}.
 
-{table(["method", "scheme", "WikiText-2 PPL (x FP)", "C4 PPL (x FP)", "file bytes", "resident bytes", "decode tok/s", "target"], lines)}
+{table(["method", "scheme", "WikiText-2 PPL (x FP)", "C4 PPL (x FP)", "file bytes", "resident bytes", "decode tok/s", "target", "measured"], lines)}
 """)
 
 
