@@ -74,9 +74,6 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # the residual stream rotated by a random orthogonal matrix folded into the weights first (--rotate-residual)
     "haq-w4g128arq-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                             "rotate_down": True, "rotate_residual": True},
-    "haq-w4g128arqk64-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
-                               "rotate_down": True, "rotate_residual": True, "kd_steps": 64, "kd_lr": 2e-3},
-    "haq-token-q": {"method": "haq", "act_scheme": "token", "rotate_down": True, "rotate_residual": True},
     "mq-w8": {"method": "mobilequant", "act_scheme": "tensor", "mq_epochs": 1},  # 32 steps: CPU time
     "mq-w4g128": {"method": "mobilequant", "act_scheme": "tensor", "w_bits": 4, "w_group": 128, "mq_epochs": 1},
     # LUC at the same bytes as uniform W4A8 group-128 (its checkpoint's tensor bytes, read from its row)
@@ -161,8 +158,7 @@ def main() -> None:
                "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10,
                "haq-w4g128arall-token": 1.10, "haq-w4g128arf-token": 1.10,
                "haq-w4g128arf1-token": 1.10, "haq-w4g128ark-token": 1.10,
-               "haq-w4g128arkm-token": 1.10, "haq-w4g128ark64-token": 1.10, "haq-w4g128arq-token": 1.10,
-               "haq-w4g128arqk64-token": 1.10, "haq-token-q": 1.01}
+               "haq-w4g128arkm-token": 1.10, "haq-w4g128ark64-token": 1.10, "haq-w4g128arq-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]
