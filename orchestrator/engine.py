@@ -272,6 +272,8 @@ class Engine:
         for c in self.channels:
             c.close()
         self.placement, self.addresses = placement, list(addresses)
+        # once per placement, not per step
+        self._relay_depth = self.opts.pipeline_depth or auto_pipeline_depth(self.addresses, os.cpu_count() or 1)
         relay = self.opts.relay and self.opts.stream_steps and len(addresses) > 1
         self.chain = RelayChain(addresses, placement.placement_id, self.security) if relay else None
         self.stats.relayed = relay
@@ -289,9 +291,7 @@ class Engine:
 
     def _depth(self) -> int:
         """Steps that may be in flight at once: only relayed steps overlap."""
-        if self.chain is None:
-            return 1
-        return self.opts.pipeline_depth or auto_pipeline_depth(self.addresses, os.cpu_count() or 1)
+        return 1 if self.chain is None else self._relay_depth
 
     def _groups(self) -> list[list[_Session]]:
         """The admitted sessions not in a step, split into the groups to send now: as many as the
