@@ -35,6 +35,7 @@ PROMPT = "The history of the city begins in the early middle ages, when"
 CLUSTERS = {"1 node": [1_000_000_000], "3 nodes": [170_000_000, 140_000_000, 140_000_000]}
 CONTEXT, BATCH = 512, 8
 DEPTH1 = "3 nodes, 1 step in flight"
+HALTING = ", cores may halt"
 
 
 def one_stream(address: str, tokens: int) -> tuple[float, float, int, float]:
@@ -70,12 +71,13 @@ def concurrent(address: str, streams: int, tokens: int) -> tuple[float, float]:
 
 
 def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int, streams: bool,
-            relay: bool = True, depth: int = 0) -> dict:
+            relay: bool = True, depth: int = 0, keep_awake: bool = True) -> dict:
     import ray
 
     with LocalCluster([LocalNode(b, cpus=cpus) for b in budgets]):
         actor, address = start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH, stream_steps=streams,
-                                                       relay=relay, pipeline_depth=depth))
+                                                       relay=relay, pipeline_depth=depth,
+                                                       keep_awake=keep_awake))
         placement = Placement.from_dict(ray.get(actor.placement_dict.remote()))
         one_stream(address, 8)  # warm-up
         ray.get(actor.reset_stats.remote())
@@ -89,7 +91,7 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
         ray.get(actor.shutdown.remote(), timeout=60)
     rate = statistics.median(r[0] for r in runs)
     decode_steps = max(stats["steps"] - reps, 1)  # one prefill step per run
-    return {"cluster": name, "budgets": budgets, "relayed": stats["relayed"], "stages": [[s.first, s.last] for s in placement.stages],
+    return {"cluster": name, "budgets": budgets, "keep_awake": keep_awake, "relayed": stats["relayed"], "stages": [[s.first, s.last] for s in placement.stages],
             "decode_tok_s": rate, "runs_tok_s": [r[0] for r in runs], "ttft_s": statistics.median(r[1] for r in runs),
             "e2e_tok_s": statistics.median(r[3] for r in runs),
             "hop_overhead_ms": stats["hop_overhead_ms_median"], "compute_ms": stats["compute_ms_median"],
@@ -123,15 +125,22 @@ def main() -> None:
                     help="relayed steps in flight at once on 3 nodes (serve's --pipeline-depth; 0: one per stage)")
     ap.add_argument("--compare-depth1", action="store_true",
                     help="each round also serves the 3 nodes relayed with one step in flight at a time")
+    ap.add_argument("--no-keep-awake", action="store_true",
+                    help="serve every cluster with the cores free to halt between steps (serve's --no-keep-awake)")
+    ap.add_argument("--compare-awake", action="store_true",
+                    help="each round also serves 1 node and 3 nodes with the cores free to halt between steps")
     a = ap.parse_args()
     ckpt = str(Path(a.checkpoint).resolve())
-    clusters = [(name, b, True, a.pipeline_depth) for name, b in CLUSTERS.items()]
+    awake = not a.no_keep_awake
+    clusters = [(name, b, True, a.pipeline_depth, awake) for name, b in CLUSTERS.items()]
     if a.compare_star:
-        clusters.append(("3 nodes, star", CLUSTERS["3 nodes"], False, 0))
+        clusters.append(("3 nodes, star", CLUSTERS["3 nodes"], False, 0, awake))
     if a.compare_depth1:
-        clusters.append((DEPTH1, CLUSTERS["3 nodes"], True, 1))
-    rounds = [{name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps, relay, depth)
-               for name, b, relay, depth in clusters} for _ in range(a.rounds)]
+        clusters.append((DEPTH1, CLUSTERS["3 nodes"], True, 1, awake))
+    if a.compare_awake:
+        clusters += [(f"{name}{HALTING}", b, True, a.pipeline_depth, False) for name, b in CLUSTERS.items()]
+    rounds = [{name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps, relay, depth, aw)
+               for name, b, relay, depth, aw in clusters} for _ in range(a.rounds)]
     med = statistics.median
     per_round = [{"three_vs_one_decode": r["3 nodes"]["decode_tok_s"] / r["1 node"]["decode_tok_s"],
                   # like for like: decode rate vs decode rate, end to end vs end to end
@@ -152,14 +161,21 @@ def main() -> None:
                       r[DEPTH1]["concurrent8_decode_tok_s"] / r[DEPTH1]["decode_tok_s"],
                       "concurrent8_pipelined_vs_depth1":
                           r["3 nodes"]["concurrent8_decode_tok_s"] / r[DEPTH1]["concurrent8_decode_tok_s"]}
-                     if DEPTH1 in r else {})}
+                     if DEPTH1 in r else {}),
+                  **({"three_vs_one_decode_halting":
+                      r["3 nodes" + HALTING]["decode_tok_s"] / r["1 node" + HALTING]["decode_tok_s"],
+                      "awake_vs_halting_decode_1node": r["1 node"]["decode_tok_s"] / r["1 node" + HALTING]["decode_tok_s"],
+                      "awake_vs_halting_decode_3nodes":
+                          r["3 nodes"]["decode_tok_s"] / r["3 nodes" + HALTING]["decode_tok_s"]}
+                     if "3 nodes" + HALTING in r else {})}
                  for r in rounds]
     ratios = {k: med(x[k] for x in per_round) for k in per_round[0]}
     name = "cluster-unary" if a.unary_steps else "cluster"  # the unary baseline keeps its own results and section
     write_results(name, {"rounds": rounds, "ratios_per_round": per_round, "ratios": ratios, "context": CONTEXT,
                               "batch": BATCH, "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint,
                               "node_cpus": a.node_cpus, "steps": "unary" if a.unary_steps else "stream",
-                              "compare_star": a.compare_star, "pipeline_depth": a.pipeline_depth})
+                              "compare_star": a.compare_star, "pipeline_depth": a.pipeline_depth,
+                              "keep_awake": awake, "compare_awake": a.compare_awake})
     rows = []
     for i, rnd in enumerate(rounds):
         for r in rnd.values():
@@ -188,15 +204,24 @@ def main() -> None:
   8 streams / 1 stream **{ratios['concurrent8_vs_one_stream_3nodes_depth1']:.2f}x** (rounds: {each('concurrent8_vs_one_stream_3nodes_depth1', '{:.2f}')});
   8 streams pipelined / one step at a time: **{ratios['concurrent8_pipelined_vs_depth1']:.2f}x** (rounds: {each('concurrent8_pipelined_vs_depth1', '{:.2f}')})
 """ if a.compare_depth1 else ""
+    halting = f"""- with the cores free to halt between steps (`--no-keep-awake`, runs up to 22), in the same rounds:
+  3-node / 1-node decode **{ratios['three_vs_one_decode_halting']:.2f}x** (rounds: {each('three_vs_one_decode_halting', '{:.2f}')});
+  kept awake / free to halt, decode: 1 node {ratios['awake_vs_halting_decode_1node']:.2f}x
+  (rounds: {each('awake_vs_halting_decode_1node', '{:.2f}')}), 3 nodes {ratios['awake_vs_halting_decode_3nodes']:.2f}x
+  (rounds: {each('awake_vs_halting_decode_3nodes', '{:.2f}')})
+""" if a.compare_awake else ""
+    awake_note = "(serve's default)" if awake else "never (--no-keep-awake)"
     flags = ((" --unary-steps" if a.unary_steps else "") + (" --compare-star" if a.compare_star else "")
              + (f" --pipeline-depth {a.pipeline_depth}" if a.pipeline_depth else "")
-             + (" --compare-depth1" if a.compare_depth1 else ""))
+             + (" --compare-depth1" if a.compare_depth1 else "") + (" --no-keep-awake" if a.no_keep_awake else "")
+             + (" --compare-awake" if a.compare_awake else ""))
     update_section(name, f"""## Serving on a local Ray cluster (`bench/cluster.py`{' --unary-steps' if a.unary_steps else ''})
 
 Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --rounds {a.rounds} --node-cpus {a.node_cpus}{flags}`
 (SmolLM2-135M HAQ W8A8 per-token; context {CONTEXT} x batch {BATCH}; each node a separate raylet on this
 {machine()['cores']}-core machine with {a.node_cpus} core(s), in both clusters, so equal nodes are compared;
-budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; {a.rounds} rounds of 1 node then 3 nodes, median of
+budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; workers keep the cores awake while steps arrive
+{awake_note}; {a.rounds} rounds of 1 node then 3 nodes, median of
 {a.reps} runs per cluster and round; steps {'as unary Forward calls' if a.unary_steps else 'over ForwardStream calls'};
 {'the 3 nodes relay each step stage to stage, the last answering the front end (N + 1 one-way hops), so their hop overhead is the step time less all compute, per one-way hop; on 1 node (and with --star) it is a stage round trip less its compute (two one-way messages)' if not a.unary_steps else 'the front end calls each stage; hop overhead is a stage round trip less its compute'}).
 
@@ -212,7 +237,7 @@ the chain to themselves, none where every step overlapped another):
 Medians over the rounds of each round's figure:
 - 3-node decode / 1-node decode: **{ratios['three_vs_one_decode']:.2f}x** (target >= 0.8; rounds: {each('three_vs_one_decode', '{:.2f}')})
 - largest per-hop overhead, 3 nodes: **{ratios['max_hop_overhead_ms_3nodes']:.2f} ms** (target <= 1 ms; rounds: {each('max_hop_overhead_ms_3nodes', '{:.2f}')})
-{star}{depth1}- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
+{star}{depth1}{halting}- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
   (1 node: {ratios['concurrent8_vs_one_stream_1node']:.2f}x; target >= 3x; rounds: {each('concurrent8_vs_one_stream_3nodes', '{:.2f}')})
 - the same, end to end (every token over each request's whole time, first token included), 3 nodes:
   **{ratios['concurrent8_vs_one_stream_e2e_3nodes']:.2f}x** (rounds: {each('concurrent8_vs_one_stream_e2e_3nodes', '{:.2f}')})

@@ -202,7 +202,7 @@ def _serve_options(a: argparse.Namespace):
               f"the model (docs/security.md)", file=sys.stderr)
     return ServeOptions(checkpoint=str(Path(a.checkpoint).resolve()), host=a.host, port=a.port, context=a.context,
                         batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire, stream_steps=not a.unary_steps,
-                        relay=not a.star, pipeline_depth=a.pipeline_depth,
+                        relay=not a.star, pipeline_depth=a.pipeline_depth, keep_awake=not a.no_keep_awake,
                         fast_slots=a.fast_slots, remote_experts=a.remote_experts, redis_url=a.redis_url or "",
                         prefetch=not a.no_prefetch, security=sec)
 
@@ -363,6 +363,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="relayed steps in flight at once, each for a different group of the concurrent sessions, so "
                         "that the stages compute at the same time (default 0: one per stage, but no more than this machine's "
                         "cores for the stages on it; 1: one step for all)")
+    p.add_argument("--no-keep-awake", action="store_true",
+                   help="let the nodes' cores halt between steps (default: while steps arrive, each worker keeps its "
+                        "node's cores awake, which makes a pipeline faster and burns more power; docs/runtime.md)")
     p.add_argument("--redis-url", default=None,
                    help="MoE statistics go here (redis:// or rediss://, password in the URL); default: "
                         "$EDGEWEAVE_REDIS_URL, else a private Redis server started and stopped by edgeweave")

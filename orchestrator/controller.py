@@ -60,6 +60,7 @@ class ServeOptions:
     stream_steps: bool = True  # one ForwardStream per stage (False: a unary Forward per step and stage)
     relay: bool = True  # stages pass steps on to each other (a chain); False: the front end calls each (a star)
     pipeline_depth: int = 0  # relayed steps in flight at once, each for other sessions (0: auto_pipeline_depth)
+    keep_awake: bool = True  # workers keep their cores from halting while steps arrive (workers/awake.py)
     step_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     health_interval_s: float = 2.0
@@ -309,7 +310,7 @@ class Controller:
         k = next((i for i, s in enumerate(placement.stages) if s.node_id == node_id), None)
         stage = placement.stages[k] if k is not None else None
         spec = pb.ShardSpec(checkpoint=str(root), placement_id=placement.placement_id, max_context=placement.context,
-                            threads=self.cores[node_id])
+                            threads=self.cores[node_id], keep_awake=self.opts.keep_awake)
         if stage is not None:
             spec.first_layer, spec.last_layer, spec.embed, spec.head = stage.first, stage.last, stage.embed, stage.head
             spec.kv_budget_bytes = stage.kv_bytes

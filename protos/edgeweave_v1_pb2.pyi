@@ -59,7 +59,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ShardSpec(_message.Message):
-    __slots__ = ("checkpoint", "first_layer", "last_layer", "embed", "head", "placement_id", "kv_budget_bytes", "max_context", "threads", "experts", "hosted", "fast_slots", "redis_url", "model_name", "prefetch", "next_stage")
+    __slots__ = ("checkpoint", "first_layer", "last_layer", "embed", "head", "placement_id", "kv_budget_bytes", "max_context", "threads", "experts", "hosted", "fast_slots", "redis_url", "model_name", "prefetch", "next_stage", "keep_awake")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class ShardSpec(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
     NEXT_STAGE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_AWAKE_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     first_layer: int
     last_layer: int
@@ -92,7 +93,8 @@ class ShardSpec(_message.Message):
     model_name: str
     prefetch: bool
     next_stage: str
-    def __init__(self, checkpoint: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., placement_id: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., threads: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., hosted: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., fast_slots: _Optional[int] = ..., redis_url: _Optional[str] = ..., model_name: _Optional[str] = ..., prefetch: _Optional[bool] = ..., next_stage: _Optional[str] = ...) -> None: ...
+    keep_awake: bool
+    def __init__(self, checkpoint: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., placement_id: _Optional[str] = ..., kv_budget_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., threads: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., hosted: _Optional[_Iterable[_Union[ExpertUnit, _Mapping]]] = ..., fast_slots: _Optional[int] = ..., redis_url: _Optional[str] = ..., model_name: _Optional[str] = ..., prefetch: _Optional[bool] = ..., next_stage: _Optional[str] = ..., keep_awake: _Optional[bool] = ...) -> None: ...
 
 class ExpertUnit(_message.Message):
     __slots__ = ("layer", "expert", "address")

@@ -20,7 +20,7 @@ import torch  # noqa: F401  (loads torch's libgomp first so the kernels share it
 
 __all__ = ["load_kernels", "KernelBuildError", "EwLinear", "EwLlamaLayer", "EwLlamaDims"]
 
-_SOURCES = (Path(__file__).parent / "csrc" / "int8_gemm.c", Path(__file__).parent / "csrc" / "llama_stage.c")
+_SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("int8_gemm.c", "llama_stage.c", "spin.c"))
 _I64, _F32 = ctypes.c_int64, ctypes.c_float
 _PTR = ctypes.c_void_p
 
@@ -35,6 +35,7 @@ _SIGNATURES = {
     "ew_w4_nibble_path": [_I64, _I64],
     "ew_llama_stage_forward": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "ew_attend": [_PTR, _PTR, _PTR, _I64, _I64, _F32, _I64, _PTR],
+    "ew_idle_spin": [_PTR],  # workers/awake.py
 }
 _RETURNS = {"ew_llama_stage_forward": ctypes.c_int, "ew_attend": ctypes.c_int, "ew_w4_nibble_path": ctypes.c_int}
 

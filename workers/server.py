@@ -26,6 +26,7 @@ from protos.serving import start_server
 from quant.checkpoint import CheckpointError
 from quant.generate import pick_token
 
+from .awake import KeepAwake
 from .llama_stage import KVCache
 from .moe import ExpertStore, MoERunner, expert_forward
 from .shard import LoadedShard, ShardRange, layer_count, load_shard, moe_shape
@@ -127,6 +128,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.shard: LoadedShard | None = None
         self.spec: pb.ShardSpec | None = None
         self.sessions: dict[str, KVCache] = {}
+        self.awake: KeepAwake | None = None  # keeps the cores from halting while steps arrive (ShardSpec.keep_awake)
         self.lock = threading.Lock()  # guards shard, sessions and the compute
         # MoE (docs/moe.md)
         self.store: ExpertStore | None = None
@@ -182,6 +184,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             with self.lock:
                 self._stop_moe()
                 self.shard, self.spec, self.sessions = shard, s, {}
+                if self.awake is not None:
+                    self.awake.release()
+                self.awake = KeepAwake() if s.keep_awake else None
                 self.store, self.runner, self.map_version, self.last_route = store, runner, 0, {}
                 self.recorder = runner.recorder if runner else None
                 self._end_relays()  # they served the previous placement
@@ -522,6 +527,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if remaining is not None and remaining <= 0:
                 raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step started")
             t0 = time.perf_counter()
+            if self.awake is not None:
+                self.awake.touch()
             for it in items:
                 if it.session_id not in self.sessions:
                     self.sessions[it.session_id] = shard.stage.new_cache(it.max_tokens)
