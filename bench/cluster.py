@@ -70,6 +70,27 @@ def concurrent(address: str, streams: int, tokens: int) -> tuple[float, float]:
     return e2e, decode
 
 
+def _result(name: str, budgets: list[int], keep_awake: bool, placement: Placement, runs: list, stats: dict,
+            reps: int, conc: list, conc_s: float, conc_stats: dict) -> dict:
+    rate = statistics.median(r[0] for r in runs)
+    decode_steps = max(stats["steps"] - reps, 1)  # one prefill step per run
+    return {"cluster": name, "budgets": budgets, "keep_awake": keep_awake, "relayed": stats["relayed"],
+            "stages": [[s.first, s.last] for s in placement.stages],
+            "decode_tok_s": rate, "runs_tok_s": [r[0] for r in runs], "ttft_s": statistics.median(r[1] for r in runs),
+            "e2e_tok_s": statistics.median(r[3] for r in runs),
+            "hop_overhead_ms": stats["hop_overhead_ms_median"], "compute_ms": stats["compute_ms_median"],
+            "wire_bytes_per_token": stats["wire_bytes"] / decode_steps,
+            "concurrent8_tok_s": statistics.median(c[0] for c in conc), "concurrent8_runs": [c[0] for c in conc],
+            "concurrent8_decode_tok_s": statistics.median(c[1] for c in conc),
+            # where a batched step's time goes: per stage compute and hop overhead (medians over the
+            # decode steps), and the wall time per step of the whole concurrent phase
+            "concurrent8_compute_ms": conc_stats["compute_ms_median"],
+            "concurrent8_hop_overhead_ms": conc_stats["hop_overhead_ms_median"],
+            "concurrent8_step_ms": conc_s * 1e3 / max(conc_stats["steps"], 1),
+            # steps sent while another was in flight (relayed steps of different sessions pipelined)
+            "concurrent8_overlapped_steps": conc_stats["overlapped_steps"], "concurrent8_steps": conc_stats["steps"]}
+
+
 def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cpus: int, streams: bool,
             relay: bool = True, depth: int = 0, keep_awake: bool = True) -> dict:
     import ray
@@ -89,22 +110,50 @@ def measure(name: str, budgets: list[int], ckpt: str, reps: int, tokens: int, cp
         conc_s = time.perf_counter() - t0
         conc_stats = ray.get(actor.stats.remote())  # the batched steps of the 8 streams
         ray.get(actor.shutdown.remote(), timeout=60)
-    rate = statistics.median(r[0] for r in runs)
-    decode_steps = max(stats["steps"] - reps, 1)  # one prefill step per run
-    return {"cluster": name, "budgets": budgets, "keep_awake": keep_awake, "relayed": stats["relayed"], "stages": [[s.first, s.last] for s in placement.stages],
-            "decode_tok_s": rate, "runs_tok_s": [r[0] for r in runs], "ttft_s": statistics.median(r[1] for r in runs),
-            "e2e_tok_s": statistics.median(r[3] for r in runs),
-            "hop_overhead_ms": stats["hop_overhead_ms_median"], "compute_ms": stats["compute_ms_median"],
-            "wire_bytes_per_token": stats["wire_bytes"] / decode_steps,
-            "concurrent8_tok_s": statistics.median(c[0] for c in conc), "concurrent8_runs": [c[0] for c in conc],
-            "concurrent8_decode_tok_s": statistics.median(c[1] for c in conc),
-            # where a batched step's time goes: per stage compute and hop overhead (medians over the
-            # decode steps), and the wall time per step of the whole concurrent phase
-            "concurrent8_compute_ms": conc_stats["compute_ms_median"],
-            "concurrent8_hop_overhead_ms": conc_stats["hop_overhead_ms_median"],
-            "concurrent8_step_ms": conc_s * 1e3 / max(conc_stats["steps"], 1),
-            # steps sent while another was in flight (relayed steps of different sessions pipelined)
-            "concurrent8_overlapped_steps": conc_stats["overlapped_steps"], "concurrent8_steps": conc_stats["steps"]}
+    return _result(name, budgets, keep_awake, placement, runs, stats, reps, conc, conc_s, conc_stats)
+
+
+def measure_paired(ckpt: str, reps: int, tokens: int, cpus: int, streams: bool, depth: int = 0,
+                   keep_awake: bool = True) -> dict[str, dict]:
+    """Both CLUSTERS at once, as two pools of one local Ray cluster, each served by its own controller
+    (ServeOptions.pool); their single-stream runs alternate (1 node, 3 nodes, 3 nodes, 1 node, ...), so
+    each 3-node run has a 1-node run next to it in time: `pair_ratios` are the 3-node / 1-node decode
+    rates of those pairs. The idle pool's processes wait on their sockets meanwhile."""
+    import ray
+
+    pools = {name: f"pool{i}" for i, name in enumerate(CLUSTERS)}
+    nodes = [LocalNode(b, cpus=cpus, pool=pools[name]) for name, budgets in CLUSTERS.items() for b in budgets]
+    with LocalCluster(nodes):
+        served = {name: start_controller(ServeOptions(ckpt, context=CONTEXT, batch=BATCH, stream_steps=streams,
+                                                      pipeline_depth=depth, keep_awake=keep_awake, pool=pool))
+                  for name, pool in pools.items()}
+        placements = {n: Placement.from_dict(ray.get(a.placement_dict.remote())) for n, (a, _) in served.items()}
+        for actor, address in served.values():
+            one_stream(address, 8)  # warm-up
+            ray.get(actor.reset_stats.remote())
+        names = list(CLUSTERS)
+        runs: dict[str, list] = {n: [] for n in names}
+        for i in range(reps):
+            for n in (names if i % 2 == 0 else names[::-1]):
+                runs[n].append(one_stream(served[n][1], tokens))
+        stats = {n: ray.get(a.stats.remote()) for n, (a, _) in served.items()}
+        conc: dict[str, list] = {n: [] for n in names}
+        conc_s = dict.fromkeys(names, 0.0)
+        for actor, _ in served.values():
+            ray.get(actor.reset_stats.remote())
+        for i in range(max(reps // 2, 1)):
+            for n in (names if i % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                conc[n].append(concurrent(served[n][1], 8, tokens))
+                conc_s[n] += time.perf_counter() - t0
+        conc_stats = {n: ray.get(a.stats.remote()) for n, (a, _) in served.items()}
+        for actor, _ in served.values():
+            ray.get(actor.shutdown.remote(), timeout=60)
+    out = {n: _result(n, CLUSTERS[n], keep_awake, placements[n], runs[n], stats[n], reps, conc[n], conc_s[n],
+                      conc_stats[n]) for n in names}
+    one, three = names
+    out[three]["pair_ratios"] = [b[0] / a[0] for a, b in zip(runs[one], runs[three])]
+    return out
 
 
 def main() -> None:
@@ -125,6 +174,9 @@ def main() -> None:
                     help="relayed steps in flight at once on 3 nodes (serve's --pipeline-depth; 0: one per stage)")
     ap.add_argument("--compare-depth1", action="store_true",
                     help="each round also serves the 3 nodes relayed with one step in flight at a time")
+    ap.add_argument("--paired", action="store_true",
+                    help="serve 1 node and 3 nodes at once (two pools of one Ray cluster) and alternate their runs, "
+                         "so that each 3-node run is compared with a 1-node run next to it in time")
     ap.add_argument("--no-keep-awake", action="store_true",
                     help="serve every cluster with the cores free to halt between steps (serve's --no-keep-awake)")
     ap.add_argument("--compare-awake", action="store_true",
@@ -139,10 +191,17 @@ def main() -> None:
         clusters.append((DEPTH1, CLUSTERS["3 nodes"], True, 1, awake))
     if a.compare_awake:
         clusters += [(f"{name}{HALTING}", b, True, a.pipeline_depth, False) for name, b in CLUSTERS.items()]
-    rounds = [{name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps, relay, depth, aw)
-               for name, b, relay, depth, aw in clusters} for _ in range(a.rounds)]
+    ap_paired = a.paired and not a.unary_steps
+    rounds = []
+    for _ in range(a.rounds):
+        rnd = measure_paired(ckpt, a.reps, a.tokens, a.node_cpus, True, a.pipeline_depth, awake) if ap_paired else {}
+        rnd.update({name: measure(name, b, ckpt, a.reps, a.tokens, a.node_cpus, not a.unary_steps, relay, depth, aw)
+                    for name, b, relay, depth, aw in clusters if name not in rnd})
+        rounds.append(rnd)
     med = statistics.median
     per_round = [{"three_vs_one_decode": r["3 nodes"]["decode_tok_s"] / r["1 node"]["decode_tok_s"],
+                  **({"three_vs_one_decode_pairs": statistics.median(r["3 nodes"]["pair_ratios"])}
+                     if "pair_ratios" in r["3 nodes"] else {}),
                   # like for like: decode rate vs decode rate, end to end vs end to end
                   "concurrent8_vs_one_stream_3nodes": r["3 nodes"]["concurrent8_decode_tok_s"] / r["3 nodes"]["decode_tok_s"],
                   "concurrent8_vs_one_stream_1node": r["1 node"]["concurrent8_decode_tok_s"] / r["1 node"]["decode_tok_s"],
@@ -170,12 +229,15 @@ def main() -> None:
                      if "3 nodes" + HALTING in r else {})}
                  for r in rounds]
     ratios = {k: med(x[k] for x in per_round) for k in per_round[0]}
+    pairs = [x for r in rounds for x in r["3 nodes"].get("pair_ratios", [])]
+    if pairs:
+        ratios["three_vs_one_decode_every_pair"] = med(pairs)
     name = "cluster-unary" if a.unary_steps else "cluster"  # the unary baseline keeps its own results and section
     write_results(name, {"rounds": rounds, "ratios_per_round": per_round, "ratios": ratios, "context": CONTEXT,
                               "batch": BATCH, "tokens": a.tokens, "reps": a.reps, "checkpoint": a.checkpoint,
                               "node_cpus": a.node_cpus, "steps": "unary" if a.unary_steps else "stream",
                               "compare_star": a.compare_star, "pipeline_depth": a.pipeline_depth,
-                              "keep_awake": awake, "compare_awake": a.compare_awake})
+                              "keep_awake": awake, "compare_awake": a.compare_awake, "paired": ap_paired})
     rows = []
     for i, rnd in enumerate(rounds):
         for r in rnd.values():
@@ -214,7 +276,12 @@ def main() -> None:
     flags = ((" --unary-steps" if a.unary_steps else "") + (" --compare-star" if a.compare_star else "")
              + (f" --pipeline-depth {a.pipeline_depth}" if a.pipeline_depth else "")
              + (" --compare-depth1" if a.compare_depth1 else "") + (" --no-keep-awake" if a.no_keep_awake else "")
-             + (" --compare-awake" if a.compare_awake else ""))
+             + (" --compare-awake" if a.compare_awake else "") + (" --paired" if ap_paired else ""))
+    paired = f"""  - paired runs (`--paired`): 1 node and 3 nodes served at once, as two pools of one Ray cluster,
+    their single-stream runs alternating; median over each round's pairs (3-node run / the 1-node run next
+    to it): **{ratios['three_vs_one_decode_pairs']:.2f}x** (rounds: {each('three_vs_one_decode_pairs', '{:.2f}')}); over all
+    {len(pairs)} pairs: {ratios['three_vs_one_decode_every_pair']:.2f}x
+""" if pairs else ""
     update_section(name, f"""## Serving on a local Ray cluster (`bench/cluster.py`{' --unary-steps' if a.unary_steps else ''})
 
 Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.reps} --tokens {a.tokens} --rounds {a.rounds} --node-cpus {a.node_cpus}{flags}`
@@ -236,7 +303,7 @@ the chain to themselves, none where every step overlapped another):
 
 Medians over the rounds of each round's figure:
 - 3-node decode / 1-node decode: **{ratios['three_vs_one_decode']:.2f}x** (target >= 0.8; rounds: {each('three_vs_one_decode', '{:.2f}')})
-- largest per-hop overhead, 3 nodes: **{ratios['max_hop_overhead_ms_3nodes']:.2f} ms** (target <= 1 ms; rounds: {each('max_hop_overhead_ms_3nodes', '{:.2f}')})
+{paired}- largest per-hop overhead, 3 nodes: **{ratios['max_hop_overhead_ms_3nodes']:.2f} ms** (target <= 1 ms; rounds: {each('max_hop_overhead_ms_3nodes', '{:.2f}')})
 {star}{depth1}{halting}- 8 concurrent streams / 1 stream, decode rates, 3 nodes: **{ratios['concurrent8_vs_one_stream_3nodes']:.2f}x**
   (1 node: {ratios['concurrent8_vs_one_stream_1node']:.2f}x; target >= 3x; rounds: {each('concurrent8_vs_one_stream_3nodes', '{:.2f}')})
 - the same, end to end (every token over each request's whole time, first token included), 3 nodes:

@@ -202,7 +202,7 @@ def _serve_options(a: argparse.Namespace):
               f"the model (docs/security.md)", file=sys.stderr)
     return ServeOptions(checkpoint=str(Path(a.checkpoint).resolve()), host=a.host, port=a.port, context=a.context,
                         batch=a.batch, prefill_chunk=a.prefill_chunk, quantize_wire=a.int8_wire, stream_steps=not a.unary_steps,
-                        relay=not a.star, pipeline_depth=a.pipeline_depth, keep_awake=not a.no_keep_awake,
+                        relay=not a.star, pipeline_depth=a.pipeline_depth, keep_awake=not a.no_keep_awake, pool=a.pool,
                         fast_slots=a.fast_slots, remote_experts=a.remote_experts, redis_url=a.redis_url or "",
                         prefetch=not a.no_prefetch, security=sec)
 
@@ -363,6 +363,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="relayed steps in flight at once, each for a different group of the concurrent sessions, so "
                         "that the stages compute at the same time (default 0: one per stage, but no more than this machine's "
                         "cores for the stages on it; 1: one step for all)")
+    p.add_argument("--pool", default="",
+                   help="serve only on the Ray nodes labelled edgeweave-pool=POOL (ray start --labels), so that several "
+                        "services share one cluster; default: every node")
     p.add_argument("--no-keep-awake", action="store_true",
                    help="let the nodes' cores halt between steps (default: while steps arrive, each worker keeps its "
                         "node's cores awake, which makes a pipeline faster and burns more power; docs/runtime.md)")

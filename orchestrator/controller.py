@@ -37,7 +37,7 @@ from workers.shard import check_servable, moe_shape
 from .engine import Engine, EngineOptions, StageError, Unavailable
 from .health import BanList
 from .planner import Placement, PlacementError, PlanOptions, plan
-from .profile import TIER_LABEL, NodeProfile
+from .profile import POOL_LABEL, TIER_LABEL, NodeProfile
 from .service import InferenceServicer, start_inference_server
 
 __all__ = ["ServeOptions", "Controller", "start_controller", "node_offers"]
@@ -61,6 +61,7 @@ class ServeOptions:
     relay: bool = True  # stages pass steps on to each other (a chain); False: the front end calls each (a star)
     pipeline_depth: int = 0  # relayed steps in flight at once, each for other sessions (0: auto_pipeline_depth)
     keep_awake: bool = True  # workers keep their cores from halting while steps arrive (workers/awake.py)
+    pool: str = ""  # only the Ray nodes labelled edgeweave-pool=POOL ("": every node); several services, one cluster
     step_timeout_s: float = 30.0
     load_timeout_s: float = 600.0
     health_interval_s: float = 2.0
@@ -86,6 +87,17 @@ def node_offers(node: dict) -> tuple[str, str, int | None, int]:
     tier = labels.get(TIER_LABEL) or ("gpu" if res.get("GPU", 0) > 0 else "cpu")
     budget = int(res["memory"]) if res.get("memory") else None
     return node["NodeID"], tier, budget, max(int(res.get("CPU", 1)), 1)
+
+
+def usable_nodes(nodes: list[dict], pool: str = "") -> list[dict]:
+    """ray.nodes() entries -> the alive nodes edgeweave may use: those with the edgeweave_node resource
+    if any node has it, and, with a pool, only those labelled edgeweave-pool=pool."""
+    alive = [n for n in nodes if n.get("Alive")]
+    if any(NODE_RESOURCE in n.get("Resources", {}) for n in alive):
+        alive = [n for n in alive if NODE_RESOURCE in n.get("Resources", {})]
+    if pool:
+        alive = [n for n in alive if (n.get("Labels") or {}).get(POOL_LABEL) == pool]
+    return alive
 
 
 def _log_placement(p: Placement) -> None:
@@ -114,7 +126,11 @@ class Controller:
         self.channels: dict[str, tuple[str, grpc.Channel]] = {}  # node -> (address, channel)
         self.bans = BanList()
         self._lock = threading.RLock()  # placement, addresses, channels, bans
-        for n in self._ray_nodes():
+        nodes = self._ray_nodes()
+        if not nodes:
+            raise ValueError(f"no alive Ray node is labelled {POOL_LABEL}={opts.pool} (ray start --labels)" if opts.pool
+                             else "the Ray cluster has no alive node")
+        for n in nodes:
             self._adopt(n)  # one at a time: nodes sharing a machine do not disturb each other's measurement
         self.popts = PlanOptions(context=opts.context, batch=opts.batch, prefill_chunk=opts.prefill_chunk,
                                  hop_ms=opts.hop_ms, fast_slots=opts.fast_slots, remote_experts=opts.remote_experts)
@@ -157,10 +173,7 @@ class Controller:
         """Alive Ray nodes edgeweave may use (those with the edgeweave_node resource, if any has it)."""
         import ray
 
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        if any(NODE_RESOURCE in n.get("Resources", {}) for n in nodes):
-            nodes = [n for n in nodes if NODE_RESOURCE in n.get("Resources", {})]
-        return nodes
+        return usable_nodes(ray.nodes(), self.opts.pool)
 
     def _adopt(self, n: dict, timeout_s: float = 120.0) -> None:
         """Starts a worker actor on Ray node n (pinned), waits for its server and profile."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .controller import NODE_RESOURCE
-from .profile import TIER_LABEL
+from .profile import POOL_LABEL, TIER_LABEL
 
 __all__ = ["LocalNode", "LocalCluster"]
 
@@ -23,6 +23,7 @@ class LocalNode:
     memory_bytes: int
     tier: str = "cpu"
     cpus: int = 0  # 0: this machine's cores shared out among the nodes (at least 1 each)
+    pool: str = ""  # the edgeweave-pool label ("": none); a service with ServeOptions.pool uses only its pool
 
 
 class LocalCluster:
@@ -37,7 +38,7 @@ class LocalCluster:
     def _args(self, n: LocalNode) -> dict:
         share = max((os.cpu_count() or 1) // len(self.nodes), 1)  # nodes on one machine share its cores
         return {"num_cpus": n.cpus or share, "memory": n.memory_bytes,
-                "resources": {NODE_RESOURCE: 1}, "labels": {TIER_LABEL: n.tier}}
+                "resources": {NODE_RESOURCE: 1}, "labels": {TIER_LABEL: n.tier, **({POOL_LABEL: n.pool} if n.pool else {})}}
 
     def __enter__(self) -> "LocalCluster":
         import ray

@@ -14,9 +14,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["NodeProfile", "measure_profile", "measure_int8_gops", "load_profiles", "parse_bytes", "TIER_LABEL"]
+__all__ = ["NodeProfile", "measure_profile", "measure_int8_gops", "load_profiles", "parse_bytes", "TIER_LABEL",
+           "POOL_LABEL"]
 
 TIER_LABEL = "edgeweave-tier"  # Ray node label carrying the tier
+POOL_LABEL = "edgeweave-pool"  # Ray node label: which pool of nodes a node belongs to (ServeOptions.pool)
 
 
 @dataclass(frozen=True)

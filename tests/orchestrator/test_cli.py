@@ -191,3 +191,14 @@ def test_luc_options_parse_bits_sparsity_and_an_optional_group():
     assert _luc_options("8,8:0.5,4,4:0:128") == ((8, 0.0), (8, 0.5), (4, 0.0), (4, 0.0, 128))
     with pytest.raises(SystemExit, match="BITS:SPARSITY:GROUP"):
         _luc_options("4:half")
+
+
+def test_serve_flags_for_keep_awake_and_pool_reach_the_options(ckpt):
+    from orchestrator.cli import _serve_options, build_parser
+
+    a = build_parser().parse_args(["serve", str(ckpt)])
+    opts = _serve_options(a)
+    assert opts.keep_awake and opts.pool == ""  # defaults: cores kept awake while steps arrive, every node
+    a = build_parser().parse_args(["serve", str(ckpt), "--no-keep-awake", "--pool", "edge-a"])
+    opts = _serve_options(a)
+    assert not opts.keep_awake and opts.pool == "edge-a"

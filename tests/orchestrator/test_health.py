@@ -28,3 +28,18 @@ def test_a_probe_that_finds_the_node_still_down_waits_the_same_backoff_again():
     assert b.bans["n"].backoff_s == 2 and b.down(3) == {"n": "no answer"}
     b.readmit("n")
     assert b.expired(10) == [] and b.down(10) == {}
+
+
+def test_a_pool_limits_the_nodes_a_service_uses():
+    from orchestrator.controller import NODE_RESOURCE, usable_nodes
+    from orchestrator.profile import POOL_LABEL
+
+    def node(i, alive=True, pool=None, marked=True):
+        return {"NodeID": f"n{i}", "Alive": alive, "Resources": {NODE_RESOURCE: 1} if marked else {"CPU": 1},
+                "Labels": {POOL_LABEL: pool} if pool else {}}
+
+    nodes = [node(0, pool="a"), node(1, pool="b"), node(2, pool="a", alive=False), node(3), node(4, pool="a", marked=False)]
+    assert [n["NodeID"] for n in usable_nodes(nodes)] == ["n0", "n1", "n3"]  # marked edgeweave nodes, alive
+    assert [n["NodeID"] for n in usable_nodes(nodes, "a")] == ["n0"]
+    assert usable_nodes(nodes, "c") == []
+    assert [n["NodeID"] for n in usable_nodes([node(5, marked=False), node(6, pool="a", marked=False)], "a")] == ["n6"]
