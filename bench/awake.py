@@ -12,7 +12,6 @@ Per way: the median compute the worker reports and the median round trip.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
-from bench.hop import serve  # noqa: E402
+from bench.hop import spawn_workers  # noqa: E402
 from bench.report import update_section, write_results  # noqa: E402
 from orchestrator.streams import StageStream  # noqa: E402
 from protos import edgeweave_v1_pb2 as pb  # noqa: E402
@@ -40,12 +39,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="steps per way and round")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    ports, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=serve, args=(ports, stop), daemon=True)
-    proc.start()
-    port = ports.get(timeout=120)
-    address = f"127.0.0.1:{port}"
+    (proc,), (address,), stop = spawn_workers()
     ways = [(awake, gap) for awake in (True, False) for gap in (0.0, a.gap_ms)]
     name = lambda awake, gap: f"{'awake' if awake else 'may halt'}, {'gap ' + format(gap, 'g') + ' ms' if gap else 'back to back'}"  # noqa: E731
     compute: dict[str, list[float]] = {name(*w): [] for w in ways}

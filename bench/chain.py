@@ -12,7 +12,6 @@ star.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
-from bench.hop import serve  # noqa: E402
+from bench.hop import spawn_workers  # noqa: E402
 from bench.report import update_section, write_results  # noqa: E402
 from orchestrator.streams import RelayChain, StageStream  # noqa: E402
 from protos import edgeweave_v1_pb2 as pb  # noqa: E402
@@ -51,12 +50,7 @@ def main() -> None:
 
     n_layers = layer_count(read_manifest(ckpt))
     cuts = [round(i * n_layers / a.stages) for i in range(a.stages + 1)]
-    ctx = mp.get_context("spawn")
-    ports, stop = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=serve, args=(ports, stop), daemon=True) for _ in range(a.stages)]
-    for p in procs:
-        p.start()
-    addrs = [f"127.0.0.1:{ports.get(timeout=120)}" for _ in procs]
+    procs, addrs, stop = spawn_workers(a.stages)
     stubs = [pb_grpc.WorkerServiceStub(grpc.insecure_channel(x, options=GRPC_OPTIONS)) for x in addrs]
     for k, stub in enumerate(stubs):
         spec = pb.ShardSpec(checkpoint=ckpt, first_layer=cuts[k], last_layer=cuts[k + 1], embed=k == 0,

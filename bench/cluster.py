@@ -273,6 +273,8 @@ def main() -> None:
   (rounds: {each('awake_vs_halting_decode_3nodes', '{:.2f}')})
 """ if a.compare_awake else ""
     awake_note = "(serve's default)" if awake else "never (--no-keep-awake)"
+    order = ("1 node and 3 nodes served at once, their runs alternating, then the other clusters one after the other"
+             if ap_paired else "1 node then 3 nodes")
     flags = ((" --unary-steps" if a.unary_steps else "") + (" --compare-star" if a.compare_star else "")
              + (f" --pipeline-depth {a.pipeline_depth}" if a.pipeline_depth else "")
              + (" --compare-depth1" if a.compare_depth1 else "") + (" --no-keep-awake" if a.no_keep_awake else "")
@@ -288,7 +290,7 @@ Command: `python bench/cluster.py bench/results/checkpoints/haq-token --reps {a.
 (SmolLM2-135M HAQ W8A8 per-token; context {CONTEXT} x batch {BATCH}; each node a separate raylet on this
 {machine()['cores']}-core machine with {a.node_cpus} core(s), in both clusters, so equal nodes are compared;
 budgets {CLUSTERS['3 nodes']} bytes for the 3 nodes; workers keep the cores awake while steps arrive
-{awake_note}; {a.rounds} rounds of 1 node then 3 nodes, median of
+{awake_note}; {a.rounds} rounds of {order}, median of
 {a.reps} runs per cluster and round; steps {'as unary Forward calls' if a.unary_steps else 'over ForwardStream calls'};
 {'the 3 nodes relay each step stage to stage, the last answering the front end (N + 1 one-way hops), so their hop overhead is the step time less all compute, per one-way hop; on 1 node (and with --star) it is a stage round trip less its compute (two one-way messages)' if not a.unary_steps else 'the front end calls each stage; hop overhead is a stage round trip less its compute'}).
 

@@ -42,6 +42,16 @@ def serve(ports: mp.Queue, stop: mp.Event) -> None:  # type: ignore[valid-type]
     server.stop(0)
 
 
+def spawn_workers(n: int = 1):
+    """n worker processes (serve) -> (processes, their loopback addresses, the event that stops them)."""
+    ctx = mp.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=serve, args=(ports, stop), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs, [f"127.0.0.1:{ports.get(timeout=120)}" for _ in procs], stop
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
@@ -49,21 +59,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--layers", type=int, default=1, help="decoder layers the worker hosts")
     a = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    ports, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=serve, args=(ports, stop), daemon=True)
-    proc.start()
-    port = ports.get(timeout=120)
+    (proc,), (address,), stop = spawn_workers()
     total = a.calls * 2 * a.rounds + 8
     ways: dict[str, list[float]] = {"unary": [], "stream": [], "empty": []}
     rtts: dict[str, list[float]] = {"unary": [], "stream": []}
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as ch:
         stub = pb_grpc.WorkerServiceStub(ch)
         spec = pb.ShardSpec(checkpoint=str(Path(a.checkpoint).resolve()), first_layer=1, last_layer=1 + a.layers,
                             placement_id="bench", kv_budget_bytes=10**9, max_context=total, threads=1)
         stub.LoadShard(pb.LoadShardRequest(shard=spec), timeout=300)
         h = encode_activation(torch.randn(1, 576), False)
-        address = f"127.0.0.1:{port}"
         stream, unary = StageStream(stub, address), StageStream(stub, address, use_stream=False)
         pos = 0
         for r in range(a.rounds):
