@@ -37,12 +37,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, open_channel
-from workers.wire import encode_tensor, next_stage_items
+from workers.wire import encode_ids, next_stage_items
 
 from .planner import Placement
 from .streams import ChainFailed, RelayChain, RelayUnsupported, StageStream, StepFailed
@@ -422,7 +421,7 @@ class Engine:
             fed[s.sid] = chunk
             items.append(pb.StepItem(
                 session_id=s.sid, position=s.pos, max_tokens=len(s.req.prompt_ids) + s.req.max_tokens,
-                token_ids=encode_tensor(torch.tensor(chunk, dtype=torch.int64)), step=s.generated,
+                token_ids=encode_ids(chunk), step=s.generated,
                 sampling=pb.SamplingParams(temperature=s.req.temperature, top_p=s.req.top_p, seed=s.req.seed)))
         return fed, items
 

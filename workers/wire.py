@@ -14,7 +14,7 @@ import torch
 from protos import edgeweave_v1_pb2 as pb
 from protos.serving import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 
-__all__ = ["WireError", "encode_tensor", "decode_tensor", "encode_activation", "decode_activation",
+__all__ = ["WireError", "encode_tensor", "encode_ids", "decode_tensor", "encode_activation", "decode_activation",
            "next_stage_items", "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]
 
 _TO_NP: dict[int, np.dtype] = {pb.FLOAT32: np.dtype("<f4"), pb.INT8: np.dtype("i1"), pb.INT32: np.dtype("<i4"), pb.INT64: np.dtype("<i8")}
@@ -30,6 +30,13 @@ def encode_tensor(t: torch.Tensor) -> pb.Tensor:
         raise WireError(f"dtype {t.dtype} has no wire encoding")
     arr = t.detach().cpu().contiguous().numpy()
     return pb.Tensor(dtype=_FROM_TORCH[t.dtype], shape=list(t.shape), data=arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def encode_ids(ids: list[int]) -> pb.Tensor:
+    """Token ids -> an INT64 [T] Tensor, without torch. The front end builds one per session and step
+    right after handing out tokens: torch ops release the GIL, and the threads streaming those
+    tokens to clients then take it for a while (0.45 ms per step measured in the serving cluster)."""
+    return pb.Tensor(dtype=pb.INT64, shape=[len(ids)], data=np.asarray(ids, dtype="<i8").tobytes())
 
 
 def _check_shape(shape, what: str, rank: int | None, max_elems: int) -> tuple[int, ...]:

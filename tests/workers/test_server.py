@@ -303,3 +303,11 @@ def test_a_worker_gone_between_steps_fails_the_next_stream_step_as_unavailable(c
             stream.step(_tokens("gone", 2, [7], 1), 10.0)
         assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.code in RECOVERABLE
         stream.close()
+
+
+def test_token_ids_encoded_without_torch_match_the_tensor_encoding():
+    from workers.wire import decode_tensor, encode_ids
+
+    ids = [0, 5, 49151, 2**40]
+    assert encode_ids(ids) == encode_tensor(torch.tensor(ids, dtype=torch.int64))
+    assert decode_tensor(encode_ids(ids), "ids", pb.INT64, rank=1, max_elems=8).tolist() == ids
