@@ -196,6 +196,8 @@ class Engine:
         self._flights: dict[int, _Flight] = {}  # key (relay_seq; negative: stepped synchronously) -> step
         self._done: deque[tuple[int, list[pb.StepResult]]] = deque()  # synchronous steps' results
         self._sync_keys = itertools.count(-1, -1)
+        self._out_key: int | None = None  # the single stage's step written and not yet answered
+        self._outbox: list[tuple[_Session, Piece]] = []  # pieces of the last step, handed out after the next is sent
         self.thread = threading.Thread(target=self._loop, name="edgeweave-engine", daemon=True)
         self.thread.start()
 
@@ -271,6 +273,7 @@ class Engine:
         for c in self.channels:
             c.close()
         self.placement, self.addresses = placement, list(addresses)
+        self._out_key = None
         # once per placement, not per step
         self._relay_depth = self.opts.pipeline_depth or auto_pipeline_depth(self.addresses, os.cpu_count() or 1)
         relay = self.opts.relay and self.opts.stream_steps and len(addresses) > 1
@@ -316,6 +319,7 @@ class Engine:
                        and not self._flights):
                     self.cv.wait()
                 if self._stop:
+                    self._flush()
                     for s in [*self.active, *self.waiting]:
                         s.out.put(Piece(finish="error", error="the server is shutting down"))
                     return
@@ -331,16 +335,27 @@ class Engine:
             if gone:
                 self._release(gone)
             if replan and not self._flights:
+                self._flush()
                 self._recover(None)
                 continue
             if not groups and not self._flights:
+                self._flush()
                 continue
             try:
-                for g in groups:
-                    self._send(g)
+                if self._answered_later():
+                    # the next steps go out first: handing out tokens wakes the threads streaming them
+                    # to clients, which would hold the GIL while the steps are being built and written
+                    for g in groups:
+                        self._send(g)
+                    self._flush()
+                else:
+                    self._flush()
+                    for g in groups:
+                        self._send(g)
                 self._receive()
                 self._failures = 0
             except StageError as e:
+                self._flush()
                 batch = self._abort_flights()
                 if self.recover is not None and e.recoverable and self._failures < self.opts.max_recoveries:
                     log.warning("step failed, re-planning: %s", e)
@@ -352,7 +367,23 @@ class Engine:
                     self._fail(batch, str(e))
             except Exception as e:  # a bug: fail these requests, keep serving the rest
                 log.exception("step failed")
+                self._flush()
                 self._fail(self._abort_flights(), str(e))
+
+    def _answered_later(self) -> bool:
+        """Steps are written now and answered later (relayed, or a single stage's stream), so the
+        last step's tokens can be handed out after the next step is sent; otherwise a step runs to
+        its end in _send, and the tokens go out before it."""
+        return self.chain is not None or len(self.streams) == 1
+
+    def _emit(self, s: _Session, piece: Piece) -> None:
+        self._outbox.append((s, piece))
+
+    def _flush(self) -> None:
+        """Hands out the pieces of the steps received so far, in order."""
+        out, self._outbox = self._outbox, []
+        for s, piece in out:
+            s.out.put(piece)
 
     def _abort_flights(self) -> list[_Session]:
         """Forgets every step in flight (a failure drops the chain's calls, so none of them can come
@@ -362,6 +393,9 @@ class Engine:
         self._done.clear()
         if self.chain is not None and self.chain.in_flight:
             self.chain.close()  # a bug between send and receive: drop the calls the steps are on
+        if self._out_key is not None:
+            self.streams[0].drop()  # the same for a single stage's stream
+            self._out_key = None
         for s in batch:
             s.flying = False
         return batch
@@ -452,6 +486,16 @@ class Engine:
                 return
         key = next(self._sync_keys)
         self._flights[key] = flight
+        if len(self.streams) == 1:  # written now, answered in _receive
+            req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
+                                    quantize_output=self.opts.quantize_wire)
+            try:
+                self.streams[0].send(req, self.opts.step_timeout_s)
+            except StepFailed as e:
+                raise StageError(0, self.addresses[0], e.code, e.details) from e
+            flight.req_bytes = req.ByteSize()
+            self._out_key = key
+            return
         self._done.append((key, self._through_stages(items, flight.decode)))
 
     def _chain_error(self, e: ChainFailed) -> StageError:
@@ -463,6 +507,14 @@ class Engine:
         if self._done:
             key, results = self._done.popleft()
             flight = self._flights[key]
+        elif self._out_key is not None:
+            key, self._out_key = self._out_key, None
+            flight = self._flights[key]
+            try:
+                resp = self.streams[0].receive()
+            except StepFailed as e:
+                raise StageError(0, self.addresses[0], e.code, e.details) from e
+            results = self._answered(flight, resp)
         else:
             assert self.chain is not None
             try:
@@ -492,11 +544,11 @@ class Engine:
                 continue
             tok = int(r.token)
             s.generated += 1
-            s.out.put(Piece(token=tok))
+            self._emit(s, Piece(token=tok))
             self.stats.tokens += 1
             reason = "eos" if tok in self.eos else "length" if s.generated >= s.req.max_tokens else ""
             if reason:
-                s.out.put(Piece(finish=reason))
+                self._emit(s, Piece(finish=reason))
                 finished.append(s)
             else:
                 s.pending = [tok]
@@ -505,12 +557,13 @@ class Engine:
             self.stats.recovery_s.append(time.perf_counter() - self._recovery_t0)
             self._recovery_t0 = None
         if finished:
+            self._flush()  # their last pieces go out now, not after the Release calls
             with self.cv:
                 self.active = [s for s in self.active if s not in finished]
             self._release(finished)
 
     def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
-        """One step through every stage in turn (the star, or a single stage)."""
+        """One step through every stage in turn (the star)."""
         prev: list[pb.StepResult] | None = None
         for k, stream in enumerate(self.streams):
             if prev is not None:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
@@ -530,6 +583,17 @@ class Engine:
             if len(resp.results) != len(items):
                 raise StageError(k, self.addresses[k], None, f"{len(resp.results)} results for {len(items)} items")
             prev = list(resp.results)
+        return list(resp.results)
+
+    def _answered(self, flight: _Flight, resp: pb.ForwardResponse) -> list[pb.StepResult]:
+        """A single stage's answer, checked; its figures go to the stats."""
+        if len(resp.results) != len(flight.batch):
+            raise StageError(0, self.addresses[0], None, f"{len(resp.results)} results for {len(flight.batch)} items")
+        if flight.decode:
+            rtt = (time.perf_counter() - flight.t0) * 1e3
+            self.stats.hop_overhead_ms[0].append(rtt - resp.compute_ms)
+            self.stats.compute_ms[0].append(resp.compute_ms)
+            self.stats.wire_bytes += flight.req_bytes + resp.ByteSize()
         return list(resp.results)
 
     def _relayed(self, flight: _Flight, event: pb.RelayEvent) -> list[pb.StepResult]:

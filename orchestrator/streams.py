@@ -70,30 +70,63 @@ class StageStream:
         self._channel: grpc.aio.Channel | None = None
         self._call: Any = None  # the open grpc.aio stream-stream call
         self._opened = 0.0
+        self._pending: tuple[pb.ForwardRequest, float, asyncio.TimerHandle | None] | None = None  # send()'s step
 
     def step(self, req: pb.ForwardRequest, timeout_s: float) -> pb.ForwardResponse:
         """-> the stage's response; raises StepFailed."""
-        if self.use_stream:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
+        self.send(req, timeout_s)
+        return self.receive()
+
+    def _failed(self, e: grpc.RpcError | StepFailed) -> StepFailed | None:
+        """Drops the stream after a failed write or read -> the failure to raise, or None for
+        UNIMPLEMENTED (an older worker, whose status may end the call at the write or at the read):
+        unary calls from now on."""
+        self._drop()
+        failed = e if isinstance(e, StepFailed) else StepFailed(e.code(), e.details() or "")
+        if failed.code == grpc.StatusCode.UNIMPLEMENTED:
+            self.use_stream = False
+            return None
+        return failed
+
+    def send(self, req: pb.ForwardRequest, timeout_s: float) -> None:
+        """Writes a step without waiting for its answer; receive() takes it. Only one step may be
+        out at a time. Raises StepFailed (the step then never happened)."""
+        if self._pending is not None:
+            raise RuntimeError("a step is already out on this stream; receive() it first")
+        if not self.use_stream:  # unary: the call runs in receive()
+            self._pending = (req, timeout_s, None)
+            return
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        timer: asyncio.TimerHandle | None = None
+        try:
+            timer = self._loop.run_until_complete(self._write(req, timeout_s))
+        except (grpc.RpcError, StepFailed) as e:
+            failed = self._failed(e)
+            if failed is not None:
+                raise failed from (None if failed is e else e)
+        self._pending = (req, timeout_s, timer)  # timer None: unary, in receive()
+
+    def receive(self) -> pb.ForwardResponse:
+        """-> the answer to the step send() wrote; raises StepFailed."""
+        if self._pending is None:
+            raise RuntimeError("no step is out on this stream")
+        req, timeout_s, timer = self._pending
+        self._pending = None
+        if timer is not None:
+            assert self._loop is not None
             try:
-                return self._loop.run_until_complete(self._step(req, timeout_s))
+                return self._loop.run_until_complete(self._read(timeout_s, timer))
             except (grpc.RpcError, StepFailed) as e:
-                self._drop()
-                failed = e if isinstance(e, StepFailed) else StepFailed(e.code(), e.details() or "")
-                # UNIMPLEMENTED: an older worker (its status may end the call at the write or at the
-                # read); unary from now on
-                if failed.code != grpc.StatusCode.UNIMPLEMENTED:
-                    if failed is e:
-                        raise
-                    raise failed from e
-                self.use_stream = False
+                failed = self._failed(e)
+                if failed is not None:
+                    raise failed from (None if failed is e else e)
         try:
             return self.stub.Forward(req, timeout=timeout_s)
         except grpc.RpcError as e:
             raise StepFailed(e.code(), e.details() or "") from e
 
-    async def _step(self, req: pb.ForwardRequest, timeout_s: float) -> pb.ForwardResponse:
+    async def _write(self, req: pb.ForwardRequest, timeout_s: float) -> asyncio.TimerHandle:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._call is not None and now - self._opened > self.lifetime_s - timeout_s - 5.0:
@@ -107,10 +140,21 @@ class StageStream:
         call = self._call
         timer = loop.call_later(timeout_s, call.cancel)
         try:
-            try:
-                await call.write(req)
-            except (grpc.RpcError, asyncio.InvalidStateError) as e:  # the call ended between steps
-                raise await _ended(call) from e
+            await call.write(req)
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:  # the call ended between steps
+            timer.cancel()
+            raise await _ended(call) from e
+        except asyncio.CancelledError as e:
+            raise StepFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"no answer within the step deadline of {timeout_s:g} s") from e
+        return timer
+
+    async def _read(self, timeout_s: float, timer: asyncio.TimerHandle) -> pb.ForwardResponse:
+        call = self._call
+        if call is None:
+            timer.cancel()
+            raise StepFailed(grpc.StatusCode.CANCELLED, "the stream was dropped while a step was out")
+        try:
             resp = await call.read()
         except asyncio.CancelledError as e:  # the timer fired: this step ran past its deadline
             raise StepFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -120,6 +164,11 @@ class StageStream:
         if resp is grpc.aio.EOF:
             raise await _ended(call)
         return resp
+
+    def drop(self) -> None:
+        """Forgets the stream and any step out on it (the next send opens a new stream)."""
+        self._pending = None
+        self._drop()
 
     def _drop(self) -> None:
         """Forgets the stream (cancelling it, so the worker frees its thread)."""

@@ -202,6 +202,28 @@ def test_steps_over_one_stream_generate_the_model_and_a_refused_step_ends_only_t
     assert stub.Release(pb.ReleaseRequest(session_ids=["st"]), timeout=5).released == 1
 
 
+def test_a_step_written_now_is_answered_later_and_a_dropped_one_never_is(whole):
+    from orchestrator.streams import StageStream
+
+    stub, _, port = whole
+    stream = StageStream(stub, f"127.0.0.1:{port}")
+    try:
+        stream.send(_tokens("later", 0, [1, 2], 0), 10.0)
+        with pytest.raises(RuntimeError, match="already out"):
+            stream.send(_tokens("later", 2, [3], 1), 10.0)  # one at a time
+        first = stream.receive().results[0]
+        assert first.session_id == "later"
+        with pytest.raises(RuntimeError, match="no step is out"):
+            stream.receive()
+        stream.send(_tokens("later", 2, [first.token], 1), 10.0)
+        stream.drop()  # e.g. the engine gave up its steps in flight: the answer must not reach the next step
+        ans = stream.step(_tokens("other", 0, [4], 0), 10.0)
+        assert [r.session_id for r in ans.results] == ["other"]
+    finally:
+        stream.close()
+        stub.Release(pb.ReleaseRequest(session_ids=["later", "other"]), timeout=5)
+
+
 def test_a_stuck_stage_fails_the_stream_step_at_its_deadline(whole):
     import time
 
