@@ -468,9 +468,9 @@ class Engine:
             for f in self._flights.values():
                 f.alone = False
             self.stats.overlapped_steps += 1
+        req = self._request(items)
+        flight.req_bytes = req.ByteSize()
         if self.chain is not None:
-            req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
-                                    quantize_output=self.opts.quantize_wire)
             try:
                 key = self.chain.send(req, self.opts.step_timeout_s)
             except RelayUnsupported as e:  # nothing was sent: this step, and the placement's next, go the star's way
@@ -481,22 +481,22 @@ class Engine:
                 self._flights[0] = flight  # lost with the others
                 raise self._chain_error(e) from e
             else:
-                flight.req_bytes = req.ByteSize()
                 self._flights[key] = flight
                 return
         key = next(self._sync_keys)
         self._flights[key] = flight
         if len(self.streams) == 1:  # written now, answered in _receive
-            req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
-                                    quantize_output=self.opts.quantize_wire)
             try:
                 self.streams[0].send(req, self.opts.step_timeout_s)
             except StepFailed as e:
                 raise StageError(0, self.addresses[0], e.code, e.details) from e
-            flight.req_bytes = req.ByteSize()
             self._out_key = key
             return
-        self._done.append((key, self._through_stages(items, flight.decode)))
+        self._done.append((key, self._through_stages(req, flight.decode)))
+
+    def _request(self, items: list[pb.StepItem]) -> pb.ForwardRequest:
+        return pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
+                                 quantize_output=self.opts.quantize_wire)
 
     def _chain_error(self, e: ChainFailed) -> StageError:
         k = -1 if e.stage is None else e.stage
@@ -514,7 +514,8 @@ class Engine:
                 resp = self.streams[0].receive()
             except StepFailed as e:
                 raise StageError(0, self.addresses[0], e.code, e.details) from e
-            results = self._answered(flight, resp)
+            rtt = (time.perf_counter() - flight.t0) * 1e3
+            results = self._answered(0, resp, len(flight.batch), flight.decode, rtt, flight.req_bytes)
         else:
             assert self.chain is not None
             try:
@@ -562,38 +563,30 @@ class Engine:
                 self.active = [s for s in self.active if s not in finished]
             self._release(finished)
 
-    def _through_stages(self, items: list[pb.StepItem], decode: bool) -> list[pb.StepResult]:
-        """One step through every stage in turn (the star)."""
-        prev: list[pb.StepResult] | None = None
+    def _through_stages(self, req: pb.ForwardRequest, decode: bool) -> list[pb.StepResult]:
+        """One step through every stage in turn (the star): req is the first stage's request."""
+        results: list[pb.StepResult] = []
         for k, stream in enumerate(self.streams):
-            if prev is not None:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
-                items = next_stage_items(items, prev)
-            req = pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
-                                    quantize_output=self.opts.quantize_wire)
+            if k:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
+                req = self._request(next_stage_items(req.items, results))
             t0 = time.perf_counter()
             try:
                 resp = stream.step(req, self.opts.step_timeout_s)
             except StepFailed as e:
                 raise StageError(k, self.addresses[k], e.code, e.details) from e
             rtt = (time.perf_counter() - t0) * 1e3
-            if decode:
-                self.stats.hop_overhead_ms[k].append(rtt - resp.compute_ms)
-                self.stats.compute_ms[k].append(resp.compute_ms)
-                self.stats.wire_bytes += req.ByteSize() + resp.ByteSize()
-            if len(resp.results) != len(items):
-                raise StageError(k, self.addresses[k], None, f"{len(resp.results)} results for {len(items)} items")
-            prev = list(resp.results)
-        return list(resp.results)
+            results = self._answered(k, resp, len(req.items), decode, rtt, req.ByteSize())
+        return results
 
-    def _answered(self, flight: _Flight, resp: pb.ForwardResponse) -> list[pb.StepResult]:
-        """A single stage's answer, checked; its figures go to the stats."""
-        if len(resp.results) != len(flight.batch):
-            raise StageError(0, self.addresses[0], None, f"{len(resp.results)} results for {len(flight.batch)} items")
-        if flight.decode:
-            rtt = (time.perf_counter() - flight.t0) * 1e3
-            self.stats.hop_overhead_ms[0].append(rtt - resp.compute_ms)
-            self.stats.compute_ms[0].append(resp.compute_ms)
-            self.stats.wire_bytes += flight.req_bytes + resp.ByteSize()
+    def _answered(self, k: int, resp: pb.ForwardResponse, items: int, decode: bool, rtt_ms: float,
+                  req_bytes: int) -> list[pb.StepResult]:
+        """Stage k's answer to a step of `items` items, checked; its figures go to the stats."""
+        if len(resp.results) != items:
+            raise StageError(k, self.addresses[k], None, f"{len(resp.results)} results for {items} items")
+        if decode:
+            self.stats.hop_overhead_ms[k].append(rtt_ms - resp.compute_ms)
+            self.stats.compute_ms[k].append(resp.compute_ms)
+            self.stats.wire_bytes += req_bytes + resp.ByteSize()
         return list(resp.results)
 
     def _relayed(self, flight: _Flight, event: pb.RelayEvent) -> list[pb.StepResult]:
