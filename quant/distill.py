@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from functools import partial
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -126,27 +125,10 @@ class _Curvature:
     def __init__(self) -> None:
         self.on = False
         self.sums: list[torch.Tensor | None] = []
-        self.squares: list[torch.Tensor | None] = []
         self.tokens = 0
 
     def attach(self, codes: list[torch.Tensor]) -> None:
-        """Sets up the sums for the codes that have gradients, and, outside measure(), adds up each
-        backward's squared gradient of them (self.squares), for the noise of their summed gradient."""
         self.sums = [torch.zeros_like(c) if c.requires_grad else None for c in codes]  # [N, K]
-        self.squares = [torch.zeros_like(c) if c.requires_grad else None for c in codes]  # [N, K]
-        for c, sq in zip(codes, self.squares, strict=True):
-            if sq is not None:
-                c.register_hook(partial(self._square, sq))
-
-    def _square(self, sq: torch.Tensor, g: torch.Tensor) -> None:
-        if not self.on:
-            sq.add_(g.square())
-
-    def noise(self, i: int, grad: torch.Tensor, steps: int) -> torch.Tensor:
-        """-> [N, K]: the standard error of a sum grad of `steps` per-step gradients, from their squares."""
-        sq = self.squares[i]
-        assert sq is not None
-        return (sq - grad.square() / steps).clamp_min(0).sqrt()
 
     def watch(self, i: int, y: torch.Tensor, xq: torch.Tensor) -> None:
         x2 = xq.detach().reshape(-1, xq.shape[-1]).square()  # [T, K]
@@ -178,47 +160,34 @@ class _Curvature:
         return acc / self.tokens * s.square()
 
     def reset(self) -> None:
-        """Zero Fisher sums (before measure)."""
         for a in self.sums:
             if a is not None:
                 a.zero_()
         self.tokens = 0
 
-    def clear_squares(self) -> None:
-        """Zero squared gradients (with the codes' .grad, after a flip round)."""
-        for a in self.squares:
-            if a is not None:
-                a.zero_()
-
 
 @torch.no_grad()
 def flip_codes(linears: list[QuantLinear], codes: list[torch.Tensor], rate: float,
-               curvature: list[torch.Tensor] | None = None, noise: list[torch.Tensor] | None = None,
-               z: float = 3.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+               curvature: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """In each linear, moves up to the `rate` fraction of its codes [N, K] one integer step against
     their accumulated loss gradient g (codes[i].grad), within the linear's code range
     (QuantLinear.code_range), and clears the gradients. Which codes: the largest expected gains
     |g| - h / 2 (second order, h = curvature[i] [N, K] in code units for the same summed loss; without
-    it, |g|), only where positive, where |g| is over z standard errors (noise[i] [N, K]), and at
-    most one per row: moves in one row add up in one output, which a diagonal estimate does not
-    see. -> per linear (flat indices, steps), what undo_flips takes back."""
+    it, |g|), only where positive. -> per linear (flat indices, steps), what undo_flips takes back."""
     done = []
     for j, (m, c) in enumerate(zip(linears, codes, strict=True)):
         g, c.grad = c.grad, None
-        k = min(int(rate * c.numel()), c.shape[0])
+        k = int(rate * c.numel())
         if g is None or k == 0:
             done.append((torch.zeros(0, dtype=torch.long), torch.zeros(0)))
             continue
         step = -torch.sign(g)  # [N, K]
         lo, hi = m.code_range()
         ok = (c + step >= lo) & (c + step <= hi) & (step != 0)
-        if noise is not None:
-            ok &= g.abs() > z * noise[j]
         gain = g.abs() if curvature is None else g.abs() - 0.5 * curvature[j]
-        best, col = torch.where(ok, gain, torch.zeros(())).max(dim=1)  # [N]: each row's best move
-        rows = torch.topk(best, k).indices
-        rows = rows[best[rows] > 0]
-        idx = rows * c.shape[1] + col[rows]
+        score = torch.where(ok, gain, torch.zeros(()))
+        idx = torch.topk(score.flatten(), k).indices
+        idx = idx[score.flatten()[idx] > 0]
         d = step.flatten()[idx]
         c.view(-1)[idx] += d
         done.append((idx, d))
@@ -327,12 +296,10 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
                     recent = torch.stack([calib_ids[(step - j) % calib_ids.shape[0]] for j in range(min(2, step + 1))])
                     curv.measure(model, recent, [codes[i] for i in dense], gen)
                     h = [curv.code_units(i, linears[i], log_scales[i]) * flip_every for i in dense]
-                    se = [curv.noise(i, codes[i].grad, flip_every) if codes[i].grad is not None else None for i in dense]
-                    flips.round(model, [linears[i] for i in dense], [codes[i] for i in dense], check_ids, check_ref, h, se)
-                    del h, se
+                    flips.round(model, [linears[i] for i in dense], [codes[i] for i in dense], check_ids, check_ref, h)
+                    del h
                     for c in codes:
                         c.grad = None
-                    curv.clear_squares()
                 bar.set_postfix(kl=f"{kls[-1]:.4f}", **({"flips": flips.kept} if flip_every else {}))
         with torch.no_grad():
             for m, ls in zip(linears, log_scales, strict=True):
@@ -360,12 +327,11 @@ class _Flips:
         self.log: list[tuple[float, int, float, float]] = []  # per round: rate, codes moved, KL before, after
 
     def round(self, model: nn.Module, linears: list[QuantLinear], codes: list[torch.Tensor], check_ids: torch.Tensor,
-              check_ref: list[torch.Tensor], curvature: list[torch.Tensor] | None = None,
-              noise: list[torch.Tensor] | None = None) -> None:
+              check_ref: list[torch.Tensor], curvature: list[torch.Tensor] | None = None) -> None:
         before = _kl(model, check_ids, check_ref)
         if not self.rounds:
             self.check_first = before
-        done = flip_codes(linears, codes, self.rate, curvature, noise)
+        done = flip_codes(linears, codes, self.rate, curvature)
         after = _kl(model, check_ids, check_ref)
         self.log.append((self.rate, sum(int(idx.numel()) for idx, _ in done), before, after))
         self.rounds += 1
