@@ -48,7 +48,6 @@ class DistillReport:
     flip_rounds: int = 0
     check_kl_first: float = 0.0  # held-out KL before the first flip round
     check_kl_last: float = 0.0  # held-out KL after the last round (undone rounds: before it)
-    flip_log: tuple[tuple[float, int, float, float], ...] = ()  # per round: rate, codes moved, check KL before, after
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,26 +75,24 @@ def _fake_quant_rows(x: torch.Tensor, static: float | None) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | None],
-                   grad_codes: bool = False, curv: "_Curvature | None" = None) -> Iterator[list[torch.Tensor]]:
+                   grad_codes: bool = False) -> Iterator[list[torch.Tensor]]:
     """Inside: each linear computes fake_quant(x) @ ((codes - zero) * scale * exp(log_scale))^T in
     float (differentiable in log_scale and x); the integer forward again afterwards. Yields each
     linear's codes as a float tensor [N, K] that the forward reads (changing one changes the model);
-    with grad_codes, they are leaves that collect their gradients in .grad. While curv.on, each
-    backward also adds up curv's per-weight sums for the linears whose codes have gradients."""
+    with grad_codes, they are leaves that collect their gradients in .grad."""
     saved, all_codes = [], []
-    for i, (m, ls) in enumerate(zip(linears, log_scales, strict=True)):
+    for m, ls in zip(linears, log_scales, strict=True):
         codes = m.int8_weight().float().requires_grad_(grad_codes and ls is not None and m.sparse_nnz is None)  # [N, K]: codes - zero, as the kernel multiplies them
         static = m.static_scale()
         all_codes.append(codes)
 
-        def forward(x: torch.Tensor, m=m, ls=ls, codes=codes, static=static, i=i) -> torch.Tensor:
+        def forward(x: torch.Tensor, m=m, ls=ls, codes=codes, static=static) -> torch.Tensor:
             x = m.centred(x)
             if m.rotate_block:
                 x = hadamard(x, m.rotate_block)
-            xq = _fake_quant_rows(x.float(), static)  # [..., K]
-            y = xq @ _dequant(m, codes, ls).t()  # [..., N]
-            if curv is not None and curv.on and codes.requires_grad:
-                curv.watch(i, y, xq)
+            scale = m.w_scale if ls is None else m.w_scale * torch.exp(ls)  # [N] or [N, G]
+            w = codes * (scale[:, None] if scale.dim() == 1 else expand_group_scale(scale, m.in_features, m.group_size))
+            y = _fake_quant_rows(x.float(), static) @ w.t()  # [..., N]
             return y + m.bias if m.bias is not None else y
 
         saved.append(m.__dict__.get("forward"))
@@ -110,72 +107,14 @@ def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | N
                 m.forward = f  # type: ignore[method-assign]
 
 
-def _dequant(m: QuantLinear, codes: torch.Tensor, ls: torch.Tensor | None) -> torch.Tensor:
-    """codes [N, K] -> weights [N, K]: codes * scale * exp(log-scale multiplier)."""
-    scale = m.w_scale if ls is None else m.w_scale * torch.exp(ls)  # [N] or [N, G]
-    return codes * (scale[:, None] if scale.dim() == 1 else expand_group_scale(scale, m.in_features, m.group_size))
-
-
-class _Curvature:
-    """The diagonal Fisher information of the model's own next-token distribution per weight:
-    F[n, k] = mean over tokens of (dlog q(y) / dW[n, k])^2 for labels y sampled from the model q, from
-    per-token products (dy_n)^2 (x_k)^2. It stands for the loss curvature of each weight, which
-    the KL's own gradients (near zero where the student matches the teacher) do not show."""
-
-    def __init__(self) -> None:
-        self.on = False
-        self.sums: list[torch.Tensor | None] = []
-        self.tokens = 0
-
-    def attach(self, codes: list[torch.Tensor]) -> None:
-        self.sums = [torch.zeros_like(c) if c.requires_grad else None for c in codes]  # [N, K]
-
-    def watch(self, i: int, y: torch.Tensor, xq: torch.Tensor) -> None:
-        x2 = xq.detach().reshape(-1, xq.shape[-1]).square()  # [T, K]
-        acc = self.sums[i]
-
-        def hook(gy: torch.Tensor) -> None:
-            acc.add_(gy.detach().reshape(-1, gy.shape[-1]).square().t() @ x2)  # [N, K]
-
-        y.register_hook(hook)
-
-    def measure(self, model: nn.Module, ids: torch.Tensor, leaves: list[torch.Tensor], gen: torch.Generator) -> None:
-        """Adds the Fisher sums of windows ids [W, L], with labels sampled from the model (leaves:
-        the code tensors, whose .grad stays as it is)."""
-        self.on = True
-        try:
-            for row in ids:
-                logp = F.log_softmax(model(row[None]).logits[0].float(), dim=-1)  # [L, V]
-                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)  # [L, 1]
-                torch.autograd.grad(-logp.gather(1, y).sum(), leaves)
-                self.tokens += row.numel()
-        finally:
-            self.on = False
-
-    def code_units(self, i: int, m: QuantLinear, ls: torch.Tensor) -> torch.Tensor:
-        """-> [N, K]: the mean Fisher in code units (one code step = one scale)."""
-        acc = self.sums[i]
-        assert acc is not None and self.tokens
-        s = _dequant(m, torch.ones_like(acc), ls).detach()  # [N, K] the step per weight
-        return acc / self.tokens * s.square()
-
-    def reset(self) -> None:
-        for a in self.sums:
-            if a is not None:
-                a.zero_()
-        self.tokens = 0
-
-
 @torch.no_grad()
-def flip_codes(linears: list[QuantLinear], codes: list[torch.Tensor], rate: float,
-               curvature: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """In each linear, moves up to the `rate` fraction of its codes [N, K] one integer step against
-    their accumulated loss gradient g (codes[i].grad), within the linear's code range
-    (QuantLinear.code_range), and clears the gradients. Which codes: the largest expected gains
-    |g| - h / 2 (second order, h = curvature[i] [N, K] in code units for the same summed loss; without
-    it, |g|), only where positive. -> per linear (flat indices, steps), what undo_flips takes back."""
+def flip_codes(linears: list[QuantLinear], codes: list[torch.Tensor], rate: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """In each linear, moves the `rate` fraction of its codes [N, K] whose accumulated loss gradient
+    (codes[i].grad) is largest one integer step against that gradient, within the linear's code
+    range (QuantLinear.code_range), and clears the gradients. -> per linear (flat indices, steps),
+    what undo_flips takes back."""
     done = []
-    for j, (m, c) in enumerate(zip(linears, codes, strict=True)):
+    for m, c in zip(linears, codes, strict=True):
         g, c.grad = c.grad, None
         k = int(rate * c.numel())
         if g is None or k == 0:
@@ -184,8 +123,7 @@ def flip_codes(linears: list[QuantLinear], codes: list[torch.Tensor], rate: floa
         step = -torch.sign(g)  # [N, K]
         lo, hi = m.code_range()
         ok = (c + step >= lo) & (c + step <= hi) & (step != 0)
-        gain = g.abs() if curvature is None else g.abs() - 0.5 * curvature[j]
-        score = torch.where(ok, gain, torch.zeros(()))
+        score = torch.where(ok, g.abs(), torch.zeros(()))
         idx = torch.topk(score.flatten(), k).indices
         idx = idx[score.flatten()[idx] > 0]
         d = step.flatten()[idx]
@@ -269,15 +207,12 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
     model.eval()
     teacher.eval()
     try:
-        curv = _Curvature()
-        with _float_forward(linears + extra, log_scales + [None] * len(extra), flip_every > 0, curv) as codes, \
+        with _float_forward(linears + extra, log_scales + [None] * len(extra), grad_codes=flip_every > 0) as codes, \
                 torch.enable_grad():
             codes = codes[: len(linears)]
-            curv.attach(codes)
             dense = [i for i, m in enumerate(linears) if m.sparse_nnz is None]
             check_ref = ([F.log_softmax(teacher(row[None]).logits[0].float(), dim=-1).detach() for row in check_ids]
                          if flip_every and check_ids is not None else [])  # [L, V] each
-            gen = torch.Generator().manual_seed(0)
             bar = tqdm(range(steps), desc="distill scales" + (" and codes" if flip_every else ""), disable=not progress)
             for step in bar:
                 ids = calib_ids[step % calib_ids.shape[0]].unsqueeze(0)  # [1, L]
@@ -291,13 +226,7 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
                 kls.append(loss.item())
                 if flip_every and (step + 1) % flip_every == 0:
                     assert check_ids is not None
-                    # the curvature of the flip_every steps' summed loss, from the last two windows
-                    curv.reset()
-                    recent = torch.stack([calib_ids[(step - j) % calib_ids.shape[0]] for j in range(min(2, step + 1))])
-                    curv.measure(model, recent, [codes[i] for i in dense], gen)
-                    h = [curv.code_units(i, linears[i], log_scales[i]) * flip_every for i in dense]
-                    flips.round(model, [linears[i] for i in dense], [codes[i] for i in dense], check_ids, check_ref, h)
-                    del h
+                    flips.round(model, [linears[i] for i in dense], [codes[i] for i in dense], check_ids, check_ref)
                     for c in codes:
                         c.grad = None
                 bar.set_postfix(kl=f"{kls[-1]:.4f}", **({"flips": flips.kept} if flip_every else {}))
@@ -313,8 +242,7 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
     tail = kls[-8:]
     return DistillReport(steps, sum(t.numel() for t in log_scales) + sum(p.numel() for p in norms),
                          kls[0] if kls else 0.0, sum(tail) / len(tail) if tail else 0.0, time.time() - t0,
-                         flips.kept, flips.rounds_kept, flips.rounds, flips.check_first, flips.check_last,
-                         tuple(flips.log))
+                         flips.kept, flips.rounds_kept, flips.rounds, flips.check_first, flips.check_last)
 
 
 class _Flips:
@@ -324,16 +252,14 @@ class _Flips:
         self.rate = rate
         self.kept = self.rounds = self.rounds_kept = 0
         self.check_first = self.check_last = 0.0
-        self.log: list[tuple[float, int, float, float]] = []  # per round: rate, codes moved, KL before, after
 
     def round(self, model: nn.Module, linears: list[QuantLinear], codes: list[torch.Tensor], check_ids: torch.Tensor,
-              check_ref: list[torch.Tensor], curvature: list[torch.Tensor] | None = None) -> None:
+              check_ref: list[torch.Tensor]) -> None:
         before = _kl(model, check_ids, check_ref)
         if not self.rounds:
             self.check_first = before
-        done = flip_codes(linears, codes, self.rate, curvature)
+        done = flip_codes(linears, codes, self.rate)
         after = _kl(model, check_ids, check_ref)
-        self.log.append((self.rate, sum(int(idx.numel()) for idx, _ in done), before, after))
         self.rounds += 1
         if after < before:
             self.kept += sum(int(idx.numel()) for idx, _ in done)
