@@ -70,8 +70,7 @@ def quant_config(a: argparse.Namespace):
                            avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
                            rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down,
                            rotate_all=a.rotate_all, rotate_residual=a.rotate_residual, gptq_refit=a.refit_scales,
-                           kd_steps=a.kd_steps, kd_lr=a.kd_lr, kd_data=a.kd_data,
-                           kd_flip_every=a.kd_flip_every, kd_flip_rate=a.kd_flip_rate, kd_flip_check=a.kd_flip_check)
+                           kd_steps=a.kd_steps, kd_lr=a.kd_lr, kd_data=a.kd_data)
     except ValueError as e:
         raise SystemExit(f"edgeweave quantize: {e}") from e
 
@@ -425,14 +424,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kd-data", choices=("calib", "mixed"), default=qd.kd_data,
                    help="--kd-steps: train on the calibration windows, or on them alternating with windows sampled "
                         "from the float model (mixed: text of no one domain)")
-    q.add_argument("--kd-flip-every", type=int, default=qd.kd_flip_every, metavar="STEPS",
-                   help="--kd-steps: every this many steps also move the integer codes with the largest loss gradient "
-                        "one step each, kept only if the KL on held-out calibration windows falls (default 0: off)")
-    q.add_argument("--kd-flip-rate", type=float, default=qd.kd_flip_rate,
-                   help="--kd-flip-every: the first round's fraction of each linear's codes (grows by half after a kept "
-                        "round, quartered after an undone one)")
-    q.add_argument("--kd-flip-check", type=int, default=qd.kd_flip_check, metavar="WINDOWS",
-                   help="--kd-flip-every: calibration windows held out of training to check each round on")
     q.add_argument("--epochs", type=int, default=qd.mq_epochs, help="mobilequant: passes over the calibration windows")
     q.add_argument("--lr-transform", type=float, default=qd.mq_lr_transform, help="mobilequant: transform scales")
     q.add_argument("--lr-clip", type=float, default=qd.mq_lr_clip, help="mobilequant: weight clipping factors")

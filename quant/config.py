@@ -67,12 +67,6 @@ class QuantConfig:
     # What distillation trains on: "calib" (the calibration windows) or "mixed" (calibration windows
     # alternating with windows sampled from the float model itself, text of no one domain)
     kd_data: str = "calib"
-    # Distillation also moves integer codes (quant/distill.flip_codes): every kd_flip_every steps, the
-    # kd_flip_rate fraction of each linear's codes with the largest summed loss gradient move one
-    # step, kept only if the KL on kd_flip_check held-out calibration windows falls. 0: off.
-    kd_flip_every: int = 0
-    kd_flip_rate: float = 2e-4
-    kd_flip_check: int = 4
     search_tokens: int = 4096  # calibration tokens kept per layer for the alpha/clip search
     quantize_lm_head: bool = True
     tender_groups: int = 4  # Tender: channel groups (power-of-two scales apart)
@@ -153,11 +147,6 @@ class QuantConfig:
         if self.kd_steps < 0 or (self.kd_steps and self.method not in ("rtn", "haq", "luc")) or not self.kd_lr > 0:
             raise ValueError(f"--kd-steps distills the weight scales of rtn, haq and luc checkpoints (steps >= 0, "
                              f"lr > 0), not {self.method} with {self.kd_steps} steps at lr {self.kd_lr}")
-        if self.kd_flip_every < 0 or (self.kd_flip_every and not self.kd_steps) or not 0 < self.kd_flip_rate < 1 \
-                or (self.kd_flip_every and not 0 < self.kd_flip_check < self.calib.samples):
-            raise ValueError(f"--kd-flip-every moves codes during --kd-steps distillation: it needs --kd-steps > 0, a rate "
-                             f"in (0, 1) and 0 < --kd-flip-check < --calib-samples ({self.calib.samples}); got every "
-                             f"{self.kd_flip_every}, rate {self.kd_flip_rate}, check {self.kd_flip_check}")
         if self.kd_data not in ("calib", "mixed"):
             raise ValueError(f"--kd-data must be 'calib' or 'mixed', got {self.kd_data!r}")
         if self.method == "luc":

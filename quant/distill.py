@@ -33,7 +33,7 @@ from .int4 import expand_group_scale
 from .kernels import quantize_activations_reference
 from .qlinear import QuantExperts, QuantLinear
 
-__all__ = ["DistillReport", "distill_scales", "flip_codes", "undo_flips", "interleave_windows", "sample_windows", "tunable_linears"]
+__all__ = ["DistillReport", "distill_scales", "interleave_windows", "sample_windows", "tunable_linears"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,6 @@ class DistillReport:
     kl_first: float  # KL (nats per token) of the first step's window, before any update
     kl_last: float  # mean KL of the last min(8, steps) steps' windows
     seconds: float
-    codes_flipped: int = 0  # integer codes moved by the kept flip rounds (flip_every > 0)
-    flip_rounds_kept: int = 0
-    flip_rounds: int = 0
-    check_kl_first: float = 0.0  # held-out KL before the first flip round
-    check_kl_last: float = 0.0  # held-out KL after the last round (undone rounds: before it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,17 +69,13 @@ def _fake_quant_rows(x: torch.Tensor, static: float | None) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | None],
-                   grad_codes: bool = False) -> Iterator[list[torch.Tensor]]:
+def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | None]) -> Iterator[None]:
     """Inside: each linear computes fake_quant(x) @ ((codes - zero) * scale * exp(log_scale))^T in
-    float (differentiable in log_scale and x); the integer forward again afterwards. Yields each
-    linear's codes as a float tensor [N, K] that the forward reads (changing one changes the model);
-    with grad_codes, they are leaves that collect their gradients in .grad."""
-    saved, all_codes = [], []
+    float (differentiable in log_scale and x); the integer forward again afterwards."""
+    saved = []
     for m, ls in zip(linears, log_scales, strict=True):
-        codes = m.int8_weight().float().requires_grad_(grad_codes and ls is not None and m.sparse_nnz is None)  # [N, K]: codes - zero, as the kernel multiplies them
+        codes = m.int8_weight().float()  # [N, K]: codes - zero, as the kernel multiplies them
         static = m.static_scale()
-        all_codes.append(codes)
 
         def forward(x: torch.Tensor, m=m, ls=ls, codes=codes, static=static) -> torch.Tensor:
             x = m.centred(x)
@@ -98,54 +89,13 @@ def _float_forward(linears: list[QuantLinear], log_scales: list[torch.Tensor | N
         saved.append(m.__dict__.get("forward"))
         m.forward = forward  # type: ignore[method-assign]
     try:
-        yield all_codes
+        yield
     finally:
         for m, f in zip(linears, saved, strict=True):
             if f is None:
                 del m.forward
             else:
                 m.forward = f  # type: ignore[method-assign]
-
-
-@torch.no_grad()
-def flip_codes(linears: list[QuantLinear], codes: list[torch.Tensor], rate: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """In each linear, moves the `rate` fraction of its codes [N, K] whose accumulated loss gradient
-    (codes[i].grad) is largest one integer step against that gradient, within the linear's code
-    range (QuantLinear.code_range), and clears the gradients. -> per linear (flat indices, steps),
-    what undo_flips takes back."""
-    done = []
-    for m, c in zip(linears, codes, strict=True):
-        g, c.grad = c.grad, None
-        k = int(rate * c.numel())
-        if g is None or k == 0:
-            done.append((torch.zeros(0, dtype=torch.long), torch.zeros(0)))
-            continue
-        step = -torch.sign(g)  # [N, K]
-        lo, hi = m.code_range()
-        ok = (c + step >= lo) & (c + step <= hi) & (step != 0)
-        score = torch.where(ok, g.abs(), torch.zeros(()))
-        idx = torch.topk(score.flatten(), k).indices
-        idx = idx[score.flatten()[idx] > 0]
-        d = step.flatten()[idx]
-        c.view(-1)[idx] += d
-        done.append((idx, d))
-    return done
-
-
-@torch.no_grad()
-def undo_flips(codes: list[torch.Tensor], done: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for c, (idx, d) in zip(codes, done, strict=True):
-        c.view(-1)[idx] -= d
-
-
-@torch.no_grad()
-def _kl(model: nn.Module, ids: torch.Tensor, ref: list[torch.Tensor]) -> float:
-    """Mean KL(ref || model) per token over windows ids [N, L] (ref: the teacher's log-probs [L, V])."""
-    total = 0.0
-    for row, p in zip(ids, ref, strict=True):
-        q = F.log_softmax(model(row[None]).logits[0].float(), dim=-1)  # [L, V]
-        total += F.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean().item()
-    return total / ids.shape[0]
 
 
 @torch.no_grad()
@@ -178,20 +128,12 @@ def interleave_windows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, steps: int, lr: float,
-                   progress: bool = True, flip_every: int = 0, flip_rate: float = 2e-4,
-                   check_ids: torch.Tensor | None = None) -> DistillReport:
+                   progress: bool = True) -> DistillReport:
     """Trains, in place, the weight scales of tunable_linears(model) and its norm weights for `steps`
     Adam steps, one calibration window [L] per step (calib_ids [N, L], cycled), against teacher's
-    next-token distributions. Norm weights take lr / 10.
-
-    flip_every > 0 also moves integer codes: every flip_every steps, in each dense linear the
-    flip_rate fraction of codes with the largest loss gradient summed over those steps move one step
-    against it (flip_codes). The flips are kept only if the KL on the held-out windows check_ids
-    [C, L] falls; the rate then grows by half, else the flips are undone and the rate quartered."""
+    next-token distributions. Norm weights take lr / 10."""
     t0 = time.time()
     linears = tunable_linears(model)
-    if flip_every and (check_ids is None or not len(check_ids)):
-        raise ValueError("flipping codes (flip_every > 0) needs held-out windows to check each round on")
     log_scales = [torch.zeros_like(m.w_scale, requires_grad=True) for m in linears]
     norms = [p for n, p in model.named_parameters() if "norm" in n.split(".")[-2]]
     frozen = {id(p): p.requires_grad for p in model.parameters()}
@@ -203,17 +145,11 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
     extra = [head] if isinstance(head, QuantLinear) else []  # passes gradients, keeps its scales
     opt = torch.optim.Adam([{"params": log_scales, "lr": lr}, {"params": norms, "lr": lr / 10}])
     kls: list[float] = []
-    flips = _Flips(flip_rate)
     model.eval()
     teacher.eval()
     try:
-        with _float_forward(linears + extra, log_scales + [None] * len(extra), grad_codes=flip_every > 0) as codes, \
-                torch.enable_grad():
-            codes = codes[: len(linears)]
-            dense = [i for i, m in enumerate(linears) if m.sparse_nnz is None]
-            check_ref = ([F.log_softmax(teacher(row[None]).logits[0].float(), dim=-1).detach() for row in check_ids]
-                         if flip_every and check_ids is not None else [])  # [L, V] each
-            bar = tqdm(range(steps), desc="distill scales" + (" and codes" if flip_every else ""), disable=not progress)
+        with _float_forward(linears + extra, log_scales + [None] * len(extra)), torch.enable_grad():
+            bar = tqdm(range(steps), desc="distill scales", disable=not progress)
             for step in bar:
                 ids = calib_ids[step % calib_ids.shape[0]].unsqueeze(0)  # [1, L]
                 with torch.no_grad():
@@ -221,52 +157,16 @@ def distill_scales(model: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor
                 pred = F.log_softmax(model(ids).logits.float(), dim=-1)
                 loss = F.kl_div(pred, target, log_target=True, reduction="none").sum(-1).mean()
                 opt.zero_grad()
-                loss.backward()  # the codes' gradients add up over steps until the next flip
+                loss.backward()
                 opt.step()
                 kls.append(loss.item())
-                if flip_every and (step + 1) % flip_every == 0:
-                    assert check_ids is not None
-                    flips.round(model, [linears[i] for i in dense], [codes[i] for i in dense], check_ids, check_ref)
-                    for c in codes:
-                        c.grad = None
-                bar.set_postfix(kl=f"{kls[-1]:.4f}", **({"flips": flips.kept} if flip_every else {}))
+                bar.set_postfix(kl=f"{kls[-1]:.4f}")
         with torch.no_grad():
             for m, ls in zip(linears, log_scales, strict=True):
                 m.w_scale.mul_(torch.exp(ls))
-            if flips.kept:
-                for i in dense:
-                    linears[i].set_codes(codes[i].detach().round().to(torch.int8))
     finally:
         for p in model.parameters():
             p.requires_grad_(frozen.get(id(p), False))
     tail = kls[-8:]
     return DistillReport(steps, sum(t.numel() for t in log_scales) + sum(p.numel() for p in norms),
-                         kls[0] if kls else 0.0, sum(tail) / len(tail) if tail else 0.0, time.time() - t0,
-                         flips.kept, flips.rounds_kept, flips.rounds, flips.check_first, flips.check_last)
-
-
-class _Flips:
-    """The code-flip rounds of one distillation: the current rate and what was kept."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.kept = self.rounds = self.rounds_kept = 0
-        self.check_first = self.check_last = 0.0
-
-    def round(self, model: nn.Module, linears: list[QuantLinear], codes: list[torch.Tensor], check_ids: torch.Tensor,
-              check_ref: list[torch.Tensor]) -> None:
-        before = _kl(model, check_ids, check_ref)
-        if not self.rounds:
-            self.check_first = before
-        done = flip_codes(linears, codes, self.rate)
-        after = _kl(model, check_ids, check_ref)
-        self.rounds += 1
-        if after < before:
-            self.kept += sum(int(idx.numel()) for idx, _ in done)
-            self.rounds_kept += 1
-            self.rate *= 1.5
-            self.check_last = after
-        else:
-            undo_flips(codes, done)
-            self.rate /= 4
-            self.check_last = before
+                         kls[0] if kls else 0.0, sum(tail) / len(tail) if tail else 0.0, time.time() - t0)

@@ -403,13 +403,11 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progre
     if teacher is not None:
         from .distill import distill_scales, interleave_windows, sample_windows
 
-        kd_ids, check = calib_ids, None
-        if cfg.kd_flip_every:  # the last calibration windows check the code flips and are not trained on
-            kd_ids, check = calib_ids[: -cfg.kd_flip_check], calib_ids[-cfg.kd_flip_check:]
+        kd_ids = calib_ids
         if cfg.kd_data == "mixed":  # calibration windows alternating with the float model's own text
-            n = min(kd_ids.shape[0], -(-cfg.kd_steps // 2))
+            n = min(calib_ids.shape[0], -(-cfg.kd_steps // 2))
             sampled = sample_windows(teacher, n, calib_ids.shape[1], seed=cfg.calib.seed, progress=progress)
-            kd_ids = interleave_windows(kd_ids[:n], sampled)
-        report.choices["distill"] = distill_scales(model, teacher, kd_ids, cfg.kd_steps, cfg.kd_lr, progress,
-                                                   cfg.kd_flip_every, cfg.kd_flip_rate, check).to_dict()
+            kd_ids = interleave_windows(calib_ids[:n], sampled)
+        report.choices["distill"] = distill_scales(model, teacher, kd_ids, cfg.kd_steps, cfg.kd_lr,
+                                                   progress).to_dict()
     return report

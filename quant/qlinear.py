@@ -168,37 +168,6 @@ class QuantLinear(nn.Module):
             return self._dense
         return unpack_w4(self.qweight4, self.w_zero, self.in_features, self.group_size) if self.w_bits == 4 else self.qweight
 
-    def code_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The integers int8_weight() may hold, per weight: (lo [N, K], hi [N, K]) int16. W8 [-127, 127];
-        W4 [-7, 7], or with zero points u - z in [-z, 15 - z]."""
-        n, k = self.out_features, self.in_features
-        if self.w_bits == 8:
-            lo, hi = torch.full((n, k), -127, dtype=torch.int16), torch.full((n, k), 127, dtype=torch.int16)
-        elif self.w_zero is None:
-            lo, hi = torch.full((n, k), -7, dtype=torch.int16), torch.full((n, k), 7, dtype=torch.int16)
-        else:
-            z = expand_group_scale(self.w_zero, k, self.group_size).to(torch.int16)  # [N, K]
-            lo, hi = -z, 15 - z
-        return lo, hi
-
-    def set_codes(self, q: torch.Tensor) -> None:
-        """Replaces the integer weights by q (int8 [N, K], what int8_weight() returns), stored as this
-        module stores them (packed 4-bit with the same zero points, or int8). Dense, non-Tender only."""
-        if self.sparse_nnz is not None or self.act_scheme == "tender":
-            raise ValueError("set_codes takes dense, non-Tender linears")
-        if q.dtype != torch.int8 or tuple(q.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"codes must be int8 [{self.out_features}, {self.in_features}], got {q.dtype} {tuple(q.shape)}")
-        lo, hi = self.code_range()
-        if bool(((q.to(torch.int16) < lo) | (q.to(torch.int16) > hi)).any()):
-            raise ValueError(f"codes outside this linear's W{self.w_bits} range")
-        if self.w_bits == 8:
-            self.qweight = q.contiguous()
-        elif self.w_zero is None:
-            self.qweight4 = pack_int4(q)
-        else:  # u = q + z in [0, 15]
-            u = q.to(torch.int16) + expand_group_scale(self.w_zero, self.in_features, self.group_size).to(torch.int16)
-            self.qweight4 = pack_int4(u.to(torch.int8), signed=False)
-
     def trainable(self) -> bool:
         """Whether tuning can train this module's weight scales (per output channel, not Tender)."""
         return self.group_size == 0 and self.act_scheme != "tender"
