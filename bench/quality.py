@@ -71,6 +71,10 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # ... on calibration windows alternating with windows sampled from the float model (--kd-data mixed)
     "haq-w4g128arkm-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                              "rotate_down": True, "kd_steps": 128, "kd_data": "mixed"},
+    # ... with four times the calibration (256 windows for smoothing, GPTQ and 128 distillation steps); this row
+    # alone does not use --calib-samples
+    "haq-w4g128ark-c256-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                                 "rotate_down": True, "kd_steps": 128, "kd_lr": 2e-3, "calib_samples": 256},
     # the residual stream rotated by a random orthogonal matrix folded into the weights first (--rotate-residual)
     "haq-w4g128arq-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                             "rotate_down": True, "rotate_residual": True},
@@ -142,8 +146,12 @@ def main() -> None:
             if isinstance(fields.get("target_bytes"), str):  # another row's tensor bytes
                 ref = RESULTS / "checkpoints" / fields["target_bytes"] / "model.safetensors"
                 fields["target_bytes"] = tensor_bytes(ref)
-            cfg = QuantConfig(**fields, calib=calib_cfg)
-            report = quantize(model, cfg, calib)
+            row_calib, row_ids = calib_cfg, calib
+            if "calib_samples" in fields:  # a row calibrated on more windows than --calib-samples (marked)
+                row_calib = CalibConfig(samples=fields.pop("calib_samples"))
+                row_ids = calibration_windows(tok, row_calib)
+            cfg = QuantConfig(**fields, calib=row_calib)
+            report = quantize(model, cfg, row_ids)
             out = save_checkpoint(model, tok, cfg, report, RESULTS / "checkpoints" / name)
             nbytes = (out / "model.safetensors").stat().st_size
         ppl = {k: perplexity(model, v, a.ctx, a.windows).ppl for k, v in ids.items()}
@@ -158,7 +166,8 @@ def main() -> None:
                "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10,
                "haq-w4g128arall-token": 1.10, "haq-w4g128arf-token": 1.10,
                "haq-w4g128arf1-token": 1.10, "haq-w4g128ark-token": 1.10,
-               "haq-w4g128arkm-token": 1.10, "haq-w4g128ark64-token": 1.10, "haq-w4g128arq-token": 1.10}
+               "haq-w4g128arkm-token": 1.10, "haq-w4g128ark64-token": 1.10, "haq-w4g128arq-token": 1.10,
+               "haq-w4g128ark-c256-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]
@@ -171,7 +180,8 @@ def main() -> None:
 
 Command: `python bench/quality.py --windows {a.windows} --calib-samples {a.calib_samples}`. SmolLM2-135M-Instruct
 (GGUF dequantized to float32 = FP), first {a.windows} windows of {a.ctx} tokens, calibration on {a.calib_samples} x 512
-C4 tokens taken from the end of the sample. Bytes: the checkpoint's tensor file (FP: float32 parameters).
+C4 tokens taken from the end of the sample (a row named -c256-: 256 x 512).
+Bytes: the checkpoint's tensor file (FP: float32 parameters).
 
 {table(["config", "WikiText-2 PPL (x FP)", "C4 PPL (x FP)", "bytes", "target (WikiText-2)"], lines)}
 """)
