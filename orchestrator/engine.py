@@ -469,7 +469,8 @@ class Engine:
                 f.alone = False
             self.stats.overlapped_steps += 1
         req = self._request(items)
-        flight.req_bytes = req.ByteSize()
+        if flight.decode and (self.chain is not None or len(self.streams) == 1):  # the star counts per stage
+            flight.req_bytes = req.ByteSize()  # for the wire-bytes figure, which decode steps feed
         if self.chain is not None:
             try:
                 key = self.chain.send(req, self.opts.step_timeout_s)
@@ -575,7 +576,7 @@ class Engine:
             except StepFailed as e:
                 raise StageError(k, self.addresses[k], e.code, e.details) from e
             rtt = (time.perf_counter() - t0) * 1e3
-            results = self._answered(k, resp, len(req.items), decode, rtt, req.ByteSize())
+            results = self._answered(k, resp, len(req.items), decode, rtt, req.ByteSize() if decode else 0)
         return results
 
     def _answered(self, k: int, resp: pb.ForwardResponse, items: int, decode: bool, rtt_ms: float,

@@ -167,6 +167,8 @@ class StageStream:
 
     def drop(self) -> None:
         """Forgets the stream and any step out on it (the next send opens a new stream)."""
+        if self._pending is not None and self._pending[2] is not None:
+            self._pending[2].cancel()  # that step's deadline timer
         self._pending = None
         self._drop()
 
