@@ -81,6 +81,9 @@ CONFIGS: dict[str, dict | None] = {  # name -> QuantConfig fields (None: the flo
     # ... with eight times the calibration (512 windows; 256 distillation steps, half a pass as above)
     "haq-w4g128ark-c512-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                                  "rotate_down": True, "kd_steps": 256, "kd_lr": 2e-3, "calib_samples": 512},
+    # ... with sixteen times (1024 windows, drawn from all the C4 sample but its first 256 k characters)
+    "haq-w4g128ark-c1024-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
+                                  "rotate_down": True, "kd_steps": 256, "kd_lr": 2e-3, "calib_samples": 1024},
     # the residual stream rotated by a random orthogonal matrix folded into the weights first (--rotate-residual)
     "haq-w4g128arq-token": {"method": "haq", "act_scheme": "token", "w_bits": 4, "w_group": 128, "w_asym": True,
                             "rotate_down": True, "rotate_residual": True},
@@ -174,7 +177,8 @@ def main() -> None:
                "haq-w4g128arf1-token": 1.10, "haq-w4g128ark-token": 1.10,
                "haq-w4g128arkm-token": 1.10, "haq-w4g128ark64-token": 1.10, "haq-w4g128arq-token": 1.10,
                "haq-w4g128ark64-c128-token": 1.10, "haq-w4g128ark-c256-token": 1.10,
-               "haq-w4g128ark-c512-token": 1.10}
+               "haq-w4g128ark-c512-token": 1.10,
+               "haq-w4g128ark-c1024-token": 1.10}
     lines = []
     for name in [n for n in CONFIGS if n in rows]:
         r = rows[name]
@@ -187,7 +191,7 @@ def main() -> None:
 
 Command: `python bench/quality.py --windows {a.windows} --calib-samples {a.calib_samples}`. SmolLM2-135M-Instruct
 (GGUF dequantized to float32 = FP), first {a.windows} windows of {a.ctx} tokens, calibration on {a.calib_samples} x 512
-C4 tokens taken from the end of the sample (a row named -c128-, -c256- or -c512-: that many x 512).
+C4 tokens taken from the end of the sample (a row named -c128- to -c1024-: that many x 512).
 Bytes: the checkpoint's tensor file (FP: float32 parameters).
 
 {table(["config", "WikiText-2 PPL (x FP)", "C4 PPL (x FP)", "bytes", "target (WikiText-2)"], lines)}

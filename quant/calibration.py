@@ -47,12 +47,19 @@ def read_text(path: str | Path, max_chars: int | None = None, from_end: bool = F
     return raw[-max_chars:] if from_end else raw[:max_chars]
 
 
+# Characters at the head of a calibration text never calibrated on (when the text is at least twice
+# as long): the evaluation protocol scores a file's first windows (8 x 2048 tokens, ~70 k characters).
+EVAL_HEAD_CHARS = 256_000
+
+
 def calibration_windows(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     """Random windows of cfg.seq_len tokens from the calibration text -> LongTensor [N, L]."""
     path = cfg.path or default_calibration_path()
-    # ~4 characters per token; read a margin more than needed, not the whole corpus. From the
-    # end of the text: the evaluation protocol scores the first windows, which stay unseen.
-    text = read_text(path, max_chars=cfg.samples * cfg.seq_len * 12, from_end=True)
+    # ~4 characters per token; a margin more than needed, not the whole corpus. From the end of the
+    # text, and never its first EVAL_HEAD_CHARS: the evaluation protocol scores the first windows.
+    text = read_text(path)
+    head = EVAL_HEAD_CHARS if len(text) >= 2 * EVAL_HEAD_CHARS else 0
+    text = text[max(head, len(text) - cfg.samples * cfg.seq_len * 12):]
     ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
     if ids.numel() < cfg.seq_len + 1:
         raise ValueError(f"{path} has {ids.numel()} tokens, fewer than one {cfg.seq_len}-token window")
