@@ -469,7 +469,7 @@ class Engine:
                 f.alone = False
             self.stats.overlapped_steps += 1
         req = self._request(items)
-        if flight.decode and (self.chain is not None or len(self.streams) == 1):  # the star counts per stage
+        if flight.decode and self._answered_later():  # the star counts per stage, in _send's own loop
             flight.req_bytes = req.ByteSize()  # for the wire-bytes figure, which decode steps feed
         if self.chain is not None:
             try:

@@ -55,8 +55,8 @@ EVAL_HEAD_CHARS = 256_000
 def calibration_windows(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     """Random windows of cfg.seq_len tokens from the calibration text -> LongTensor [N, L]."""
     path = cfg.path or default_calibration_path()
-    # ~4 characters per token; a margin more than needed, not the whole corpus. From the end of the
-    # text, and never its first EVAL_HEAD_CHARS: the evaluation protocol scores the first windows.
+    # ~4 characters per token: tokenize a margin more than needed, not the whole corpus. From the end
+    # of the text, and never its first EVAL_HEAD_CHARS: the evaluation protocol scores the first windows.
     text = read_text(path)
     head = EVAL_HEAD_CHARS if len(text) >= 2 * EVAL_HEAD_CHARS else 0
     text = text[max(head, len(text) - cfg.samples * cfg.seq_len * 12):]
