@@ -46,9 +46,8 @@ def main() -> None:
     a = ap.parse_args()
     ckpt = str(Path(a.checkpoint).resolve())
     from quant.checkpoint import read_manifest
-    from workers.shard import layer_count
 
-    n_layers = layer_count(read_manifest(ckpt))
+    n_layers = read_manifest(ckpt).n_layers
     cuts = [round(i * n_layers / a.stages) for i in range(a.stages + 1)]
     procs, addrs, stop = spawn_workers(a.stages)
     stubs = [pb_grpc.WorkerServiceStub(grpc.insecure_channel(x, options=GRPC_OPTIONS)) for x in addrs]

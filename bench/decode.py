@@ -21,7 +21,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not
 # would shadow the `kernels` package that transformers imports)
 from bench.report import machine, table, update_section, write_results  # noqa: E402
 from quant.checkpoint import load_checkpoint  # noqa: E402
-from quant.generate import HFDecoder, SamplingConfig, generate_tokens, make_decoder  # noqa: E402
+from quant.generate import HFDecoder, SamplingConfig, generate_tokens  # noqa: E402
+from workers.decode import make_decoder  # noqa: E402
 from quant.models import load_float_model, resolve_model  # noqa: E402
 from workers.llama_stage import LocalLlama  # noqa: E402
 
@@ -74,7 +75,7 @@ def main() -> None:
     med = {k: statistics.median(r for r, _ in v) for k, v in res.items()}
     ttft = {k: statistics.median(t for _, t in v) for k, v in res.items()}
     lcpp = llama_cpp_rate(a.tokens, a.reps)
-    m = manifest["method"]
+    m = manifest.method
     label = f"{m['method']} W8A8 {m['act_scheme']}"
     write_results("decode", {"runs": res, "median_tok_s": med, "ttft_s": ttft, "llama_cpp_tok_s": lcpp, "checkpoint": label})
     ratio = med["int8"] / med["fp32"]

@@ -33,7 +33,7 @@ from workers.wire import GRPC_OPTIONS, encode_activation  # noqa: E402
 
 def serve(ports: mp.Queue, stop: mp.Event) -> None:  # type: ignore[valid-type]
     """The worker process: a WorkerService on a free loopback port until `stop`."""
-    from orchestrator.profile import NodeProfile
+    from workers.profile import NodeProfile
     from workers.server import start_worker_server
 
     server, port, _ = start_worker_server(NodeProfile("bench", "cpu", 10**9, 1.0))

@@ -28,8 +28,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not
 from bench.decode import PROMPT, decode_rate  # noqa: E402
 from bench.report import RESULTS, table, update_section, write_results  # noqa: E402
 from quant.checkpoint import load_checkpoint, read_manifest  # noqa: E402
-from quant.generate import make_decoder  # noqa: E402
-from workers.shard import ShardRange, layer_count, shard_weight_bytes  # noqa: E402
+from workers.decode import make_decoder  # noqa: E402
+from quant.manifest import ShardRange, shard_weight_bytes  # noqa: E402
 
 # name -> (method, scheme) for the table; the quality rows use the same names
 ROWS = {
@@ -66,8 +66,8 @@ TARGETS = {"tender-g8": 1.02, "mq-w8": 1.02, "haq-w4g128-token": 1.10, "haq-w4-t
            "haq-tensor": 1.03, "haq-w4g128arq-token": 1.10}
 
 
-def resident_bytes(manifest: dict) -> int:
-    return shard_weight_bytes(manifest, ShardRange(0, layer_count(manifest), True, True))
+def resident_bytes(manifest) -> int:
+    return shard_weight_bytes(manifest, ShardRange(0, manifest.n_layers, True, True))
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
         rates = [decode_rate(dec, ids, a.tokens)[0] for _ in range(a.reps)]
         rows[name] = {"ppl": quality[name]["ppl"], "file_bytes": quality[name]["bytes"],
                       "resident_bytes": resident_bytes(manifest), "decode_tok_s": statistics.median(rates),
-                      "policy": manifest["method"].get("layer_policy") or None, "measured": today}
+                      "policy": manifest.method.get("layer_policy") or None, "measured": today}
         print(name, rows[name], flush=True)
         del model, dec
     base = {}  # run -> HAQ W8A8 per-token's decode rate in that run: speeds compare within a run only

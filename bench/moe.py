@@ -18,7 +18,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not
 # would shadow the `kernels` package that transformers imports)
 
 from bench.report import ROOT, table, update_section, write_results  # noqa: E402
-from orchestrator.experts import expert_bytes, fast_tier_fraction, load_trace, token_routes  # noqa: E402
+from orchestrator.experts import load_trace, token_routes
+from quant.manifest import expert_bytes, fast_tier_fraction  # noqa: E402
 from orchestrator.moesim import MIXTRAL_8X7B, SimConfig, run_sim  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "data" / "moe" / "mixtral8x7b_gsm8k_routing.jsonl"

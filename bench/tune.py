@@ -65,7 +65,7 @@ def main() -> None:
         exits = tuple(int(e) for e in spec.split(","))
         votes[spec] = {k: voting_perplexity(model, v, 2048, a.windows, exits).ppl for k, v in ids.items()}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res = {"checkpoint": a.checkpoint, "method": manifest["method"]["method"], "window": a.window, "steps": a.steps,
+    res = {"checkpoint": a.checkpoint, "method": manifest.method["method"], "window": a.window, "steps": a.steps,
            "lr": a.lr, "train_windows": int(train_ids.shape[0]), "seq_len": a.seq_len, "before": before, "after": after,
            "voting": votes, "report": r.to_dict(), "seconds": seconds, "peak_rss_bytes": rss}
     print(res)

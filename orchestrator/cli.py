@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from quant.config import METHODS, QuantConfig  # light: no torch
+
 __all__ = ["main"]
 
 
@@ -19,7 +21,7 @@ def _load_any(name_or_dir: str):
 
     if is_checkpoint(name_or_dir):
         model, tok, manifest = load_checkpoint(name_or_dir)
-        m = manifest["method"]
+        m = manifest.method
         return model, tok, f"{m['method']} W{m['w_bits']}A{m['a_bits']} {m['act_scheme']}"
     model, tok = load_float_model(name_or_dir)
     return model, tok, "fp32"
@@ -40,17 +42,11 @@ def _luc_options(text: str) -> tuple[tuple, ...]:
 
 
 def _byte_count(text: str) -> int:
-    """"67MB", "512KiB", "1000000" -> bytes."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    t = text.strip().lower()
-    for u, f in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * f)
-            except ValueError:
-                break
+    """"67MB", "512KiB", "1000000" -> bytes (quant.manifest.parse_bytes, as an argparse type)."""
+    from quant.manifest import parse_bytes
+
     try:
-        return int(t)
+        return parse_bytes(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 67MB, 64MiB, 70000000)") from e
 
@@ -126,7 +122,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     from quant.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
     from quant.config import CalibConfig, QuantConfig
     from quant.evaluate import tokenize_for_eval
-    from quant.pipeline import QuantReport
+    from quant.layerwise import QuantReport
     from quant.tune import TuneConfig, tune
 
     if not is_checkpoint(a.checkpoint):
@@ -142,8 +138,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
     train_ids = calibration_windows(tok, CalibConfig(path=a.text, samples=a.samples, seq_len=a.seq_len, seed=1))
     cfg = TuneConfig(window=a.window, steps=a.steps, batch=a.batch, lr=a.lr)
     r = tune(model, train_ids, eval_ids, cfg)
-    report = QuantReport(choices={**manifest["choices"], "tune": {**r.to_dict(), "text": str(a.text), **cfg.__dict__}},
-                         config=QuantConfig.from_dict(manifest["method"]))
+    report = QuantReport(choices={**manifest.choices, "tune": {**r.to_dict(), "text": str(a.text), **cfg.__dict__}},
+                         config=QuantConfig.from_dict(manifest.method))
     out = save_checkpoint(model, tok, report.config, report, a.out)  # type: ignore[arg-type]
     print(f"tuned {r.windows} windows of {a.window} layers: held-out loss {r.loss_before:.4f} -> {r.loss_after:.4f}; "
           f"tuning memory {r.peak_window_bytes / 2**20:.1f} MiB per window vs {r.full_model_bytes / 2**20:.1f} MiB for "
@@ -152,7 +148,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from quant.generate import SamplingConfig, stream_text
+    from quant.generate import SamplingConfig
+    from workers.decode import stream_text
 
     if a.server:
         if a.prompt is not None:
@@ -228,7 +225,7 @@ def _report_and_wait(actor, address: str) -> None:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from orchestrator.planner import PlanOptions, format_placement, plan
-    from orchestrator.profile import load_profiles
+    from workers.profile import load_profiles
     from quant.checkpoint import is_checkpoint, read_manifest
     from workers.shard import check_servable
 
@@ -261,7 +258,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def _local_nodes(a: argparse.Namespace):
     from orchestrator.local import LocalNode
-    from orchestrator.profile import parse_bytes
+    from quant.manifest import parse_bytes
 
     mems = [parse_bytes(m) for m in a.node_memory.split(",")] if a.node_memory else []
     if mems and len(mems) != a.nodes:
@@ -375,13 +372,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", action="store_true", help="MoE: do not move up the experts predicted next")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeweave", description="Quantize, place and serve LLMs on edge clusters.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="post-training quantization to an int8 checkpoint")
     q.add_argument("model", help="smollm2-135m, a Hugging Face model directory, or a .gguf file")
-    q.add_argument("--method", choices=("rtn", "haq", "tender", "mobilequant", "luc"), default="haq",
+    q.add_argument("--method", choices=METHODS, default="haq",
                    help="haq: smoothing + Hessian-aware rounding; rtn: round to nearest; tender: power-of-two "
                         "channel groups for activations (--groups), RTN weights; mobilequant: transforms, weight clips "
                         "and static activation ranges learned end to end (integer-only, static scales); luc: per-layer bits "
@@ -413,8 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token: per-token dynamic activation scales; tensor: static per-tensor scales "
                         "(tender and mobilequant set their own)")
     q.add_argument("--groups", type=int, default=4, help="tender: channel groups, scales a power of two apart")
-    from quant.config import QuantConfig  # light: no torch
+    _quantize_method_args(q)
+    q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
+    q.add_argument("--calib-samples", type=int, default=64)
+    q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")
+    q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.set_defaults(fn=cmd_quantize)
 
+
+def _quantize_method_args(q: argparse.ArgumentParser) -> None:
+    """The options of one method each: distillation, MobileQuant's learning rates, LUC's budget."""
     qd = QuantConfig()
     q.add_argument("--kd-steps", type=int, default=0, metavar="STEPS",
                    help="after quantizing, distill every quantized linear's weight scales and the norm weights end to "
@@ -438,12 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--luc-options", default=",".join(f"{b}:{sp:g}" if sp else str(b) for b, sp in qd.luc_options),
                    help="luc: per-layer choices, BITS, BITS:SPARSITY or BITS:SPARSITY:GROUP (a W4 option's own "
                         "weight-scale group, 0: per channel; default --w-group), comma-separated")
-    q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
-    q.add_argument("--calib-samples", type=int, default=64)
-    q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")
-    q.add_argument("--out", required=True, help="output checkpoint directory")
-    q.set_defaults(fn=cmd_quantize)
 
+
+def _add_model_commands(sub) -> None:
+    """eval, tune and generate: one process, a model or a checkpoint."""
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint (METHODS.md section 6)")
     e.add_argument("model")
     e.add_argument("--text", default=None, help="default: ../shared/data/wikitext2/test.txt")
@@ -479,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
 
+
+def _add_cluster_commands(sub) -> None:
+    """plan, serve, up, demo and moe-sim: placement and serving on Ray nodes."""
     pl = sub.add_parser("plan", help="print the placement of a checkpoint on nodes, starting nothing")
     pl.add_argument("model", help="quantized checkpoint directory")
     pl.add_argument("--nodes", required=True,
@@ -524,6 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--inter", type=int, default=14336, help="expert intermediate size (default: Mixtral-8x7B)")
     ms.add_argument("--json", default=None, help="also write the report here")
     ms.set_defaults(fn=cmd_moe_sim)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeweave", description="Quantize, place and serve LLMs on edge clusters.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_model_commands(sub)
+    _add_cluster_commands(sub)
     return p
 
 

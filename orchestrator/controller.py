@@ -32,12 +32,13 @@ from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, open_channel
 from quant.checkpoint import read_manifest
-from workers.shard import check_servable, moe_shape
+from workers.residency import HYSTERESIS
+from workers.shard import check_servable
 
 from .engine import Engine, EngineOptions, StageError, Unavailable
 from .health import BanList
 from .planner import Placement, PlacementError, PlanOptions, plan
-from .profile import POOL_LABEL, TIER_LABEL, NodeProfile
+from workers.profile import POOL_LABEL, TIER_LABEL, NodeProfile
 from .service import InferenceServicer, start_inference_server
 
 __all__ = ["ServeOptions", "Controller", "start_controller", "node_offers"]
@@ -73,7 +74,7 @@ class ServeOptions:
     redis_url: str = ""  # "" : $EDGEWEAVE_REDIS_URL, else a private Redis server started here
     prefetch: bool = True
     replace_interval_s: float = 5.0  # how often the controller revises the fast tiers from the statistics
-    replace_hysteresis: float = 0.4  # log-count margin a cold expert needs to displace a resident one
+    replace_hysteresis: float = HYSTERESIS  # log-count margin a cold expert needs to displace a resident one
     security: Security = field(default_factory=Security)  # TLS and token for every server and channel
 
     def __post_init__(self) -> None:
@@ -136,12 +137,12 @@ class Controller:
                                  hop_ms=opts.hop_ms, fast_slots=opts.fast_slots, remote_experts=opts.remote_experts)
         self.placement = plan(self.manifest, list(self.profile_of.values()), self.popts, model=str(root))
         _log_placement(self.placement)
-        self.moe = moe_shape(self.manifest)
+        self.moe = self.manifest.moe
         self.model_name = root.name
         self.redis_server = None
         self.redis_url = ""
         if self.moe:
-            from .redis_stats import RedisServer, default_url
+            from .redis_server import RedisServer, default_url
 
             self.redis_url = opts.redis_url or default_url() or ""
             if not self.redis_url:
@@ -363,21 +364,19 @@ class Controller:
         assert self.moe is not None
         remote = self.placement.remote_units()
         stage = next((s for s in self.placement.stages if s.node_id == node_id), None)
-        own = {(l, e) for l in range(stage.first, stage.last) for e in range(self.moe[0])} if stage else set()
+        own = {(l, e) for l in range(stage.first, stage.last) for e in range(self.moe.experts)} if stage else set()
         return {u for u in own if u not in remote} | {u for u, h in remote.items() if h == node_id}
 
     def replace_now(self) -> dict:
         """One replacement round: read the statistics, choose each fast tier (hysteresis), send the
         maps that changed as a new version -> {node id: {layer: experts}} of what was sent."""
-        import numpy as np
-
-        from .experts import choose_resident
-        from .redis_stats import connect, read_stats
+        from workers.residency import choose_resident, replacement_scores
+        from workers.route_stats import connect, read_stats
 
         assert self.moe is not None
         client = connect(self.redis_url)
         try:
-            st = read_stats(client, self.model_name, self.placement.layers, self.moe[0])
+            st = read_stats(client, self.model_name, self.placement.layers, self.moe.experts)
         finally:
             client.close()
         sent: dict = {}
@@ -385,10 +384,9 @@ class Controller:
             held = self.held_units(n)
             changed = []
             for lx in h.fast:
-                counts = st.act[lx.layer]
-                if counts.sum() == 0:
+                scores = replacement_scores(st, lx.layer)
+                if scores is None:
                     continue
-                scores = np.log(counts + 1.0)
                 cur = frozenset(int(e) for e in lx.experts)
                 new = choose_resident(scores, cur, self.placement.fast_slots or len(cur), self.opts.replace_hysteresis,
                                       allowed=[e for l, e in held if l == lx.layer])

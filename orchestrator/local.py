@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .controller import NODE_RESOURCE
-from .profile import POOL_LABEL, TIER_LABEL
+from workers.profile import POOL_LABEL, TIER_LABEL
 
 __all__ = ["LocalNode", "LocalCluster"]
 

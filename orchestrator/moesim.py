@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .experts import (LFUPolicy, LRUPolicy, PathStats, SimResult, StatsPolicy, StatsWeights, TokenRoute, belady,
-                      expert_bytes, fast_tier_fraction, simulate)
+from quant.manifest import expert_bytes, fast_tier_fraction
+from workers.residency import PathStats, StatsWeights
+
+from .experts import LFUPolicy, LRUPolicy, SimResult, StatsPolicy, TokenRoute, belady, simulate
 
 __all__ = ["POLICIES", "MIXTRAL_8X7B", "SimConfig", "run_sim", "format_sim"]
 

@@ -21,10 +21,8 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from workers.moe import is_expert_tensor
-from workers.shard import ShardRange, expert_unit_bytes, kv_bytes_per_token, layer_count, moe_shape, shard_weight_bytes
-
-from .profile import NodeProfile
+from quant.manifest import Manifest, ShardRange, expert_unit_bytes, is_expert_tensor, layer_of, shard_weight_bytes
+from workers.profile import NodeProfile
 
 __all__ = ["PlanOptions", "Stage", "ExpertHost", "Placement", "PlacementError", "plan", "activation_bytes", "format_placement"]
 
@@ -114,44 +112,44 @@ class Placement:
         return {u: h.node_id for h in self.expert_hosts for u in h.units}
 
 
-def activation_bytes(manifest: dict, opts: PlanOptions, head: bool) -> int:
+def activation_bytes(manifest: Manifest, opts: PlanOptions, head: bool) -> int:
     """Headroom for one step of a prefill chunk: float32 activations, int8 copies, attention scores."""
-    c = manifest["model_config"]
-    d, i, h = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    dims = manifest.dims
+    d, i, h = dims.hidden, dims.intermediate, dims.heads
     t = opts.prefill_chunk
     rows = t * (4 * d + 3 * i) * 4 + t * (d + i)  # residual, qkv, o, gate/up, silu product + int8 copies
     scores = h * t * opts.context * 4  # [H, T, S] float32
-    logits = opts.batch * c["vocab_size"] * 4 if head else 0
+    logits = opts.batch * dims.vocab * 4 if head else 0
     return rows + scores + logits
 
 
-def _int8_macs(manifest: dict, r: ShardRange) -> int:
+def _int8_macs(manifest: Manifest, r: ShardRange) -> int:
     """int8 multiply-accumulates per token of a shard: its int8 weights, less a tied embedding's gather
     (MoE: k of E experts run per token)."""
-    t = manifest["tensors"]
-    names = [n for n in t if t[n]["dtype"] == "int8" and n.endswith("qweight")]
-    e, k = moe_shape(manifest) or (1, 1)
+    t = manifest.tensors
+    names = [n for n in t if t[n].dtype == "int8" and n.endswith("qweight")]
+    e, k = (manifest.moe.experts, manifest.moe.top_k) if manifest.moe else (1, 1)
     total = 0
     for n in names:
-        if n.startswith("model.layers."):
-            li = int(n.split(".")[2])
-            macs = math.prod(t[n]["shape"]) * k // e if is_expert_tensor(n) else math.prod(t[n]["shape"])
+        li = layer_of(n)
+        if li is not None:
+            macs = math.prod(t[n].shape) * k // e if is_expert_tensor(n) else math.prod(t[n].shape)
             total += macs if r.first <= li < r.last else 0
         elif n.startswith("lm_head.") and r.head:
-            total += math.prod(t[n]["shape"])
+            total += math.prod(t[n].shape)
     return total
 
 
 class _Sizes:
     """Per-layer weight bytes and int8 MACs, precomputed once from the manifest."""
 
-    def __init__(self, manifest: dict, opts: PlanOptions) -> None:
-        n = layer_count(manifest)
+    def __init__(self, manifest: Manifest, opts: PlanOptions) -> None:
+        n = manifest.n_layers
         self.layer_bytes = [shard_weight_bytes(manifest, ShardRange(i, i + 1, False, False)) for i in range(n)]
-        moe = moe_shape(manifest)
+        moe = manifest.moe
         self.unit_bytes = [expert_unit_bytes(manifest, i) for i in range(n)] if moe else [0] * n
         if moe:  # the fast tier of the experts that stay with their layer; the slow tier is the checkpoint file
-            local = min(opts.slots(moe[0]), moe[0] - opts.remote_experts)
+            local = min(opts.slots(moe.experts), moe.experts - opts.remote_experts)
             self.layer_bytes = [b + local * u for b, u in zip(self.layer_bytes, self.unit_bytes)]
         self.prefix = [0]
         for b in self.layer_bytes:
@@ -170,21 +168,21 @@ class _Sizes:
         return self.mac_prefix[r.last] - self.mac_prefix[r.first] + (self.head_macs if r.head else 0)
 
 
-def plan(manifest: dict, profiles: list[NodeProfile], opts: PlanOptions = PlanOptions(), model: str = "") -> Placement:
+def plan(manifest: Manifest, profiles: list[NodeProfile], opts: PlanOptions = PlanOptions(), model: str = "") -> Placement:
     if not profiles:
         raise PlacementError("no nodes to place on")
     ids = [p.node_id for p in profiles]
     if len(set(ids)) != len(ids):
         raise PlacementError(f"node ids must be distinct: {ids}")
-    moe = moe_shape(manifest)
-    if moe and opts.remote_experts >= moe[0]:
-        raise PlacementError(f"--remote-experts {opts.remote_experts} must leave at least one of the {moe[0]} experts "
+    moe = manifest.moe
+    if moe and opts.remote_experts >= moe.experts:
+        raise PlacementError(f"--remote-experts {opts.remote_experts} must leave at least one of the {moe.experts} experts "
                              f"per layer with its layer")
     sizes = _Sizes(manifest, opts)
     found = _search(manifest, sizes, profiles, opts)
     if found is None:
         raise PlacementError(_missing_message(manifest, sizes, profiles, opts))
-    n_layers, kv_tok = layer_count(manifest), kv_bytes_per_token(manifest, 1) * opts.context * opts.batch
+    n_layers, kv_tok = manifest.n_layers, manifest.kv_bytes_per_token(1) * opts.context * opts.batch
     stages, start = [], 0
     for p, end in found[1]:
         r = ShardRange(start, end, start == 0, end == n_layers)
@@ -193,8 +191,8 @@ def plan(manifest: dict, profiles: list[NodeProfile], opts: PlanOptions = PlanOp
                             round(sizes.macs(r) / (p.int8_gops * 1e9) * 1e3 + opts.hop_ms, 3)))
         start = end
     hosts = _place_remote_experts(manifest, sizes, profiles, stages, opts) if moe else ()
-    slots = opts.slots(moe[0]) if moe else 0
-    body = json.dumps({"files": manifest.get("files"), "stages": [asdict(s) for s in stages],
+    slots = opts.slots(moe.experts) if moe else 0
+    body = json.dumps({"files": manifest.file_digest_source(), "stages": [asdict(s) for s in stages],
                        "hosts": [asdict(h) for h in hosts], "slots": slots,
                        "context": opts.context, "batch": opts.batch}, sort_keys=True)
     pid = f"v{opts.version}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
@@ -202,13 +200,13 @@ def plan(manifest: dict, profiles: list[NodeProfile], opts: PlanOptions = PlanOp
                      slots, hosts)
 
 
-def _place_remote_experts(manifest: dict, sizes: _Sizes, profiles: list[NodeProfile], stages: list[Stage],
+def _place_remote_experts(manifest: Manifest, sizes: _Sizes, profiles: list[NodeProfile], stages: list[Stage],
                           opts: PlanOptions) -> tuple[ExpertHost, ...]:
     """The last `remote_experts` experts of each layer go to other nodes, each to the node (not the
     layer's own) with the most budget left; they are resident there."""
     if not opts.remote_experts:
         return ()
-    n_experts = (moe_shape(manifest) or (0, 0))[0]
+    n_experts = manifest.moe.experts if manifest.moe else 0
     free = {p.node_id: p.budget_bytes for p in profiles}
     for s in stages:
         free[s.node_id] -= s.used_bytes
@@ -228,10 +226,10 @@ def _place_remote_experts(manifest: dict, sizes: _Sizes, profiles: list[NodeProf
     return tuple(ExpertHost(n, tuple(u), sum(sizes.unit_bytes[l] for l, _ in u)) for n, u in sorted(units.items()))
 
 
-def _search(manifest: dict, sizes: _Sizes, profiles: list[NodeProfile], opts: PlanOptions):
+def _search(manifest: Manifest, sizes: _Sizes, profiles: list[NodeProfile], opts: PlanOptions):
     """-> (estimated ms per token, ((profile, end layer), ...)) or None when nothing fits."""
-    n_layers = layer_count(manifest)
-    kv_tok = kv_bytes_per_token(manifest, 1) * opts.context * opts.batch  # one layer
+    n_layers = manifest.n_layers
+    kv_tok = manifest.kv_bytes_per_token(1) * opts.context * opts.batch  # one layer
     act = {h: activation_bytes(manifest, opts, h) for h in (False, True)}
 
     def need(r: ShardRange) -> int:
@@ -272,11 +270,11 @@ def _search(manifest: dict, sizes: _Sizes, profiles: list[NodeProfile], opts: Pl
     return None if found is None else (found[0], tuple((useful[k], j) for k, j in found[2]))
 
 
-def _missing_message(manifest: dict, sizes: _Sizes, profiles: list[NodeProfile], opts: PlanOptions) -> str:
+def _missing_message(manifest: Manifest, sizes: _Sizes, profiles: list[NodeProfile], opts: PlanOptions) -> str:
     """Says how many bytes are missing: the least extra budget on the largest node that makes it fit."""
-    n = layer_count(manifest)
+    n = manifest.n_layers
     weights = sizes.weights(ShardRange(0, n, True, True))
-    kv = kv_bytes_per_token(manifest, n) * opts.context * opts.batch
+    kv = manifest.kv_bytes_per_token(n) * opts.context * opts.batch
     act = activation_bytes(manifest, opts, True)
     have = sum(p.budget_bytes for p in profiles)
     big = max(range(len(profiles)), key=lambda k: profiles[k].budget_bytes)

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from .limits import GRPC_OPTIONS
+
 __all__ = ["Security", "SecurityError", "open_channel", "open_aio_channel", "call_metadata", "server_credentials", "TokenInterceptor", "HEALTH_PREFIX"]
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -174,8 +176,6 @@ def call_metadata(sec: Security | None) -> tuple[tuple[str, str], ...]:
 
 def _channel_setup(sec: Security, options: list | None) -> tuple[grpc.ChannelCredentials | None, list]:
     """-> (TLS credentials or None, channel options) for a channel to an edgeweave server."""
-    from .serving import GRPC_OPTIONS
-
     opts = list(options if options is not None else GRPC_OPTIONS)
     if not sec.tls:
         return None, opts

@@ -9,14 +9,10 @@ from concurrent import futures
 import grpc
 
 from . import edgeweave_v1_pb2 as pb
+from .limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from .security import Security, TokenInterceptor, server_credentials
 
 __all__ = ["MAX_MESSAGE_BYTES", "GRPC_OPTIONS", "start_server"]
-
-# Set explicitly on every server and channel (gRPC's default receive limit is 4 MiB).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 class StrictParsing(grpc.ServerInterceptor):

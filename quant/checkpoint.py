@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,11 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import QuantConfig
-from .pipeline import QuantReport, set_module
+from .manifest import Manifest, ManifestError
+from .layerwise import QuantReport, set_module
 from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
 
 __all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_manifest", "verify_files", "CheckpointError", "WEIGHTS",
-           "MANIFEST", "FORMAT_VERSION"]
+           "MANIFEST", "FORMAT_VERSION", "hf_config"]
 
 MANIFEST = "edgeweave.json"
 WEIGHTS = "model.safetensors"
@@ -119,7 +121,8 @@ def save_checkpoint(model, tokenizer, cfg: QuantConfig, report: QuantReport, out
     return out
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path) -> Manifest:
+    """The checkpoint's manifest, read and checked once (format, version, the fields edgeweave uses)."""
     p = Path(path) / MANIFEST
     try:
         manifest = json.loads(p.read_text())
@@ -130,21 +133,32 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
                               f"is not {FORMAT} v{FORMAT_VERSION}; re-run edgeweave quantize")
-    return manifest
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise CheckpointError(f"{p}: {e}; re-run edgeweave quantize") from e
 
 
-def verify_files(path: str | Path, manifest: dict) -> None:
+def hf_config(manifest: Manifest):
+    """The transformers config the checkpoint was made from."""
+    from transformers import AutoConfig
+
+    cfg = dict(manifest.model_config)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def verify_files(path: str | Path, manifest: Manifest) -> None:
     """Every file listed must exist with its recorded size and sha256."""
     root = Path(path)
-    for name, meta in manifest["files"].items():
+    for name, meta in manifest.files.items():
         f = root / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
-        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != meta.bytes or _sha256(f) != meta.sha256:
             raise CheckpointError(f"{f}: checksum mismatch (corrupt or modified); re-run edgeweave quantize")
 
 
-def _build_module(entry: dict, skeleton, model):
+def _build_module(entry: Mapping, skeleton, model):
     kind = entry["kind"]
     if kind == "linear":
         return QuantLinear(entry["in"], entry["out"], entry["bias"], entry["act_scheme"], entry.get("groups", 4),
@@ -157,31 +171,29 @@ def _build_module(entry: dict, skeleton, model):
 
 
 def load_checkpoint(path: str | Path, verify: bool = True):
-    """-> (quantized model, tokenizer, manifest). No calibration is re-run."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """-> (quantized model, tokenizer, Manifest). No calibration is re-run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(path)
     manifest = read_manifest(root)
     if verify:
         verify_files(root, manifest)
-    cfg_dict = dict(manifest["model_config"])
-    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(hf_config(manifest), dtype=torch.float32).eval()
     # Embeddings last: a tied embedding points at the already-swapped lm_head.
-    entries = sorted(manifest["modules"].items(), key=lambda kv: kv[1]["kind"] == "embedding")
+    entries = sorted(manifest.modules.items(), key=lambda kv: kv[1]["kind"] == "embedding")
     for name, entry in entries:
         set_module(model, name, _build_module(entry, model.get_submodule(name), model))
     try:
         state = load_file(str(root / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{root / WEIGHTS}: cannot read tensors: {e}") from e
-    for name, meta in manifest["tensors"].items():
+    for name, meta in manifest.tensors.items():
         t = state.get(name)
-        if t is None or list(t.shape) != meta["shape"] or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
+        if t is None or tuple(t.shape) != meta.shape or str(t.dtype).removeprefix("torch.") != meta.dtype:
             raise CheckpointError(f"{root / WEIGHTS}: tensor {name} does not match the manifest")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise CheckpointError(f"{root / WEIGHTS}: does not fit {manifest['model_type']}: "
+        raise CheckpointError(f"{root / WEIGHTS}: does not fit {manifest.model_type}: "
                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     return model, tokenizer, manifest

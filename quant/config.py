@@ -1,14 +1,17 @@
-"""Quantization configs: one frozen dataclass per method, serialized into every manifest."""
+"""The quantization config: one frozen dataclass, serialized into every manifest. Which options a method
+takes is a trait of the method (quant.methods), not a comparison with its name."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from .methods import METHOD_TRAITS, method_traits
+
 __all__ = ["ActScheme", "CalibConfig", "QuantConfig", "METHODS"]
 
 ActScheme = Literal["token", "tensor", "tender"]
-METHODS = ("rtn", "haq", "tender", "mobilequant", "luc")
+METHODS = tuple(METHOD_TRAITS)
 CONFIG_VERSION = 1
 
 
@@ -117,53 +120,66 @@ class QuantConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.a_bits != 8 or self.w_bits not in (8, 4) or (self.w_bits == 4 and self.method == "tender" and self.w_group):
-            raise ValueError(
-                f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --a-bits 8 and --w-bits 8 or 4 "
-                f"(tender: 4-bit weights per output channel, no --w-group)"
-            )
-        if self.method == "mobilequant" and self.act_scheme != "tensor":
-            raise ValueError("mobilequant is integer-only: its activations use static per-tensor scales ('tensor')")
-        if self.mq_epochs < 0 or self.mq_batch < 1:
-            raise ValueError(f"mobilequant needs --epochs >= 0 and a batch >= 1, got {self.mq_epochs}, {self.mq_batch}")
-        if (self.method == "tender") != (self.act_scheme == "tender"):
-            raise ValueError("--method tender goes with its own activation scheme ('tender'), and only with it")
-        if self.act_scheme not in ("token", "tensor", "tender"):
-            raise ValueError(f"act scheme must be 'token' or 'tensor', got {self.act_scheme!r}")
-        if self.w_group < 0 or (self.w_group and ((self.w_bits != 4 and self.method != "luc") or self.w_group % 2)):
-            raise ValueError(f"--w-group must be 0 (per output channel) or an even column count with --w-bits 4, "
-                             f"got {self.w_group} with W{self.w_bits}")
-        if self.w_asym and (self.method not in ("rtn", "haq", "luc") or (self.w_bits != 4 and self.method != "luc")):
-            raise ValueError(f"--w-asym (4-bit weights with zero points) works with rtn, haq and luc at --w-bits 4, "
-                             f"not {self.method} W{self.w_bits}")
-        if (self.rotate_down or self.rotate_all) and self.method not in ("rtn", "haq"):
-            raise ValueError(f"--rotate-down and --rotate-all work with rtn and haq, not {self.method}")
-        if self.rotate_residual and self.method not in ("rtn", "haq", "luc"):
-            raise ValueError(f"--rotate-residual works with rtn, haq and luc, not {self.method}")
-        if self.gptq_refit < 0 or (self.gptq_refit and self.method not in ("haq", "luc")):
-            raise ValueError(f"--refit-scales refits GPTQ's scales: it works with haq and luc, not {self.method}")
-        if self.kd_steps < 0 or (self.kd_steps and self.method not in ("rtn", "haq", "luc")) or not self.kd_lr > 0:
-            raise ValueError(f"--kd-steps distills the weight scales of rtn, haq and luc checkpoints (steps >= 0, "
-                             f"lr > 0), not {self.method} with {self.kd_steps} steps at lr {self.kd_lr}")
-        if self.kd_data not in ("calib", "mixed"):
-            raise ValueError(f"--kd-data must be 'calib' or 'mixed', got {self.kd_data!r}")
-        if self.method == "luc":
-            budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
-            if budgets != 1 and not self.layer_policy:
-                raise ValueError("--method luc needs exactly one budget: --target-bytes, --target-ratio or --avg-sparsity")
-            if self.luc_cost not in ("kl", "loss"):
-                raise ValueError(f"luc_cost must be 'kl' or 'loss', got {self.luc_cost!r}")
-            if self.act_scheme == "tender" or any(
-                    len(o) not in (2, 3) or o[0] not in (4, 8) or not 0 <= o[1] < 1
-                    or (len(o) == 3 and (o[2] < 0 or o[2] % 2 or o[0] != 4)) for o in self.luc_options):
-                raise ValueError("luc options are (bits 4 or 8, sparsity in [0, 1)[, an even W4 group, 0: per "
-                                 "channel]) with activation scheme token or tensor")
+        t = method_traits(self.method)  # unknown method: ValueError naming the choices
+        self._check_bits(t)
+        self._check_options(t)
+        if t.per_layer_policy:
+            self._check_luc()
         elif self.layer_policy:
             raise ValueError("a per-layer policy belongs to --method luc")
         if not 1 <= self.tender_groups <= 16:
             raise ValueError(f"tender_groups must be in [1, 16], got {self.tender_groups}")
+
+    def _check_bits(self, t) -> None:
+        if self.a_bits != 8 or self.w_bits not in (8, 4) or (self.w_bits == 4 and not t.w4_groups and self.w_group):
+            raise ValueError(
+                f"W{self.w_bits}A{self.a_bits} is not supported by {self.method}; use --a-bits 8 and --w-bits 8 or 4 "
+                f"(tender: 4-bit weights per output channel, no --w-group)"
+            )
+        if t.only_scheme == "tensor" and self.act_scheme != "tensor":
+            raise ValueError("mobilequant is integer-only: its activations use static per-tensor scales ('tensor')")
+        if self.mq_epochs < 0 or self.mq_batch < 1:
+            raise ValueError(f"mobilequant needs --epochs >= 0 and a batch >= 1, got {self.mq_epochs}, {self.mq_batch}")
+        if t.group_scales != (self.act_scheme == "tender"):
+            raise ValueError("--method tender goes with its own activation scheme ('tender'), and only with it")
+        if self.act_scheme not in ("token", "tensor", "tender"):
+            raise ValueError(f"act scheme must be 'token' or 'tensor', got {self.act_scheme!r}")
+        if self.w_group < 0 or (self.w_group and ((self.w_bits != 4 and not t.per_layer_policy) or self.w_group % 2)):
+            raise ValueError(f"--w-group must be 0 (per output channel) or an even column count with --w-bits 4, "
+                             f"got {self.w_group} with W{self.w_bits}")
+
+    def _check_options(self, t) -> None:
+        if self.w_asym and (not t.zero_points or (self.w_bits != 4 and not t.per_layer_policy)):
+            raise ValueError(f"--w-asym (4-bit weights with zero points) works with rtn, haq and luc at --w-bits 4, "
+                             f"not {self.method} W{self.w_bits}")
+        if (self.rotate_down or self.rotate_all) and not t.rotations:
+            raise ValueError(f"--rotate-down and --rotate-all work with rtn and haq, not {self.method}")
+        if self.rotate_residual and not t.residual_rotation:
+            raise ValueError(f"--rotate-residual works with rtn, haq and luc, not {self.method}")
+        if self.gptq_refit < 0 or (self.gptq_refit and not t.hessian_rounding):
+            raise ValueError(f"--refit-scales refits GPTQ's scales: it works with haq and luc, not {self.method}")
+        if self.kd_steps < 0 or (self.kd_steps and not t.distills) or not self.kd_lr > 0:
+            raise ValueError(f"--kd-steps distills the weight scales of rtn, haq and luc checkpoints (steps >= 0, "
+                             f"lr > 0), not {self.method} with {self.kd_steps} steps at lr {self.kd_lr}")
+        if self.kd_data not in ("calib", "mixed"):
+            raise ValueError(f"--kd-data must be 'calib' or 'mixed', got {self.kd_data!r}")
+
+    def _check_luc(self) -> None:
+        budgets = sum(bool(b) for b in (self.target_bytes, self.target_ratio, self.avg_sparsity))
+        if budgets != 1 and not self.layer_policy:
+            raise ValueError("--method luc needs exactly one budget: --target-bytes, --target-ratio or --avg-sparsity")
+        if self.luc_cost not in ("kl", "loss"):
+            raise ValueError(f"luc_cost must be 'kl' or 'loss', got {self.luc_cost!r}")
+        if self.act_scheme == "tender" or any(
+                len(o) not in (2, 3) or o[0] not in (4, 8) or not 0 <= o[1] < 1
+                or (len(o) == 3 and (o[2] < 0 or o[2] % 2 or o[0] != 4)) for o in self.luc_options):
+            raise ValueError("luc options are (bits 4 or 8, sparsity in [0, 1)[, an even W4 group, 0: per "
+                             "channel]) with activation scheme token or tensor")
+
+    @property
+    def traits(self):
+        """What the method does (quant.methods.MethodTraits)."""
+        return method_traits(self.method)
 
     def to_dict(self) -> dict:
         return asdict(self)

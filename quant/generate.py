@@ -1,4 +1,6 @@
-"""Token-by-token generation with a KV cache, yielding text pieces as they are decoded."""
+"""Token-by-token generation with a KV cache: sampling and the decode loop (pure of any runtime).
+
+The lean integer decoder and text streaming of one process are workers/decode.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "pick_token", "HFDecoder", "make_decoder", "generate_tokens", "stream_text"]
+__all__ = ["SamplingConfig", "pick_token", "HFDecoder", "generate_tokens"]
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,11 @@ class HFDecoder:
         return self.model(input_ids=ids[None], past_key_values=cache, use_cache=True).logits[0, -1]
 
 
-def make_decoder(model):
-    """The lean integer decoder where the architecture allows it, else transformers' forward."""
-    from workers.llama_stage import LocalLlama, supports
-
-    return LocalLlama(model) if supports(model) else HFDecoder(model)
-
-
 def generate_tokens(decoder, prompt_ids: list[int], cfg: SamplingConfig, eos_ids: set[int]) -> Iterator[int]:
     """Yields new token ids: one prefill of the prompt, then one decode step per token.
 
-    decoder: from make_decoder (or anything with new_cache() and step(ids [T], cache) -> logits [V])."""
+    decoder: anything with new_cache() and step(ids [T], cache) -> logits [V] (HFDecoder here, the lean
+    integer decoder of workers/decode.py)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     cache = decoder.new_cache()
@@ -76,19 +72,3 @@ def generate_tokens(decoder, prompt_ids: list[int], cfg: SamplingConfig, eos_ids
         if tok in eos_ids:
             return
         x = torch.tensor([tok])
-
-
-def stream_text(model, tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
-    """Yields decoded text pieces (never half a UTF-8 character; see quant.textstream)."""
-    from .textstream import TextStreamer
-
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    streamer = TextStreamer(tokenizer)
-    for tok in generate_tokens(make_decoder(model), ids, cfg, eos):
-        if tok in eos:
-            break
-        if piece := streamer.push(tok):
-            yield piece
-    if rest := streamer.finish():
-        yield rest

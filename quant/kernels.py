@@ -32,6 +32,8 @@ __all__ = [
     "W4_FUSED_MAX_M",
     "unpack_w4",
     "attention_row",
+    "static_act_scale",
+    "QMAX",
 ]
 
 W4_FUSED_MAX_M = 16  # up to this many rows the packed-W4 kernel runs; above, unpack once and use the GEMM
@@ -41,6 +43,13 @@ W4_FUSED_MAX_M = 16  # up to this many rows the packed-W4 kernel runs; above, un
 W4_NIBBLE_PER_CHANNEL_MAX_M = 128
 
 QMAX = 127  # symmetric int8: [-127, 127], so negation never overflows
+
+
+def static_act_scale(absmax: float, clip: float = 1.0) -> float:
+    """The one rule for a static per-tensor activation scale: clip x the calibration |max| maps to
+    QMAX (never zero). Every method that stores static scales (haq, rtn, luc and mobilequant with
+    --act-scheme tensor, MoE expert inputs) takes them from here."""
+    return max(clip * absmax, 1e-8) / QMAX
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -117,41 +126,33 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int8_linear_reference(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    static_scale: float | None = None,
-) -> torch.Tensor:
-    """Float reference of int8_linear: same quantization, int64 product, same rescale."""
+def _linear_unfused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    static_scale: float | None, mm) -> torch.Tensor:
+    """torch quantizes, `mm` multiplies int8 x int8 -> int32/int64, one float rescale."""
     x2 = x.reshape(-1, x.shape[-1]).float()  # [M, K]
     q, sx = quantize_activations_reference(x2, static_scale)
-    y = int8_matmul_reference(q, w).float() * (sx[:, None] * w_scale[None, :])  # [M, N]
+    y = mm(q, w).float() * (sx[:, None] * w_scale[None, :])  # [M, N]
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def int8_linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    static_scale: float | None = None,
-) -> torch.Tensor:
+def int8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                          static_scale: float | None = None) -> torch.Tensor:
+    """Float reference of int8_linear: same quantization, int64 product, same rescale."""
+    return _linear_unfused(x, w, w_scale, bias, static_scale, int8_matmul_reference)
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                static_scale: float | None = None) -> torch.Tensor:
     """Quantized linear: x float [..., K], w int8 [N, K], w_scale [N] -> float32 [..., N].
 
     static_scale: the per-tensor activation scale from calibration, or None for per-token
     dynamic scales.
     """
     _check_linear_args(x, w, w_scale)
-    if x.device.type == "cuda":  # unfused: torch quantizes, int8_matmul dispatches to torch._int_mm
-        x2 = x.reshape(-1, x.shape[-1]).float()  # [M, K]
-        q, sx = quantize_activations_reference(x2, static_scale)
-        y = int8_matmul(q, w).float() * (sx[:, None] * w_scale[None, :])  # [M, N]
-        y = y if bias is None else y + bias
-        return y.reshape(*x.shape[:-1], w.shape[0])
+    if x.device.type == "cuda":  # unfused: int8_matmul dispatches to torch._int_mm
+        return _linear_unfused(x, w, w_scale, bias, static_scale, int8_matmul)
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # [M, K]
     m, k = x2.shape
     n = w.shape[0]

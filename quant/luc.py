@@ -28,7 +28,7 @@ from .config import QuantConfig
 from .evaluate import mean_window_kl, mean_window_loss, window_log_probs
 from .gptq import gptq_quantize
 from .int4 import expand_group_scale, num_groups, search_w4_scale
-from .pipeline import LayerScheme, model_group_stats
+from .layerwise import LayerScheme, model_group_stats
 from .sparse import sparse_bytes
 
 __all__ = ["linear_bytes", "allocate", "choose_policy", "RESOLUTION"]
@@ -113,35 +113,51 @@ def _fixed_bytes(model, spec, linear_names: set[str]) -> int:
     return total
 
 
-def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> tuple[QuantConfig, dict]:
-    """Measure every layer's sensitivity to every option and choose the per-layer policy under the
-    budget -> (cfg with layer_policy, what was measured and chosen, for the manifest)."""
-    t0 = time.time()
-    spec = arch_spec(model)
-    if any(g.experts is not None for g in spec.groups):
-        raise ValueError("luc supports dense models (Llama, Mistral, OPT); quantize MoE models with haq or rtn")
-    layers = model.get_submodule(spec.layers_path)
-    options = [o for o in cfg.luc_options if not cfg.avg_sparsity or o[0] == cfg.w_bits]
-    if not options:
-        raise ValueError(f"no luc option has {cfg.w_bits} bits (--avg-sparsity keeps the bits at --w-bits)")
+def _option_sizes(model, spec, layers, cfg: QuantConfig, options: list) -> tuple[list[list[int]], int]:
+    """-> (sizes[layer][option], the budget) in the budget's unit: weights kept (--avg-sparsity) or
+    decoder linear bytes (--target-bytes, --target-ratio)."""
     static = cfg.act_scheme == "tensor"
     shapes = [[(layer.get_submodule(p).out_features, layer.get_submodule(p).in_features) for g in spec.groups
                for p in g.linears] for layer in layers]
     if cfg.avg_sparsity:  # size = weights kept
         sizes = [[sum(math.ceil(n * k * (1 - o[1])) for n, k in sh) for o in options] for sh in shapes]
-        budget = int(sum(n * k for sh in shapes for n, k in sh) * (1 - cfg.avg_sparsity))
-    else:
-        schemes = [LayerScheme.of_option(cfg, o) for o in options]
-        sizes = [[sum(linear_bytes(n, k, sc.bits, sc.sparsity, sc.group, cfg.gptq_block, static, sc.asym)
-                      for n, k in sh) for sc in schemes]
-                 for sh in shapes]
-        w8 = sum(linear_bytes(n, k, 8, 0.0, 0, cfg.gptq_block, static) for sh in shapes for n, k in sh)
-        names = {f"{spec.layers_path}.{i}.{p}" for i in range(len(layers)) for g in spec.groups for p in g.linears}
-        fixed = _fixed_bytes(model, spec, names)
-        budget = int(cfg.target_ratio * w8) if cfg.target_ratio else cfg.target_bytes - fixed
-        if budget <= 0:
-            raise ValueError(f"--target-bytes {cfg.target_bytes:,} leaves nothing for the decoder layers: the rest of "
-                             f"the model alone takes {fixed:,} bytes")
+        return sizes, int(sum(n * k for sh in shapes for n, k in sh) * (1 - cfg.avg_sparsity))
+    schemes = [LayerScheme.of_option(cfg, o) for o in options]
+    sizes = [[sum(linear_bytes(n, k, sc.bits, sc.sparsity, sc.group, cfg.gptq_block, static, sc.asym)
+                  for n, k in sh) for sc in schemes]
+             for sh in shapes]
+    w8 = sum(linear_bytes(n, k, 8, 0.0, 0, cfg.gptq_block, static) for sh in shapes for n, k in sh)
+    names = {f"{spec.layers_path}.{i}.{p}" for i in range(len(layers)) for g in spec.groups for p in g.linears}
+    fixed = _fixed_bytes(model, spec, names)
+    budget = int(cfg.target_ratio * w8) if cfg.target_ratio else cfg.target_bytes - fixed
+    if budget <= 0:
+        raise ValueError(f"--target-bytes {cfg.target_bytes:,} leaves nothing for the decoder layers: the rest of "
+                         f"the model alone takes {fixed:,} bytes")
+    return sizes, budget
+
+
+def _try_option(layer, spec, originals: dict, hess: dict, cfg: QuantConfig, option: tuple) -> None:
+    """Puts layer's weights rounded with `option` (dequantized, float) in place; only this layer changes."""
+    scheme = LayerScheme.of_option(cfg, option)
+    for g in spec.groups:
+        w = torch.cat([originals[p] for p in g.linears])  # [sum N, K]
+        h = hess[g.name]
+        w4, zero = (search_w4_scale(w, torch.diag(h).float(), cfg.w4_clip_grid, scheme.group, scheme.asym)
+                    if scheme.bits == 4 else (None, None))
+        q, scale = gptq_quantize(w, h, scheme.bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4,
+                                 scheme.group, scheme.sparsity, zero)
+        deq = q.float() * expand_group_scale(scale, w.shape[1], scheme.group)
+        start = 0
+        for p in g.linears:
+            lin = layer.get_submodule(p)
+            lin.weight.data.copy_(deq[start:start + lin.out_features])
+            start += lin.out_features
+
+
+def _sensitivity(model, spec, layers, cfg: QuantConfig, options: list, calib_ids: torch.Tensor,
+                 progress: bool) -> tuple[list[list[float]], float]:
+    """-> (costs[layer][option]: KL from the float model, or loss increase, with only that layer
+    compressed; the float model's loss on the evaluation windows)."""
     eval_ids = calib_ids[: cfg.luc_eval_windows]
     hess = [{name: st.hessian() for name, st in row.items()} for row in model_group_stats(model, spec, calib_ids, 1)]
     base = mean_window_loss(model, eval_ids)
@@ -155,21 +171,7 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
         originals = {p: layer.get_submodule(p).weight.data.clone() for g in spec.groups for p in g.linears}
         row = []
         for option in options:
-            scheme = LayerScheme.of_option(cfg, option)
-            bits, sp = scheme.bits, scheme.sparsity
-            for g in spec.groups:
-                w = torch.cat([originals[p] for p in g.linears])  # [sum N, K]
-                h = hess[i][g.name]
-                w4, zero = (search_w4_scale(w, torch.diag(h).float(), cfg.w4_clip_grid, scheme.group, scheme.asym)
-                            if bits == 4 else (None, None))
-                q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4,
-                                         scheme.group, sp, zero)
-                deq = q.float() * expand_group_scale(scale, w.shape[1], scheme.group)  # only layer i changes
-                start = 0
-                for p in g.linears:
-                    lin = layer.get_submodule(p)
-                    lin.weight.data.copy_(deq[start:start + lin.out_features])
-                    start += lin.out_features
+            _try_option(layer, spec, originals, hess[i], cfg, option)
             row.append(cost())
             for p, w0 in originals.items():
                 layer.get_submodule(p).weight.data.copy_(w0)
@@ -177,7 +179,22 @@ def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
             bar.set_postfix(layer=i, cost=f"{row[-1]:.4f}")
         costs.append(row)
     bar.close()
-    del hess, ref
+    return costs, base
+
+
+def choose_policy(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> tuple[QuantConfig, dict]:
+    """Measure every layer's sensitivity to every option and choose the per-layer policy under the
+    budget -> (cfg with layer_policy, what was measured and chosen, for the manifest)."""
+    t0 = time.time()
+    spec = arch_spec(model)
+    if any(g.experts is not None for g in spec.groups):
+        raise ValueError("luc supports dense models (Llama, Mistral, OPT); quantize MoE models with haq or rtn")
+    layers = model.get_submodule(spec.layers_path)
+    options = [o for o in cfg.luc_options if not cfg.avg_sparsity or o[0] == cfg.w_bits]
+    if not options:
+        raise ValueError(f"no luc option has {cfg.w_bits} bits (--avg-sparsity keeps the bits at --w-bits)")
+    sizes, budget = _option_sizes(model, spec, layers, cfg, options)
+    costs, base = _sensitivity(model, spec, layers, cfg, options, calib_ids, progress)
     picks = allocate(costs, sizes, budget)
     policy = tuple(options[o] for o in picks)
     info = {

@@ -14,7 +14,7 @@ Rounding passes gradients straight through. The loss is the MSE between the full
 the quantized model's final hidden states on the calibration windows; AdamW with cosine decay,
 one learning rate per kind of parameter.
 
-After training, s is folded exactly as HAQ folds smoothing (pipeline._fold_smoothing), weights
+After training, s is folded exactly as HAQ folds smoothing (layerwise.fold_smoothing), weights
 are rounded with the learned clips, and each linear becomes a QuantLinear with a static scale
 and offset (the offset's product with the weights is added to the bias, so the matmul stays
 int8 x int8 -> int32). lm_head is quantized as in HAQ with a static scale.
@@ -38,7 +38,9 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, Group, arch_spec
 from .config import QuantConfig
 from .int4 import QMAX4, expand_group_scale, group_absmax, num_groups
-from .kernels import QMAX
+from .kernels import QMAX, static_act_scale
+from .layerwise import (CALIB_BATCH, QuantReport, capture_first_layer_inputs, fold_smoothing, lm_head_group,
+                        model_group_stats, run_layer, set_module)
 from .smoothing import group_error, search_smoothing, smoothing_scales, tie_kv_scales
 
 __all__ = ["round_ste", "fake_quant_static", "fake_quant_weight_clipped", "quantize_mobilequant"]
@@ -134,7 +136,6 @@ def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _wrap(model, spec: ArchSpec, stats, cfg: QuantConfig, qmax: int) -> tuple[list[list[_GroupQuant]], list[_SimLinear]]:
     """Swap every group linear for a _SimLinear; -> (per layer, its groups' quantizers; all sims)."""
-    from .pipeline import set_module
 
     layers = model.get_submodule(spec.layers_path)
     gqs, sims = [], []
@@ -155,7 +156,7 @@ def _wrap(model, spec: ArchSpec, stats, cfg: QuantConfig, qmax: int) -> tuple[li
                 act_max = (st.channel_max() / s).max().item()
                 _, clip = group_error(x, w, x @ w.t(), s, act_max, cfg.clip_grid, False, cfg.w_bits, cfg.w_group)
             act_max = (st.channel_max() / s).max().item()
-            gq = _GroupQuant(s, max(clip * act_max, 1e-8) / QMAX, g.heads_per_kv, g.head_dim)
+            gq = _GroupQuant(s, static_act_scale(act_max, clip), g.heads_per_kv, g.head_dim)
             row.append(gq)
             for p in g.linears:
                 sim = _SimLinear(layer.get_submodule(p), gq, qmax, cfg.w_group)
@@ -167,7 +168,6 @@ def _wrap(model, spec: ArchSpec, stats, cfg: QuantConfig, qmax: int) -> tuple[li
 
 def _convert(model, spec: ArchSpec, gqs: list[list[_GroupQuant]], cfg: QuantConfig, report) -> None:
     """Fold the learned transforms, round with the learned clips, swap in QuantLinear modules."""
-    from .pipeline import _fold_smoothing, set_module
     from .qlinear import QuantLinear
 
     qmax = QMAX4 if cfg.w_bits == 4 else QMAX
@@ -181,7 +181,7 @@ def _convert(model, spec: ArchSpec, gqs: list[list[_GroupQuant]], cfg: QuantConf
                 set_module(layer, p, sim.lin)
         for g, gq in zip(spec.groups, gqs[i], strict=True):  # all folds first (v->o rescales v's rows)
             if g.prev is not None:
-                _fold_smoothing(layer, g, gq.s().detach())
+                fold_smoothing(layer, g, gq.s().detach())
         for g, gq in zip(spec.groups, gqs[i], strict=True):
             d, o = float(gq.act_scale()), float(gq.act_offset())
             report.choices[f"layers.{i}.{g.name}"] = {"act_scale": d, "act_offset": o,
@@ -211,8 +211,6 @@ def _eval_loss(model, ids: torch.Tensor, target: torch.Tensor, gqs, batch: int) 
 
 def quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True):
     """Quantize a transformers CausalLM in place with MobileQuant -> QuantReport."""
-    from .pipeline import (CALIB_BATCH, QuantReport, _capture_first_layer_inputs, _lm_head_group, _run_layer,
-                           model_group_stats)
 
     spec = arch_spec(model)
     if any(g.experts is not None for g in spec.groups):
@@ -262,11 +260,11 @@ def quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Te
         _convert(model, spec, gqs, cfg, report)
         layers: nn.ModuleList = model.get_submodule(spec.layers_path)  # type: ignore[assignment]
         lm_ids = calib_ids[: max(1, min(n, 16))]
-        batches = _capture_first_layer_inputs(model, layers, lm_ids)
+        batches = capture_first_layer_inputs(model, layers, lm_ids)
         for layer in layers:
-            batches = _run_layer(layer, batches)
+            batches = run_layer(layer, batches)
         if cfg.quantize_lm_head:
-            _lm_head_group(model, spec, batches, cfg, max(1, -(-cfg.search_tokens // len(batches))), report)
+            lm_head_group(model, spec, batches, cfg, max(1, -(-cfg.search_tokens // len(batches))), report)
     report.choices["mobilequant"] = {"loss_start": loss_start, "loss_end": loss_end, "steps": steps,
                                      "epochs": cfg.mq_epochs, "seconds": round(time.time() - t0, 1)}
     return report

@@ -10,404 +10,97 @@ QuantLinear / QuantExperts modules.
 from __future__ import annotations
 
 import copy
-
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, Group, arch_spec
-from .calibration import ActStats
+from .arch import ArchSpec, arch_spec
 from .config import QuantConfig
-from .gptq import gptq_quantize
-from .hadamard import hadamard, hadamard_block
-from .int4 import quantize_weight_int4, search_w4_scale
-from .kernels import QMAX, quantize_weight_per_channel
-from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
-from .smoothing import search_smoothing
+from .layerwise import (ROTATED, QuantReport, capture_first_layer_inputs, collect_stats, convert_group, layer_scheme,
+                        lm_head_group, rotation_candidates, run_layer, smooth_group)
+from .luc import choose_policy
+from .mobilequant import quantize_mobilequant
 
-__all__ = ["quantize", "QuantReport", "set_module", "CALIB_BATCH"]
-
-CALIB_BATCH = 4  # calibration sequences per forward pass
+__all__ = ["quantize", "quantize_layerwise", "QuantReport", "HANDLERS"]
 
 
-@dataclass
-class QuantReport:
-    """What the pipeline chose, per layer and group; stored in the manifest."""
-
-    choices: dict[str, dict] = field(default_factory=dict)  # "layers.3.qkv" -> {alpha, clip, error}
-    config: QuantConfig | None = None  # the config as run (LUC: with the per-layer policy it chose)
-
-
-@dataclass(frozen=True)
-class LayerScheme:
-    """How one decoder layer's linears are stored."""
-
-    bits: int  # 8 or 4
-    sparsity: float  # fraction of weights pruned (Hessian-aware), 0 for dense
-    group: int  # W4: columns per weight scale, 0: per output channel
-    asym: bool = False  # W4 with zero points (dense layers only)
-
-    @classmethod
-    def of(cls, cfg: QuantConfig, bits: int, sparsity: float, group: int | None = None) -> "LayerScheme":
-        """group: this W4 layer's weight-scale group (None: the config's w_group)."""
-        w4 = bits == 4
-        return cls(bits, sparsity, (cfg.w_group if group is None else group) if w4 else 0,
-                   cfg.w_asym and w4 and sparsity == 0)
-
-    @classmethod
-    def of_option(cls, cfg: QuantConfig, option: tuple) -> "LayerScheme":
-        """A LUC option or policy entry: (bits, sparsity) or (bits, sparsity, group)."""
-        return cls.of(cfg, int(option[0]), float(option[1]), int(option[2]) if len(option) > 2 else None)
-
-
-def layer_scheme(cfg: QuantConfig, i: int) -> LayerScheme:
-    """Layer i's scheme: from LUC's policy when there is one, else the config's uniform one."""
-    if cfg.layer_policy:
-        return LayerScheme.of_option(cfg, cfg.layer_policy[i])
-    return LayerScheme.of(cfg, cfg.w_bits, 0.0)
-
-
-class _Stop(Exception):
-    pass
-
-
-def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
-def _capture_first_layer_inputs(model, layers, calib_ids) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states and keyword arguments entering decoder layer 0, one entry per batch."""
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), dict(kwargs)))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in calib_ids.split(CALIB_BATCH):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
-    out = []
-    for hidden, kwargs in batches:
-        y = layer(hidden, **kwargs)
-        out.append((y[0] if isinstance(y, tuple) else y, kwargs))
-    return out
-
-
-MIN_ROTATE_BLOCK = 16  # smaller Hadamard blocks spread too little to be worth a candidate
-ROTATED = "@rotated"  # suffix of a group's statistics taken of its rotated input (x H)
-
-
-def _collect_stats(layer, groups, batches, keep_per_batch: int,
-                   rotate: dict[str, int] | None = None, plain: bool = True) -> dict[str, ActStats]:
-    """Per group, statistics of its input. rotate: group name -> Hadamard block; those groups also get
-    statistics of the rotated input under name + ROTATED (plain=False: only those)."""
-    rotate = rotate or {}
-    stats = {g.name: ActStats(keep_per_batch=keep_per_batch) for g in groups if plain or g.name not in rotate}
-    stats |= {g.name + ROTATED: ActStats(keep_per_batch=keep_per_batch) for g in groups if g.name in rotate}
-
-    def record(g: Group):
-        block = rotate.get(g.name, 0)
-        st, st_rot = stats.get(g.name), stats.get(g.name + ROTATED)
-
-        def hook(_m, args):
-            if st is not None:
-                st.add(args[0])
-            if st_rot is not None:
-                st_rot.add(hadamard(args[0], block))
-        return hook
-
-    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(record(g)) for g in groups]
-    try:
-        _run_layer(layer, batches)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-@torch.no_grad()
-def model_group_stats(model, spec: ArchSpec, calib_ids: torch.Tensor, keep: int,
-                      with_hessian: bool = True) -> list[dict[str, ActStats]]:
-    """Per decoder layer and group, statistics of the unmodified model's group inputs (one forward
-    over the calibration windows; for methods that look at every layer at once: LUC, MobileQuant)."""
-    layers = model.get_submodule(spec.layers_path)
-    stats = [{g.name: ActStats(keep_per_batch=keep, with_hessian=with_hessian) for g in spec.groups} for _ in layers]
-    handles = [layer.get_submodule(g.input_of).register_forward_pre_hook(lambda _m, a, st=stats[i][g.name]: st.add(a[0]))
-               for i, layer in enumerate(layers) for g in spec.groups]
-    try:
-        for batch in calib_ids.split(CALIB_BATCH):
-            model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-def _group_weights(layer, g: Group) -> torch.Tensor:
-    """All weights reading the group's input, rows concatenated: [sum N, K]."""
-    if g.experts is not None:
-        gu = layer.get_submodule(g.experts).gate_up_proj.data  # [E, 2I, D]
-        return gu.reshape(-1, gu.shape[-1])
-    return torch.cat([layer.get_submodule(p).weight.data for p in g.linears])
-
-
-def _fold_smoothing(layer, g: Group, s: torch.Tensor) -> None:
-    """X -> X / s at the producer, W -> W * s at every reader: the float model is unchanged."""
-    prev = layer.get_submodule(g.prev)
-    if isinstance(prev, nn.Linear):  # v -> o, up -> down, fc1 -> fc2: divide producer rows
-        s_rows = s.view(-1, g.heads_per_kv, g.head_dim)[:, 0, :].reshape(-1) if g.heads_per_kv > 1 else s
-        prev.weight.data /= s_rows[:, None]
-        if prev.bias is not None:
-            prev.bias.data /= s_rows
-    else:  # RMSNorm / LayerNorm
-        prev.weight.data /= s
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.data /= s
-    for p in g.linears + g.float_readers:
-        layer.get_submodule(p).weight.data *= s
-    if g.experts is not None:
-        layer.get_submodule(g.experts).gate_up_proj.data *= s
-
-
-def _quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, static: float | None,
-                      perm: torch.Tensor | None, scheme: LayerScheme, rotate: int = 0) -> None:
-    """perm (Tender): store the weights' columns in this order. scheme: this layer's bits, sparsity and
-    weight groups (layer_scheme: LUC's per-layer policy, else the config's). rotate: the weights are
-    already rotated (W H, _rotate_weights); the modules rotate their inputs by the same block."""
-    bits, sparsity, group = scheme.bits, scheme.sparsity, scheme.group
-    w = _group_weights(layer, g)
-    w4 = zero = None
-    if bits == 4:  # clip search per output channel (or group), weighted by the input's channel energy
-        w4, zero = search_w4_scale(w, torch.diag(h).float() if h is not None else None, cfg.w4_clip_grid, group,
-                                   scheme.asym)
-    if cfg.method in ("haq", "luc") and h is not None:
-        q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, group, sparsity,
-                                 zero, refit=cfg.gptq_refit)
-    elif w4 is not None:
-        q, scale = quantize_weight_int4(w, w4, group, zero)
-    else:
-        q, scale = quantize_weight_per_channel(w, bits)
-    if perm is not None:
-        q = q[:, perm].contiguous()
-    start = 0
-    for p in g.linears:
-        lin = layer.get_submodule(p)
-        n = lin.out_features
-        bias = None if lin.bias is None else lin.bias.data
-        set_module(layer, p, QuantLinear.from_quantized(q[start:start + n], scale[start:start + n],
-                                                        bias, cfg.act_scheme, static, cfg.tender_groups, perm,
-                                                        bits, group if bits == 4 else 0, sparse=sparsity > 0,
-                                                        w_zero=None if zero is None else zero[start:start + n],
-                                                        rotate=rotate))
-        start += n
-
-
-def _quantize_experts(layer, g: Group, x: torch.Tensor, cfg: QuantConfig, static: float | None) -> None:
-    """Mixtral experts: per-expert RTN int8 (GPTQ needs per-expert Hessians; see docs)."""
-    assert g.experts is not None
-    if cfg.method == "tender" or cfg.w_bits != 8:
-        raise ValueError("MoE expert banks are quantized W8A8 with haq or rtn only (no tender, no --w-bits 4 yet)")
-    bank = layer.get_submodule(g.experts)
-    router = layer.get_submodule(g.float_readers[0])
-    e, two_i, d = bank.gate_up_proj.shape
-    q = QuantExperts(e, d, two_i // 2, bank.act_fn, cfg.act_scheme)
-    _, _, top = router(x)  # [T, k] experts of the search tokens (smoothed router, same routing)
-    down_static = []
-    for k in range(e):
-        q.gate_up_qweight[k], q.gate_up_scale[k] = quantize_weight_per_channel(bank.gate_up_proj.data[k])
-        q.down_qweight[k], q.down_scale[k] = quantize_weight_per_channel(bank.down_proj.data[k])
-        xe = x[(top == k).any(dim=-1)]  # tokens routed to expert k
-        gate, up = (xe @ bank.gate_up_proj.data[k].t()).chunk(2, dim=-1)
-        hmax = (bank.act_fn(gate) * up).abs().max().item() if xe.numel() else 1.0
-        down_static.append(max(hmax, 1e-8) / QMAX)
-    if static is not None:
-        q.gate_up_input_scale = torch.full((e,), static)
-        q.down_input_scale = torch.tensor(down_static)
-    set_module(layer, g.experts, q)
-
-
-def _rotation_candidates(layer, spec: ArchSpec, cfg: QuantConfig) -> dict[str, int]:
-    """Group name -> Hadamard block, for the groups whose input may be rotated (cfg.rotate_down: the
-    MLP's down projection; cfg.rotate_all: every dense group)."""
-    if not (cfg.rotate_down or cfg.rotate_all):
-        return {}
-    out = {}
-    for g in spec.groups:
-        if g.experts is None and not g.float_readers and (cfg.rotate_all or g.name in ("down", "fc2")) and (
-                b := hadamard_block(layer.get_submodule(g.input_of).in_features)) >= MIN_ROTATE_BLOCK:
-            out[g.name] = b
-    return out
-
-
-def _rotate_weights(layer, g: Group, block: int) -> None:
-    """W -> W H for the group's linears. The float layer is not run again before they are replaced by
-    QuantLinears that rotate their input, which restores y = (W H)(x H)^T = W x^T."""
-    for p in g.linears:
-        lin = layer.get_submodule(p)
-        lin.weight.data = hadamard(lin.weight.data, block)
-
-
-def _search_group(layer, g: Group, st: ActStats, cfg: QuantConfig, scheme: LayerScheme, rotate: int = 0):
-    """The smoothing (and static clip) with the least group output error; rotate > 0: of the rotated
-    input (st holds its statistics) with the weights rotated alike, and no smoothing."""
-    per_token = cfg.act_scheme == "token"
-    smooth = cfg.method in ("haq", "luc") and g.prev is not None and not rotate
-    clips = cfg.clip_grid if cfg.method in ("haq", "luc") else (1.0,)
-    w = _group_weights(layer, g)
-    return search_smoothing(st.samples(cfg.search_tokens), st.channel_max(), hadamard(w, rotate) if rotate else w,
-                            cfg.alpha_grid, clips, per_token, g.heads_per_kv, g.head_dim, allow_smoothing=smooth,
-                            w_bits=scheme.bits, w_group=scheme.group, w_asym=scheme.asym)
-
-
-def _smooth_group(layer, g: Group, stats: dict[str, ActStats], cfg: QuantConfig, tag: str, report: QuantReport,
-                  scheme: LayerScheme, rotate: int = 0):
-    """Choose and fold smoothing (float model unchanged). rotate > 0: rotating the input competes with
-    smoothing on the same output error, and when it wins the weights are rotated in place.
-    Returns (s [K], static act scale or None, the statistics to round with, the block rotated or 0)."""
-    st = stats[g.name]
-    choice = _search_group(layer, g, st, cfg, scheme)
-    unrotated = choice.error
-    if rotate:
-        rot = _search_group(layer, g, stats[g.name + ROTATED], cfg, scheme, rotate)
-        if rot.error < choice.error:
-            choice, st = rot, stats[g.name + ROTATED]
-            _rotate_weights(layer, g, rotate)
-        else:
-            rotate = 0
-    if choice.alpha is not None:
-        _fold_smoothing(layer, g, choice.scales)
-    static = None if cfg.act_scheme == "token" or cfg.method == "tender" else max(
-        choice.clip * (st.channel_max() / choice.scales).max().item(), 1e-8) / QMAX
-    report.choices[tag] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
-    if stats.get(g.name + ROTATED) is not None:
-        report.choices[tag] |= {"rotate": rotate, "mse_unrotated": unrotated}
-    return choice.scales, static, st, rotate
-
-
-def _convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig,
-                   scheme: LayerScheme, rotate: int = 0) -> None:
-    if g.experts is not None:
-        _quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
-    else:
-        h = st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
-        perm = torch.argsort(st.channel_max() / s) if cfg.method == "tender" else None  # Tender's column order
-        _quantize_linears(layer, g, h, cfg, static, perm, scheme, rotate)
-
-
-def _lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport) -> None:
-    """lm_head as one more group: smoothing folded into the final norm, then GPTQ (HAQ) or RTN.
-
-    A tied embedding reads lm_head's int8 rows and undoes the smoothing with a [D] column scale.
-    """
-    head = model.get_output_embeddings()
-    norm = model.get_submodule(spec.final_norm_path)
-    st = ActStats(keep_per_batch=keep)
-    for hidden, _ in batches:
-        st.add(norm(hidden))
-    per_token = cfg.act_scheme == "token"
-    haq = cfg.method in ("haq", "mobilequant", "luc")  # their lm_head: HAQ smoothing and rounding
-    # A vocabulary-wide output gives plenty of signal per token: search on fewer tokens.
-    choice = search_smoothing(st.samples(min(cfg.search_tokens, 512)), st.channel_max(), head.weight.data, cfg.alpha_grid,
-                              cfg.clip_grid if haq else (1.0,), per_token, allow_smoothing=haq)
-    s = choice.scales
-    tied = model.get_input_embeddings().weight is head.weight
-    emb = model.get_submodule(spec.embed_path)
-    emb_weight = emb.weight.data.clone()
-    if choice.alpha is not None:
-        norm.weight.data /= s
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.data /= s
-    w = head.weight.data * s  # a new tensor: the tied embedding keeps its float rows
-    static = None if per_token or cfg.method == "tender" else max(choice.clip * (st.channel_max() / s).max().item(), 1e-8) / QMAX
-    report.choices["lm_head"] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
-    if haq:  # lm_head stays 8-bit under W4 too (it is also the tied embedding)
-        h = st.hessian() / (s[:, None] * s[None, :]).double()
-        q, scale = gptq_quantize(w, h, 8, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
-    else:
-        q, scale = quantize_weight_per_channel(w, 8)
-    perm = torch.argsort(st.channel_max() / s) if cfg.method == "tender" else None
-    if perm is not None:
-        q = q[:, perm].contiguous()
-    qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static, cfg.tender_groups, perm)
-    set_module(model, "lm_head", qhead)
-    qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, qhead if tied else None)
-    if tied:
-        qemb.col_scale = (1.0 / s).float()  # rows of W * s, read back as W
-    else:
-        qemb.qweight, qemb.w_scale = quantize_weight_per_channel(emb_weight, 8)
-    set_module(model, spec.embed_path, qemb)
+Handler = Callable[[nn.Module, QuantConfig, torch.Tensor, bool], QuantReport]
 
 
 @torch.no_grad()
 def quantize(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> QuantReport:
-    """Quantize a transformers CausalLM in place. calib_ids: LongTensor [N, L] calibration windows."""
-    luc_info = None
-    rotated = None
+    """Quantize a transformers CausalLM in place. calib_ids: LongTensor [N, L] calibration windows.
+
+    Steps that come before any method (the residual rotation, LUC's per-layer policy), then the
+    method's handler: HANDLERS[method], else the layer-by-layer pipeline (quantize_layerwise)."""
+    choices: dict = {}
     if cfg.rotate_residual:  # before anything looks at the weights: every later step sees the rotated model
         from .rotation import rotate_residual
 
         q = rotate_residual(model, seed=cfg.calib.seed)
-        rotated = {"seed": cfg.calib.seed, "hidden": q.shape[0]}
-    if cfg.method == "luc" and not cfg.layer_policy:  # choose the per-layer policy first
-        from .luc import choose_policy
+        choices["rotate_residual"] = {"seed": cfg.calib.seed, "hidden": q.shape[0]}
+    if cfg.traits.per_layer_policy and not cfg.layer_policy:  # choose the per-layer policy first
+        cfg, choices["luc"] = choose_policy(model, cfg, calib_ids, progress)  # a config with layer_policy filled in
+    report = HANDLERS.get(cfg.method, quantize_layerwise)(model, cfg, calib_ids, progress)
+    report.choices = {**choices, **report.choices}
+    return report
 
-        cfg, luc_info = choose_policy(model, cfg, calib_ids, progress)  # a config with layer_policy filled in
-    if cfg.method == "mobilequant":  # trained end to end, not layer by layer
-        from .mobilequant import quantize_mobilequant
 
-        with torch.enable_grad():
-            return quantize_mobilequant(model, cfg, calib_ids, progress)
+def _quantize_mobilequant(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool) -> QuantReport:
+    """MobileQuant is trained end to end, not layer by layer."""
+    with torch.enable_grad():
+        return quantize_mobilequant(model, cfg, calib_ids, progress)
+
+
+def quantize_layerwise(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool) -> QuantReport:
+    """One decoder layer at a time (rtn, haq, tender, luc's final pass), then lm_head, then distillation."""
     spec = arch_spec(model)
     model.eval()
     teacher = copy.deepcopy(model) if cfg.kd_steps else None  # the float model, for distillation
     layers = model.get_submodule(spec.layers_path)
-    batches = _capture_first_layer_inputs(model, layers, calib_ids)
+    batches = capture_first_layer_inputs(model, layers, calib_ids)
     keep = max(1, -(-cfg.search_tokens // len(batches)))  # ceil: search tokens spread over batches
     report = QuantReport(config=cfg)
-    if rotated is not None:
-        report.choices["rotate_residual"] = rotated
-    if luc_info is not None:
-        report.choices["luc"] = luc_info
     bits = "per-layer bits" if cfg.layer_policy else f"W{cfg.w_bits}A{cfg.a_bits}"
     for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} {bits}-{cfg.act_scheme}", disable=not progress)):
-        candidates = _rotation_candidates(layer, spec, cfg)
-        stats = _collect_stats(layer, spec.groups, batches, keep, candidates)
-        # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
-        chosen = [_smooth_group(layer, g, stats, cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
-                                candidates.get(g.name, 0)) for g in spec.groups]
-        rotate = {g.name: r for g, (_, _, _, r) in zip(spec.groups, chosen) if r}
-        for j, (g, (s, static, st, r)) in enumerate(zip(spec.groups, chosen, strict=True)):
-            if cfg.gptq_sequential and j > 0 and g.experts is None and cfg.method in ("haq", "luc"):
-                # this group's input with the groups before it already rounded; the folds are in the
-                # weights now, so these statistics are of x / s already (and of x H where rotated)
-                fresh = _collect_stats(layer, [g], batches, keep, rotate, plain=not r)
-                st, s = fresh[g.name + ROTATED if r else g.name], torch.ones_like(s)
-            _convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), r)
-        batches = _run_layer(layer, batches)  # the next layer sees this layer's quantized output
+        _quantize_layer(i, layer, spec, batches, keep, cfg, report)
+        batches = run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
-        _lm_head_group(model, spec, batches, cfg, keep, report)
+        lm_head_group(model, spec, batches, cfg, keep, report)
     if teacher is not None:
-        from .distill import distill_scales, interleave_windows, sample_windows
-
-        kd_ids = calib_ids
-        if cfg.kd_data == "mixed":  # calibration windows alternating with the float model's own text
-            n = min(calib_ids.shape[0], -(-cfg.kd_steps // 2))
-            sampled = sample_windows(teacher, n, calib_ids.shape[1], seed=cfg.calib.seed, progress=progress)
-            kd_ids = interleave_windows(calib_ids[:n], sampled)
-        report.choices["distill"] = distill_scales(model, teacher, kd_ids, cfg.kd_steps, cfg.kd_lr,
-                                                   progress).to_dict()
+        report.choices["distill"] = _distill(model, teacher, cfg, calib_ids, progress)
     return report
+
+
+def _quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int, cfg: QuantConfig,
+                    report: QuantReport) -> None:
+    candidates = rotation_candidates(layer, spec, cfg)
+    stats = collect_stats(layer, spec.groups, batches, keep, candidates)
+    # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
+    chosen = [smooth_group(layer, g, stats, cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
+                           candidates.get(g.name, 0)) for g in spec.groups]
+    rotate = {g.name: r for g, (_, _, _, r) in zip(spec.groups, chosen) if r}
+    for j, (g, (s, static, st, r)) in enumerate(zip(spec.groups, chosen, strict=True)):
+        if cfg.gptq_sequential and j > 0 and g.experts is None and cfg.traits.hessian_rounding:
+            # this group's input with the groups before it already rounded; the folds are in the
+            # weights now, so these statistics are of x / s already (and of x H where rotated)
+            fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r)
+            st, s = fresh[g.name + ROTATED if r else g.name], torch.ones_like(s)
+        convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), r)
+
+
+def _distill(model: nn.Module, teacher: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool) -> dict:
+    from .distill import distill_scales, interleave_windows, sample_windows
+
+    kd_ids = calib_ids
+    if cfg.kd_data == "mixed":  # calibration windows alternating with the float model's own text
+        n = min(calib_ids.shape[0], -(-cfg.kd_steps // 2))
+        sampled = sample_windows(teacher, n, calib_ids.shape[1], seed=cfg.calib.seed, progress=progress)
+        kd_ids = interleave_windows(calib_ids[:n], sampled)
+    return distill_scales(model, teacher, kd_ids, cfg.kd_steps, cfg.kd_lr, progress).to_dict()
+
+
+# Methods that do not run layer by layer; every other method is quantize_layerwise with its traits.
+HANDLERS: dict[str, Handler] = {"mobilequant": _quantize_mobilequant}

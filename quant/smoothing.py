@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .int4 import expand_group_scale, group_absmax, quantize_weight_int4, search_w4_scale
-from .kernels import QMAX
+from .kernels import QMAX, static_act_scale
 
 __all__ = ["smoothing_scales", "tie_kv_scales", "fake_quant_weight", "fake_quant_act",
            "SmoothChoice", "search_smoothing", "group_error"]
@@ -72,7 +72,7 @@ def group_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, s: torch.Te
     xs = x / s  # [T, K]
     best = (float("inf"), 1.0)
     for clip in ((1.0,) if per_token else clips):
-        static = None if per_token else max(clip * act_max, 1e-8) / QMAX
+        static = None if per_token else static_act_scale(act_max, clip)
         err = (fake_quant_act(xs, static) @ wq.t() - ref).pow(2).mean().item()
         best = min(best, (err, clip))
     return best

@@ -80,11 +80,11 @@ class _SavedBytes:
 
 def _inputs(model, layers, ids: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, dict]]:
     """Hidden states and keyword arguments entering layer 0, per batch of windows."""
-    from .pipeline import _capture_first_layer_inputs
+    from .layerwise import capture_first_layer_inputs
 
     out = []
     for b in ids.split(batch):
-        out.extend(_capture_first_layer_inputs(model, layers, b))  # one entry: batch <= CALIB_BATCH
+        out.extend(capture_first_layer_inputs(model, layers, b))  # one entry: batch <= CALIB_BATCH
     return out
 
 
@@ -141,7 +141,7 @@ def tune(model, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: TuneConfig
     t0 = time.time()
     spec = arch_spec(model)
     layers = list(model.get_submodule(spec.layers_path))
-    from .pipeline import CALIB_BATCH
+    from .layerwise import CALIB_BATCH
 
     if cfg.window < 1 or cfg.steps < 0 or not 1 <= cfg.batch <= CALIB_BATCH:
         raise ValueError(f"tune needs --window >= 1, --steps >= 0 and a batch in [1, {CALIB_BATCH}], got {cfg}")

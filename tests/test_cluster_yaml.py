@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.controller import NODE_RESOURCE
-from orchestrator.profile import TIER_LABEL
+from workers.profile import TIER_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent
 

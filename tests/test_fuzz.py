@@ -22,13 +22,14 @@ from hypothesis import strategies as st
 
 from orchestrator.engine import Engine, EngineOptions
 from orchestrator.planner import Placement, Stage
-from orchestrator.profile import NodeProfile
+from workers.profile import NodeProfile
 from orchestrator.service import InferenceServicer, start_inference_server
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import open_channel
 from quant.checkpoint import load_checkpoint
-from quant.generate import SamplingConfig, generate_tokens, make_decoder
+from quant.generate import SamplingConfig, generate_tokens
+from workers.decode import make_decoder
 from tests.conftest import tiny_checkpoint, tiny_tokenizer
 from workers.server import start_worker_server
 from workers.wire import encode_activation, encode_tensor

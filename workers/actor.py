@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from orchestrator.profile import measure_profile
+from .profile import measure_profile
 from protos.security import Security
 
 from .server import start_worker_server

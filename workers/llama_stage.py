@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from quant.hadamard import hadamard
 from quant.int4 import pack_int4
 from quant.kernels import int4_linear, int8_linear, unpack_w4
+from quant.manifest import kv_bytes_per_token
 from quant.native import EwLinear, EwLlamaDims, EwLlamaLayer, load_kernels
 from quant.qlinear import QuantLinear
 from quant.sparse import decode_sparse
@@ -200,8 +201,8 @@ class KVCache:
 
     @staticmethod
     def size_bytes(layers: int, dims: LlamaDims, max_len: int) -> int:
-        """nbytes of a cache not yet allocated."""
-        return 2 * layers * dims.kv_heads * max_len * dims.head_dim * 4
+        """nbytes of a cache not yet allocated (the planner budgets the same bytes: quant.manifest)."""
+        return kv_bytes_per_token(layers, dims.kv_heads, dims.head_dim) * max_len
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

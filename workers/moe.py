@@ -20,24 +20,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from quant.kernels import int8_linear
+from quant.manifest import expert_tensor_prefix, is_expert_tensor
+
+from .residency import PathStats, StatsWeights, admit_on_miss, choose_resident, prefetch_scores
 
 __all__ = ["ExpertWeights", "route_tokens", "expert_forward", "ExpertCost", "move_on_miss", "ExpertStore",
-           "expert_tensor_prefix", "is_expert_tensor", "TierCounters", "moe_block", "MoERunner"]
+           "TierCounters", "moe_block", "MoERunner"]
 
 BANKS = ("gate_up_qweight", "gate_up_scale", "down_qweight", "down_scale")
 STATICS = ("gate_up_input_scale", "down_input_scale")
-
-
-def expert_tensor_prefix(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.experts."
-
-
-def is_expert_tensor(name: str) -> bool:
-    return ".mlp.experts." in name
 
 
 @dataclass(frozen=True)
@@ -116,6 +112,7 @@ class ExpertStore:
         self.slots = slots
         self.device = fast_device or torch.device("cpu")
         self.fast: dict[tuple[int, int], ExpertWeights] = {}
+        self.scores: dict[int, np.ndarray] = {}  # layer -> the latest prefetch scores (evictions on a miss)
         self.lock = threading.Lock()
         self.hits = self.misses = self.moves = self.bytes_moved = 0
         for layer in sorted({l for l, _ in self.units}):
@@ -161,8 +158,7 @@ class ExpertStore:
             self.misses += 1
         w = self.read(layer, e)
         if self.cost is not None and move_on_miss(tokens, w.nbytes, self.cost):
-            res = sorted(self.resident(layer))
-            self.set_resident(layer, [e, *res][: self.slots])
+            self.set_resident(layer, admit_on_miss(self.resident(layer), e, self.slots, self.scores.get(layer)))
         return w
 
     def counters(self) -> TierCounters:
@@ -231,8 +227,6 @@ class MoERunner:
     def __init__(self, store: ExpertStore, k: int, layers: range, n_layers: int, n_experts: int,
                  remote: Mapping[tuple[int, int], str], call_remote: RemoteFn, prefetch: bool, recorder=None,
                  weights=None) -> None:
-        from orchestrator.experts import PathStats, StatsWeights
-
         self.store, self.k, self.layers, self.n_layers = store, k, layers, n_layers
         self.remote, self.call_remote, self.prefetch = dict(remote), call_remote, prefetch
         self.recorder = recorder
@@ -263,22 +257,14 @@ class MoERunner:
         self.stats = stats
 
     def _prefetch(self, layer: int) -> None:
-        """Moves up the experts predicted for `layer` (held here), under hysteresis."""
-        from orchestrator.experts import choose_resident
-
+        """Moves up the experts predicted for `layer` (held here), under hysteresis (workers/residency.py)."""
         held = [e for l, e in self.store.units if l == layer]
         if not held or not self._rows:
             return
-        st = self.stats
-        probs = None
-        for row, prev in zip(self._rows, self._prev):
-            s = st.scores(layer, self.weights, row[layer - 1] if layer >= 1 else None,
-                          row[layer - 2] if layer >= 2 else None, prev[layer] if prev is not None else None)
-            p = torch.softmax(torch.as_tensor(s), dim=0)
-            probs = p if probs is None else torch.maximum(probs, p)
-        assert probs is not None
-        new = choose_resident(torch.log(probs).numpy(), self.store.resident(layer), self.store.slots,
-                              self.weights.hysteresis, allowed=held)
+        scores = prefetch_scores(self.stats, self.weights, layer, self._rows, self._prev)
+        assert scores is not None
+        self.store.scores[layer] = scores  # a miss at this layer evicts by the same scores
+        new = choose_resident(scores, self.store.resident(layer), self.store.slots, self.weights.hysteresis, allowed=held)
         if new != self.store.resident(layer):
             self.store.set_resident(layer, sorted(new))
 

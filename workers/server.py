@@ -13,31 +13,31 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 import torch
 
-from orchestrator.profile import NodeProfile
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, call_metadata, open_channel
 from protos.serving import start_server
-from quant.checkpoint import CheckpointError
+from quant.checkpoint import read_manifest
 from quant.generate import pick_token
+from quant.manifest import Manifest, MoEShape, ShardRange
 
 from .awake import KeepAwake
 from .llama_stage import KVCache
 from .moe import ExpertStore, MoERunner, expert_forward
-from .shard import LoadedShard, ShardRange, layer_count, load_shard, moe_shape
-from .wire import WireError, decode_activation, decode_tensor, encode_activation, encode_tensor, next_stage_items
+from .profile import NodeProfile
+from .route_stats import StatsRecorder, connect, read_stats
+from .shard import LoadedShard, load_shard
+from .steps import MAX_ITEMS, MAX_SESSION_ID, Refused, RouteShape, StepItem, check_placement, parse_step, refusal_status
+from .wire import WireError, decode_tensor, encode_activation, encode_tensor, next_stage_items
 
 __all__ = ["WorkerServicer", "start_worker_server", "MAX_ITEMS", "MAX_SESSION_ID"]
 
 log = logging.getLogger("edgeweave.worker")
 
-MAX_ITEMS = 256  # sessions in one forward step
-MAX_SESSION_ID = 128
 MAX_STREAMS = 4  # open ForwardStream calls per worker; each holds one of the server's threads
 MAX_SUBSCRIPTIONS = 4  # open Subscribe calls per worker; each holds one of the server's threads
 SERVER_THREADS = 12  # streams and subscriptions at their bounds leave 4 for unary calls and health
@@ -45,35 +45,6 @@ MAX_RELAY_ID = 64
 RELAY_QUEUE = 64  # events waiting for a subscriber (at most one step in flight per front end)
 RELAY_LIFETIME_S = 3600.0  # the relay stream's own deadline; it is reopened before it runs out
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass(frozen=True)
-class _Item:
-    session_id: str
-    x: torch.Tensor  # token ids [T] (first stage) or hidden [T, D]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    step: int
-    route: torch.Tensor | None = None  # MoE: int32 [T, R, k] experts at the R layers before this stage
-
-
-def _status(e: Exception) -> tuple[grpc.StatusCode, str] | None:
-    """The gRPC status a refused request gets for `e`; None for an unexpected error (a bug)."""
-    if isinstance(e, _Abort):
-        return e.code, e.message
-    if isinstance(e, (WireError, FileNotFoundError)) or (isinstance(e, ValueError) and not isinstance(e, CheckpointError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, CheckpointError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
-    return None
 
 
 class _RelayOut:
@@ -116,12 +87,6 @@ class _RelayOut:
         self.channel.close()
 
 
-def _check_placement(placement_id: str, spec: pb.ShardSpec) -> None:
-    if placement_id != spec.placement_id:
-        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                     f"placement {placement_id!r} is not the loaded one ({spec.placement_id!r})")
-
-
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def __init__(self, profile: NodeProfile, security: Security | None = None) -> None:
         self.profile, self.security = profile, security or Security()
@@ -150,8 +115,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def _run(self, context: grpc.ServicerContext, fn):
         try:
             return fn()
-        except (_Abort, ValueError, FileNotFoundError) as e:
-            status = _status(e)
+        except (Refused, ValueError, FileNotFoundError) as e:
+            status = refusal_status(e)
             assert status is not None
             context.abort(*status)
 
@@ -163,24 +128,21 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         def run():
             s = request.shard
             if not s.checkpoint or not s.placement_id:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "shard.checkpoint and shard.placement_id are required")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "shard.checkpoint and shard.placement_id are required")
             if s.max_context < 1 or s.max_context > 1 << 20:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"shard.max_context {s.max_context} is not in [1, 2^20]")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"shard.max_context {s.max_context} is not in [1, 2^20]")
             if s.next_stage and (s.head or not _ADDRESS.match(s.next_stage)):
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                              f"shard.next_stage {s.next_stage[:300]!r} must be host:port, and empty on the last stage")
             t0 = time.perf_counter()
             if s.threads:
                 torch.set_num_threads(int(s.threads))
-            from quant.checkpoint import read_manifest
-
             manifest = read_manifest(s.checkpoint)
-            moe = moe_shape(manifest)
             runner = store = None
-            if moe:
-                store, runner = self._moe_state(s, manifest, moe)
+            if manifest.moe:
+                store, runner = self._moe_state(s, manifest, manifest.moe)
             shard = load_shard(s.checkpoint, ShardRange(s.first_layer, s.last_layer, s.embed, s.head), s.max_context,
-                               moe=runner.hook if runner else None)
+                               moe=runner.hook if runner else None, manifest=manifest)
             with self.lock:
                 self._stop_moe()
                 self.shard, self.spec, self.sessions = shard, s, {}
@@ -200,9 +162,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         return self._run(context, run)
 
     # ------------------------------------------------------------------ MoE
-    def _moe_state(self, s: pb.ShardSpec, manifest: dict, moe: tuple[int, int]) -> tuple[ExpertStore, MoERunner]:
-        n_experts, k = moe
-        n_layers = layer_count(manifest)
+    def _moe_state(self, s: pb.ShardSpec, manifest: Manifest, moe: MoEShape) -> tuple[ExpertStore, MoERunner]:
+        n_experts, k = moe.experts, moe.top_k
+        n_layers = manifest.n_layers
         remote: dict[tuple[int, int], str] = {}
         for u in s.experts:
             if not (s.first_layer <= u.layer < s.last_layer and u.expert < n_experts):
@@ -219,8 +181,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         store = ExpertStore(s.checkpoint, units, slots, device)
         recorder = None
         if s.redis_url:
-            from orchestrator.redis_stats import StatsRecorder
-
             recorder = StatsRecorder(s.redis_url, s.model_name or "model", n_layers, n_experts)
         runner = MoERunner(store, k, range(s.first_layer, s.last_layer), n_layers, n_experts, remote,
                            self._call_remote(s.placement_id), s.prefetch, recorder)
@@ -240,21 +200,19 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 try:
                     resp = fut.result()
                 except grpc.RpcError as e:
-                    raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                    raise Refused(grpc.StatusCode.UNAVAILABLE,
                                  f"expert {expert} of layer {layer} at {addr}: {e.code().name}: {e.details()}") from e
                 return decode_tensor(resp.output, "output", pb.FLOAT32, rank=2, max_elems=x.numel()).view_as(x)
             return result
         return call
 
-    def _refresh_stats(self, runner: MoERunner, s: pb.ShardSpec, manifest: dict, stop: threading.Event) -> None:
+    def _refresh_stats(self, runner: MoERunner, s: pb.ShardSpec, manifest: Manifest, stop: threading.Event) -> None:
         """Reads the statistics from Redis every few seconds (prefetch uses them); Redis may be away."""
-        from orchestrator.redis_stats import connect, read_stats
-
         client = connect(s.redis_url)
-        n_experts = (moe_shape(manifest) or (1, 1))[0]
+        n_experts = manifest.moe.experts if manifest.moe else 1
         while not stop.wait(3.0):
             try:
-                runner.set_snapshot(read_stats(client, s.model_name or "model", layer_count(manifest), n_experts))
+                runner.set_snapshot(read_stats(client, s.model_name or "model", manifest.n_layers, n_experts))
             except Exception as e:  # Redis away: keep predicting from what is known
                 log.debug("statistics refresh failed: %s", e)
 
@@ -267,15 +225,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def _expert_state(self, placement_id: str) -> tuple[ExpertStore, pb.ShardSpec]:
         store, spec = self.store, self.spec
         if store is None or spec is None:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no experts")
-        _check_placement(placement_id, spec)
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no experts")
+        check_placement(placement_id, spec)
         return store, spec
 
     def ExpertForward(self, request: pb.ExpertRequest, context):
         def run():
             store, spec = self._expert_state(request.placement_id)
             if (request.layer, request.expert) not in store.units:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"expert {request.expert} of layer {request.layer} is not held here")
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"expert {request.expert} of layer {request.layer} is not held here")
             assert self.shard is not None
             d = self.shard.dims.hidden
             x = decode_tensor(request.hidden, "hidden", pb.FLOAT32, rank=2, max_elems=MAX_ITEMS * spec.max_context * d)
@@ -292,7 +250,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             with self.lock:  # between steps: a step never sees its experts change tier
                 store, _ = self._expert_state(request.placement_id)
                 if request.version <= self.map_version:
-                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"expert map version {request.version} is not newer than {self.map_version}")
                 for lx in request.fast:
                     bad = [e for e in lx.experts if (lx.layer, e) not in store.units]
@@ -306,72 +264,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 self.map_version = request.version
                 return pb.ExpertTierResponse(version=self.map_version, moved=moved, bytes_moved=nbytes)
         return self._run(context, run)
-
-    def _parse(self, request: pb.ForwardRequest, shard: LoadedShard, spec: pb.ShardSpec) -> list[_Item]:
-        _check_placement(request.placement_id, spec)
-        if not 1 <= len(request.items) <= MAX_ITEMS:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"a step carries 1..{MAX_ITEMS} items, got {len(request.items)}")
-        seen: set[str] = set()
-        items = []
-        new_bytes = 0
-        for k, it in enumerate(request.items):
-            sid = it.session_id
-            what = f"items[{k}]"
-            if not 1 <= len(sid) <= MAX_SESSION_ID:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}.session_id must be 1..{MAX_SESSION_ID} characters")
-            if sid in seen:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: session {sid!r} appears twice in one step")
-            seen.add(sid)
-            cache = self.sessions.get(sid)
-            have = 0 if cache is None else cache.length
-            if cache is None and it.position != 0:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"{what}: unknown session {sid!r} (released, or never started here)")
-            if it.position != have:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"{what}: session {sid!r} is at position {have} here, the step says {it.position}")
-            limit = cache.max_len if cache is not None else it.max_tokens
-            if cache is None and not 1 <= it.max_tokens <= spec.max_context:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"{what}.max_tokens {it.max_tokens} must be in [1, {spec.max_context}] for a new session")
-            room = limit - have
-            kind = it.WhichOneof("input")
-            if shard.embed is not None:
-                if kind != "token_ids":
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: the first stage takes token_ids")
-                x = decode_tensor(it.token_ids, f"{what}.token_ids", pb.INT64, rank=1, max_elems=max(room, 0))
-                if x.numel() == 0:
-                    raise WireError(f"{what}.token_ids is empty")
-                if int(x.min()) < 0 or int(x.max()) >= shard.vocab:
-                    raise WireError(f"{what}.token_ids must be in [0, {shard.vocab})")
-            else:
-                if kind != "hidden":
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: this stage takes hidden states")
-                if room < 1:
-                    raise WireError(f"{what}: session {sid!r} is full ({limit} tokens)")
-                x = decode_activation(it.hidden, f"{what}.hidden", shard.dims.hidden, room)
-            if x.shape[0] > room:
-                raise WireError(f"{what}: {x.shape[0]} tokens at position {have} would pass the session's {limit}")
-            sp = it.sampling
-            if shard.head is not None and (not sp.temperature >= 0 or not 0 <= sp.top_p <= 1):
-                raise WireError(f"{what}.sampling: temperature must be >= 0 and top_p in [0, 1]")
-            if cache is None:
-                new_bytes += KVCache.size_bytes(len(shard.stage.layers), shard.dims, it.max_tokens)
-            route = None
-            if it.HasField("route") and self.runner is not None:
-                route = decode_tensor(it.route, f"{what}.route", pb.INT32, rank=3,
-                                      max_elems=x.shape[0] * 2 * self.runner.k)
-                n_exp = self.runner.n_experts
-                if route.shape[0] != x.shape[0] or route.shape[1] > 2 or route.shape[2] != self.runner.k or (
-                        route.numel() and (int(route.min()) < 0 or int(route.max()) >= n_exp)):
-                    raise WireError(f"{what}.route must be [{x.shape[0]}, <=2, {self.runner.k}] experts in [0, {n_exp})")
-            items.append(_Item(sid, x, it.max_tokens, float(sp.temperature), float(sp.top_p) or 1.0, int(sp.seed),
-                               int(it.step), route))
-        used = self._kv_used()
-        if used + new_bytes > spec.kv_budget_bytes:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"KV cache full: {used:,} bytes in use + {new_bytes:,} for new sessions > budget "
-                         f"{spec.kv_budget_bytes:,}; retry after other sessions finish")
-        return items
 
     def Forward(self, request: pb.ForwardRequest, context):
         return self._run(context, lambda: self._forward(request, context))
@@ -400,9 +292,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         rid, seq = request.relay_id, request.relay_seq
         try:
             if len(rid) > MAX_RELAY_ID:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"relay_id must be 1..{MAX_RELAY_ID} characters")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"relay_id must be 1..{MAX_RELAY_ID} characters")
             if len(request.stage_ms) > 64:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "stage_ms lists more than 64 stages")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "stage_ms lists more than 64 stages")
             resp, spec = self._forward_spec(request, context)
             stage_ms = [*request.stage_ms, resp.compute_ms]
             if spec.head:
@@ -410,16 +302,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                                                  relay_bytes=request.relay_bytes), context)
                 return
             if not spec.next_stage:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             "this stage has no next stage (ShardSpec.next_stage): step it without relay_id")
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              "this stage has no next stage (ShardSpec.next_stage): step it without relay_id")
             nxt = pb.ForwardRequest(placement_id=request.placement_id,
                                     items=next_stage_items(request.items, resp.results),
                                     quantize_output=request.quantize_output, relay_id=rid, relay_seq=seq,
                                     stage_ms=stage_ms)
             nxt.relay_bytes = request.relay_bytes + nxt.ByteSize() + 10  # the field itself: at most 10 bytes
             self._pass_on(spec.next_stage, rid, seq, nxt)
-        except (_Abort, ValueError, FileNotFoundError) as e:
-            status = _status(e)
+        except (Refused, ValueError, FileNotFoundError) as e:
+            status = refusal_status(e)
             assert status is not None
             self._deliver(rid, pb.RelayEvent(seq=seq, error_code=status[0].value[0], error=status[1]), context,
                           abort_with=status)
@@ -483,9 +375,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             spec = self.spec
         try:
             if spec is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
-            _check_placement(request.placement_id, spec)
-        except _Abort as e:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
+            check_placement(request.placement_id, spec)
+        except Refused as e:
             context.abort(e.code, e.message)
         assert spec is not None  # context.abort raised otherwise
         with self._relay_lock:  # a front end subscribing again (after a failed step) replaces its call
@@ -513,19 +405,20 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     def _forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
         if request.relay_id:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "relayed steps (relay_id) go over ForwardStream")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "relayed steps (relay_id) go over ForwardStream")
         return self._forward_spec(request, context)[0]
 
     def _forward_spec(self, request: pb.ForwardRequest, context) -> tuple[pb.ForwardResponse, pb.ShardSpec]:
         """-> the step's response and the spec of the shard that ran it."""
         with self.lock:
             if self.shard is None or self.spec is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded; call LoadShard first")
             shard, spec = self.shard, self.spec
-            items = self._parse(request, shard, spec)
+            route_shape = RouteShape(self.runner.k, self.runner.n_experts) if self.runner is not None else None
+            items = parse_step(request, shard, spec, self.sessions, self._kv_used(), route_shape)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
-                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step started")
+                raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the step started")
             t0 = time.perf_counter()
             if self.awake is not None:
                 self.awake.touch()
@@ -562,7 +455,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                             results[-1].route.CopyFrom(route)
             return pb.ForwardResponse(results=results, compute_ms=(time.perf_counter() - t0) * 1e3), spec
 
-    def _end_moe_step(self, items: list[_Item], shard: LoadedShard) -> list[pb.Tensor | None]:
+    def _end_moe_step(self, items: list[StepItem], shard: LoadedShard) -> list[pb.Tensor | None]:
         """Records the step's routes; -> per item, the route tensor for the next stage."""
         assert self.runner is not None
         rows = self.runner.end_step()

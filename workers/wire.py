@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from protos import edgeweave_v1_pb2 as pb
-from protos.serving import GRPC_OPTIONS, MAX_MESSAGE_BYTES
+from protos.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 
 __all__ = ["WireError", "encode_tensor", "encode_ids", "decode_tensor", "encode_activation", "decode_activation",
            "next_stage_items", "MAX_MESSAGE_BYTES", "GRPC_OPTIONS"]

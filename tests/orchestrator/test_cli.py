@@ -93,7 +93,7 @@ def test_quantize_luc_mobilequant_and_w4_from_the_command_line(tmp_path, capsys,
     import random
 
     from quant.checkpoint import read_manifest
-    from workers.shard import ShardRange, shard_weight_bytes
+    from quant.manifest import ShardRange, shard_weight_bytes
 
     src = tmp_path / "model"
     tiny_model("llama", layers=2, init_range=0.2).save_pretrained(src)
@@ -105,19 +105,19 @@ def test_quantize_luc_mobilequant_and_w4_from_the_command_line(tmp_path, capsys,
     assert main(["quantize", str(src), "--method", method, *extra, "--calib", str(text), "--calib-samples", "4",
                  "--calib-len", "32", "--out", str(out)]) == 0
     m = read_manifest(out)
-    assert m["method"]["method"] == method
+    assert m.method["method"] == method
     if method == "luc":
-        assert len(m["method"]["layer_policy"]) == 2 and m["choices"]["luc"]["predicted"] <= m["choices"]["luc"]["budget"]
-        assert m["method"]["w_asym"] and m["choices"]["luc"]["cost"] == "kl"
+        assert len(m.method["layer_policy"]) == 2 and m.choices["luc"]["predicted"] <= m.choices["luc"]["budget"]
+        assert m.method["w_asym"] and m.choices["luc"]["cost"] == "kl"
     elif method == "haq":
-        assert m["tensors"]["model.layers.0.mlp.down_proj.w_zero"]["shape"] == [64, 128 // 16]
-        assert m["modules"]["model.layers.0.mlp.down_proj"]["w_zero"]
+        assert m.tensors["model.layers.0.mlp.down_proj.w_zero"].shape == (64, 128 // 16)
+        assert m.modules["model.layers.0.mlp.down_proj"]["w_zero"]
         # --rotate-down: rotation (one block of I = 128) competed with smoothing; the module holds the choice
-        assert m["modules"]["model.layers.0.mlp.down_proj"]["rotate"] == m["choices"]["layers.0.down"]["rotate"]
-        assert m["choices"]["layers.0.down"]["rotate"] in (0, 128) and "mse_unrotated" in m["choices"]["layers.0.down"]
-        assert m["modules"]["model.layers.0.mlp.up_proj"]["rotate"] == 0 and m["method"]["rotate_down"]
+        assert m.modules["model.layers.0.mlp.down_proj"]["rotate"] == m.choices["layers.0.down"]["rotate"]
+        assert m.choices["layers.0.down"]["rotate"] in (0, 128) and "mse_unrotated" in m.choices["layers.0.down"]
+        assert m.modules["model.layers.0.mlp.up_proj"]["rotate"] == 0 and m.method["rotate_down"]
     else:
-        assert m["method"]["act_scheme"] == "tensor" and "model.layers.0.self_attn.q_proj.input_offset" in m["tensors"]
+        assert m.method["act_scheme"] == "tensor" and "model.layers.0.self_attn.q_proj.input_offset" in m.tensors
     nodes = tmp_path / "nodes.json"
     nodes.write_text(json.dumps([{"node_id": "a", "budget_bytes": "4MB", "int8_gops": 2.0}]))
     assert main(["plan", str(out), "--nodes", str(nodes), "--context", "64", "--json", str(tmp_path / "p.json")]) == 0
@@ -140,7 +140,7 @@ def test_tune_then_eval_with_voting(tmp_path, capsys):
                  "--lr", "0.03", "--samples", "8", "--seq-len", "32", "--held-out", "2"]) == 0
     line = capsys.readouterr().out
     assert "held-out loss" in line and "MiB per window" in line
-    t = read_manifest(out)["choices"]["tune"]
+    t = read_manifest(out).choices["tune"]
     assert t["loss_after"] < t["loss_before"] and t["peak_window_bytes"] < t["full_model_bytes"]
     assert main(["eval", str(out), "--text", str(text), "--ctx", "64", "--windows", "2", "--vote-exits", "1,2"]) == 0
     assert "voting over exits (1, 2)" in capsys.readouterr().out

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.experts import (LRUPolicy, PathStats, StatsPolicy, StatsWeights, TokenRoute, TraceError, belady,
-                                  choose_resident, fast_tier_fraction, load_trace, simulate, token_routes)
+from orchestrator.experts import LRUPolicy, StatsPolicy, TokenRoute, TraceError, belady, load_trace, simulate, token_routes
+from quant.manifest import fast_tier_fraction
+from workers.residency import PathStats, StatsWeights, choose_resident
 from orchestrator.moesim import SimConfig, run_sim
 
 TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "moe" / "mixtral8x7b_gsm8k_routing.jsonl"

@@ -22,7 +22,8 @@ from orchestrator.local import LocalCluster, LocalNode
 from orchestrator.planner import Placement
 from protos.security import Security
 from quant.checkpoint import load_checkpoint
-from quant.generate import SamplingConfig, generate_tokens, make_decoder
+from quant.generate import SamplingConfig, generate_tokens
+from workers.decode import make_decoder
 from tests.conftest import tiny_checkpoint
 
 BUDGETS = (900_000, 850_000, 800_000)  # bytes: any two hold the model (about 1.4 MB over 2 stages), one does not

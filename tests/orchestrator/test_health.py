@@ -32,7 +32,7 @@ def test_a_probe_that_finds_the_node_still_down_waits_the_same_backoff_again():
 
 def test_a_pool_limits_the_nodes_a_service_uses():
     from orchestrator.controller import NODE_RESOURCE, usable_nodes
-    from orchestrator.profile import POOL_LABEL
+    from workers.profile import POOL_LABEL
 
     def node(i, alive=True, pool=None, marked=True):
         return {"NodeID": f"n{i}", "Alive": alive, "Resources": {NODE_RESOURCE: 1} if marked else {"CPU": 1},

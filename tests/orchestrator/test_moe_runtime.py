@@ -9,9 +9,11 @@ from orchestrator.client import stream_generate
 from orchestrator.controller import ServeOptions, start_controller
 from orchestrator.local import LocalCluster, LocalNode
 from orchestrator.planner import Placement
-from orchestrator.redis_stats import RedisServer, connect, key
+from orchestrator.redis_server import RedisServer
+from workers.route_stats import connect, key
 from quant.checkpoint import load_checkpoint
-from quant.generate import SamplingConfig, generate_tokens, make_decoder
+from quant.generate import SamplingConfig, generate_tokens
+from workers.decode import make_decoder
 from tests.conftest import tiny_checkpoint
 
 BUDGETS = (700_000, 650_000, 600_000)
@@ -94,7 +96,7 @@ def test_replacement_moves_the_hottest_expert_to_the_fast_tier(served):
     import numpy as np
     import ray
 
-    from orchestrator.redis_stats import read_stats
+    from workers.route_stats import read_stats
 
     _, actor, address, redis = served
     _generate(address, PROMPTS[0], 16)

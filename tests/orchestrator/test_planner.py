@@ -1,16 +1,17 @@
-"""The planner on plain data: a manifest dict and node profiles."""
+"""The planner on plain data: a typed manifest and node profiles."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.planner import Placement, PlacementError, PlanOptions, format_placement, plan
-from orchestrator.profile import NodeProfile, load_profiles, parse_bytes
+from quant.manifest import Manifest, parse_bytes
+from workers.profile import NodeProfile, load_profiles
 
 MB = 1_000_000
 
 
-def manifest(layers=12, d=256, inter=1024, vocab=8000, kv_heads=2, heads=4, tied=True) -> dict:
+def manifest(layers=12, d=256, inter=1024, vocab=8000, kv_heads=2, heads=4, tied=True) -> Manifest:
     """A Llama-shaped W8A8 manifest: int8 weights, float32 scales and norms."""
     t: dict = {}
 
@@ -35,7 +36,7 @@ def manifest(layers=12, d=256, inter=1024, vocab=8000, kv_heads=2, heads=4, tied
         lin("model.embed_tokens", vocab, d)
     cfg = {"model_type": "llama", "num_hidden_layers": layers, "hidden_size": d, "intermediate_size": inter,
            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab}
-    return {"model_config": cfg, "tensors": t, "files": {}}
+    return Manifest.from_dict({"model_type": "llama", "model_config": cfg, "tensors": t, "files": {}})
 
 
 OPTS = PlanOptions(context=512, batch=2, prefill_chunk=64, hop_ms=0.5)

@@ -5,8 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from orchestrator.experts import PathStats
-from orchestrator.redis_stats import RedisServer, StatsRecorder, connect, key, read_stats, route_deltas
+from orchestrator.redis_server import RedisServer
+from workers.residency import PathStats
+from workers.route_stats import StatsRecorder, connect, key, read_stats, route_deltas
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from orchestrator.planner import Placement
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from quant.checkpoint import load_checkpoint
-from quant.generate import SamplingConfig, generate_tokens, make_decoder
+from quant.generate import SamplingConfig, generate_tokens
+from workers.decode import make_decoder
 from tests.conftest import tiny_checkpoint, tiny_tokenizer
 
 BUDGETS = (600_000, 550_000, 500_000)  # bytes; none holds the 6-layer model alone (planner: 3 stages)

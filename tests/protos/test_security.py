@@ -5,7 +5,7 @@ import grpc
 import pytest
 import trustme
 
-from orchestrator.profile import NodeProfile
+from workers.profile import NodeProfile
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, SecurityError, open_channel

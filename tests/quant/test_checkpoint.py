@@ -23,11 +23,11 @@ def test_round_trip_gives_identical_logits(saved, test_ids):
     loaded, tok, manifest = load_checkpoint(out)
     with torch.no_grad():
         assert torch.equal(model(test_ids).logits, loaded(test_ids).logits)
-    assert manifest["method"]["method"] == "haq"
-    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
-    qweights = [k for k, v in manifest["tensors"].items() if k.endswith("qweight")]
-    assert qweights and all(manifest["tensors"][k]["dtype"] == "int8" for k in qweights)
-    assert QuantConfig.from_dict(manifest["method"]) == QuantConfig(method="haq", act_scheme="tensor", search_tokens=256)
+    assert manifest.method["method"] == "haq"
+    assert all(len(f.sha256) == 64 for f in manifest.files.values())
+    qweights = [k for k, v in manifest.tensors.items() if k.endswith("qweight")]
+    assert qweights and all(manifest.tensors[k].dtype == "int8" for k in qweights)
+    assert QuantConfig.from_dict(manifest.method) == QuantConfig(method="haq", act_scheme="tensor", search_tokens=256)
 
 
 def test_corrupt_weights_are_refused_naming_the_file(saved):

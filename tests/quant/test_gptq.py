@@ -38,7 +38,7 @@ def _hessian_error(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int
 
 
 def test_refit_scales_lowers_the_output_error_row_by_row_and_keeps_the_codes():
-    from quant.pipeline import search_w4_scale
+    from quant.int4 import search_w4_scale
 
     x = _correlated_inputs(2048, 256) * torch.linspace(0.2, 3.0, 256)  # uneven channel energy
     w = torch.randn(48, 256) * 0.05

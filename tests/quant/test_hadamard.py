@@ -67,7 +67,7 @@ def test_rotation_is_chosen_per_layer_and_survives_the_checkpoint(arch, method, 
     downs = [f"model.layers.{i}.mlp.down_proj" if arch == "llama" else f"model.decoder.layers.{i}.fc2" for i in (0, 1)]
     chosen = [report.choices[f"layers.{i}.{name}"] for i in (0, 1)]
     assert chosen[0]["rotate"] == 128 and chosen[0]["mse"] < chosen[0]["mse_unrotated"]
-    assert [manifest["modules"][d]["rotate"] for d in downs] == [c["rotate"] for c in chosen]
+    assert [manifest.modules[d]["rotate"] for d in downs] == [c["rotate"] for c in chosen]
     with torch.no_grad():
         assert torch.equal(loaded(test_ids).logits, want)
 
@@ -90,6 +90,6 @@ def test_rotate_all_lets_attention_inputs_rotate_and_the_checkpoint_keeps_it(cal
     chosen = report.choices["layers.0.qkv"]
     assert chosen["rotate"] == 64 and chosen["mse"] < chosen["mse_unrotated"]
     loaded, _, manifest = load_checkpoint(save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "ck"))
-    assert [manifest["modules"][f"model.layers.0.self_attn.{p}_proj"]["rotate"] for p in "qkv"] == [64] * 3
+    assert [manifest.modules[f"model.layers.0.self_attn.{p}_proj"]["rotate"] for p in "qkv"] == [64] * 3
     with torch.no_grad():
         assert torch.equal(loaded(test_ids).logits, want)

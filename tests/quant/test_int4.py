@@ -139,14 +139,14 @@ def test_w4_group128_checkpoint_round_trip_and_stage(tmp_path):
             assert torch.allclose(got, m(ids).logits, atol=1e-5)
         errs[group, asym] = sqnr_db(ref, got)
         if group:
-            t = read_manifest(out)["tensors"]
-            assert t["model.layers.0.mlp.down_proj.w_scale"]["shape"] == [64, 128 // 16]  # [N = D, I / 16]
-            assert manifest["modules"]["model.layers.0.mlp.down_proj"]["w_group"] == 16
-            assert manifest["modules"]["model.layers.0.mlp.down_proj"]["w_zero"] == asym
+            t = read_manifest(out).tensors
+            assert t["model.layers.0.mlp.down_proj.w_scale"].shape == (64, 128 // 16)  # [N = D, I / 16]
+            assert manifest.modules["model.layers.0.mlp.down_proj"]["w_group"] == 16
+            assert manifest.modules["model.layers.0.mlp.down_proj"]["w_zero"] == asym
             assert ("model.layers.0.mlp.down_proj.w_zero" in t) == asym
             if asym:
-                assert t["model.layers.0.mlp.down_proj.w_zero"]["shape"] == [64, 128 // 16]
-                assert t["model.layers.0.mlp.down_proj.w_zero"]["dtype"] == "uint8"
+                assert t["model.layers.0.mlp.down_proj.w_zero"].shape == (64, 128 // 16)
+                assert t["model.layers.0.mlp.down_proj.w_zero"].dtype == "uint8"
             from quant.generate import HFDecoder, SamplingConfig, generate_tokens
             cfg_s = SamplingConfig(max_new_tokens=8)
             assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], cfg_s, set())) == \
@@ -182,11 +182,11 @@ def test_w4a8_checkpoint_is_packed_reloads_and_stays_close(tmp_path):
     calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
     report = quantize(model, cfg, calib, progress=False)
     out = save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "w4")
-    tensors = read_manifest(out)["tensors"]
+    tensors = read_manifest(out).tensors
     q = tensors["model.layers.0.self_attn.q_proj.qweight4"]
-    assert q["dtype"] == "uint8" and q["shape"] == [64, 32]  # [N, K / 2]
+    assert q.dtype == "uint8" and q.shape == (64, 32)  # [N, K / 2]
     assert "model.layers.0.self_attn.q_proj.qweight" not in tensors
-    assert tensors["lm_head.qweight"]["dtype"] == "int8"  # lm_head stays 8-bit
+    assert tensors["lm_head.qweight"].dtype == "int8"  # lm_head stays 8-bit
     loaded, _, _ = load_checkpoint(out)
     lin = loaded.get_submodule("model.layers.0.mlp.down_proj")
     assert isinstance(lin, QuantLinear) and lin.w_bits == 4 and lin.qweight4.dtype == torch.uint8

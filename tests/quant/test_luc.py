@@ -51,14 +51,14 @@ def test_luc_checkpoint_fits_the_budget_and_records_its_policy(tmp_path):
     from quant.checkpoint import load_checkpoint, read_manifest
     from quant.generate import HFDecoder, SamplingConfig, generate_tokens
     from workers.llama_stage import LocalLlama
-    from workers.shard import ShardRange, shard_weight_bytes
+    from quant.manifest import ShardRange, shard_weight_bytes
 
     target = 125_000  # the decoder's budget holds two W8 layers and one W4, not three W8
     model, out, report = _luc(tmp_path, target_bytes=target)
     size = (out / "model.safetensors").stat().st_size
     manifest = read_manifest(out)
-    policy = manifest["method"]["layer_policy"]
-    info = manifest["choices"]["luc"]
+    policy = manifest.method["layer_policy"]
+    info = manifest.choices["luc"]
     assert len(policy) == 3 and len(info["sensitivity"]) == 3 and len(info["sensitivity"][0]) == 4
     sens = torch.tensor(info["sensitivity"])  # [layer, option]: options (8, 0), (8, .5), (4, 0), (4, .5)
     assert sens[:, 0].mean() < sens[:, 2].mean() and sens[:, 0].mean() < sens[:, 1].mean()  # W8 dense hurts least
@@ -86,7 +86,7 @@ def test_luc_avg_sparsity_and_budget_errors(tmp_path):
     from quant.checkpoint import read_manifest
     _, out, _ = _luc(tmp_path, avg_sparsity=0.25, w_bits=8)
     m = read_manifest(out)
-    policy = m["method"]["layer_policy"]
+    policy = m.method["layer_policy"]
     assert all(b == 8 for b, _ in policy)
     assert sum(sp for _, sp in policy) / 3 >= 0.25 - 1e-9  # equal-size layers: the mean is the budget
     with pytest.raises(ValueError, match="exactly one budget"):
@@ -108,7 +108,7 @@ def test_luc_options_may_name_their_own_weight_group(tmp_path):
     budget = 2 * per_layer[16] + per_layer[0] + (per_layer[16] - per_layer[0]) // 2  # not 3 x 16: half a step short
     options = ((4, 0.0, 0), (4, 0.0, 16))
     model, out, _ = _luc(tmp_path, target_ratio=budget / w8, luc_options=options)
-    policy = [tuple(p) for p in read_manifest(out)["method"]["layer_policy"]]
+    policy = [tuple(p) for p in read_manifest(out).method["layer_policy"]]
     assert sorted(policy) == [(4, 0.0, 0), (4, 0.0, 16), (4, 0.0, 16)], policy
     for i, (_, _, group) in enumerate(policy):
         linears = [m for m in model.model.layers[i].modules() if isinstance(m, QuantLinear)]

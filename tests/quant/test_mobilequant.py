@@ -71,7 +71,7 @@ def test_folded_integer_model_computes_what_was_trained():
     (transforms folded into norms and v/up rows, int8 kernels, offsets in the bias) agree."""
     from quant import mobilequant as mqm
     from quant.arch import arch_spec
-    from quant.pipeline import QuantReport, model_group_stats
+    from quant.layerwise import QuantReport, model_group_stats
 
     model = tiny_model("llama", layers=2, init_range=0.2)
     cfg = QuantConfig(method="mobilequant", act_scheme="tensor", search_tokens=128, quantize_lm_head=False)
@@ -102,13 +102,13 @@ def test_checkpoint_is_integer_only_and_serves_identically(tmp_path, w_bits, w_g
     model, cfg, report = _mq("llama", w_bits, epochs=1, w_group=w_group)
     out = save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "mq")
     manifest = read_manifest(out)
-    assert manifest["method"]["method"] == "mobilequant"
+    assert manifest.method["method"] == "mobilequant"
     loaded, _, _ = load_checkpoint(out)
     lins = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert lins and all(m.static_scale() is not None for m in lins)  # no per-token statistics at run time
     assert all(m.input_offset is not None for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and "layers" in n)
     if w_bits == 4:
-        assert "model.layers.0.mlp.up_proj.qweight4" in manifest["tensors"]
+        assert "model.layers.0.mlp.up_proj.qweight4" in manifest.tensors
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)

@@ -67,7 +67,7 @@ def test_true_sequential_gptq_rounds_later_groups_on_quantized_inputs(tmp_path):
             out[seq] = m(ids).logits
         if seq:
             loaded, _, manifest = load_checkpoint(save_checkpoint(m, tiny_tokenizer(), cfg, report, tmp_path / "seq"))
-            assert manifest["method"]["gptq_sequential"] is True
+            assert manifest.method["gptq_sequential"] is True
             with torch.no_grad():
                 assert torch.allclose(loaded(ids).logits, out[seq], atol=1e-5)
     assert not torch.equal(out[False], out[True])  # the later groups were rounded against other Hessians

@@ -6,7 +6,8 @@ import torch
 from quant.calibration import SHARED_DATA, read_text
 from quant.config import CalibConfig, QuantConfig
 from quant.evaluate import perplexity, tokenize_for_eval
-from quant.generate import SamplingConfig, stream_text
+from quant.generate import SamplingConfig
+from workers.decode import stream_text
 from quant.models import load_float_model
 from quant.pipeline import quantize
 

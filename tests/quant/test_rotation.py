@@ -79,8 +79,8 @@ def test_a_rotated_checkpoint_loads_back_exactly_and_runs_on_the_c_stage(calib_i
     with torch.no_grad():
         want = model(test_ids).logits
     loaded, _, manifest = load_checkpoint(save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "ck"))
-    assert manifest["model_config"]["tie_word_embeddings"] is False
-    assert manifest["method"]["rotate_residual"] is True
+    assert manifest.model_config["tie_word_embeddings"] is False
+    assert manifest.method["rotate_residual"] is True
     with torch.no_grad():
         assert torch.equal(loaded(test_ids).logits, want)
     sampling = SamplingConfig(max_new_tokens=16)

@@ -122,8 +122,8 @@ def test_tender_with_w4_weights_round_trips_and_serves(tmp_path):
     report = quantize(model, cfg, torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1)),
                       progress=False)
     out = save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "t4")
-    t = read_manifest(out)["tensors"]
-    assert t["model.layers.0.mlp.down_proj.qweight4"]["dtype"] == "uint8" and "model.layers.0.mlp.down_proj.perm" in t
+    t = read_manifest(out).tensors
+    assert t["model.layers.0.mlp.down_proj.qweight4"].dtype == "uint8" and "model.layers.0.mlp.down_proj.perm" in t
     loaded, _, _ = load_checkpoint(out)
     with torch.no_grad():
         got = loaded(ids).logits

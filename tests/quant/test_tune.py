@@ -43,7 +43,7 @@ def tiny_ckpt_model(tmp_path):
 def test_windowed_tuning_lowers_the_loss_with_less_memory(tiny_ckpt_model, tmp_path):
     from quant.checkpoint import load_checkpoint, save_checkpoint
     from quant.config import QuantConfig
-    from quant.pipeline import QuantReport
+    from quant.layerwise import QuantReport
 
     model, tok, manifest = tiny_ckpt_model
     g = torch.Generator().manual_seed(7)
@@ -57,10 +57,10 @@ def test_windowed_tuning_lowers_the_loss_with_less_memory(tiny_ckpt_model, tmp_p
     assert r.peak_window_bytes < r.full_model_bytes  # back-propagation depth 1 of 3 layers
     assert not torch.equal(model.model.layers[0].mlp.down_proj.w_scale, scales_before)
     assert torch.equal(model.model.layers[0].mlp.down_proj.qweight, qweight_before)  # integers untouched
-    report = QuantReport(choices={**manifest["choices"], "tune": r.to_dict()}, config=QuantConfig.from_dict(manifest["method"]))
+    report = QuantReport(choices={**manifest.choices, "tune": r.to_dict()}, config=QuantConfig.from_dict(manifest.method))
     out = save_checkpoint(model, tok, report.config, report, tmp_path / "tuned")
     loaded, _, m2 = load_checkpoint(out)
-    assert m2["choices"]["tune"]["windows"] == 3
+    assert m2.choices["tune"]["windows"] == 3
     assert mean_window_loss(loaded, held) == pytest.approx(r.loss_after, rel=1e-5)
 
 

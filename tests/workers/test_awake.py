@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 
-from orchestrator.profile import NodeProfile
+from workers.profile import NodeProfile
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from tests.conftest import tiny_checkpoint

@@ -3,7 +3,8 @@
 import torch
 
 from quant.checkpoint import load_checkpoint
-from quant.generate import SamplingConfig, generate_tokens, make_decoder
+from quant.generate import SamplingConfig, generate_tokens
+from workers.decode import make_decoder
 from tests.conftest import tiny_checkpoint
 from workers.moe import ExpertCost, ExpertStore, MoERunner, move_on_miss
 from workers.shard import ShardRange, load_shard

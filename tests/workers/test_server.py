@@ -5,11 +5,12 @@ import grpc
 import pytest
 import torch
 
-from orchestrator.profile import NodeProfile
+from workers.profile import NodeProfile
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from quant.checkpoint import load_checkpoint
-from quant.generate import SamplingConfig, generate_tokens, make_decoder
+from quant.generate import SamplingConfig, generate_tokens
+from workers.decode import make_decoder
 from tests.conftest import tiny_checkpoint
 from workers.server import start_worker_server
 from workers.wire import GRPC_OPTIONS, MAX_MESSAGE_BYTES, decode_activation, encode_activation, encode_tensor

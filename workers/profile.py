@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from quant.manifest import parse_bytes
 
 __all__ = ["NodeProfile", "measure_profile", "measure_int8_gops", "load_profiles", "parse_bytes", "TIER_LABEL",
            "POOL_LABEL"]
@@ -39,20 +40,6 @@ class NodeProfile:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'300MB' -> 300_000_000; '1.5GiB' -> 1610612736; plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?", text.strip().upper())
-    if m is None:
-        raise ValueError(f"cannot read {text!r} as a size (examples: 300MB, 1.5GiB, 1048576)")
-    num, unit = m.group(1), m.group(2) or ""
-    return int(float(num) * _UNITS[unit])
 
 
 def measure_int8_gops(k: int = 2048, n: int = 4096, reps: int = 9) -> float:
