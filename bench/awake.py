@@ -11,7 +11,6 @@ Per way: the median compute the worker reports and the median round trip.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
 from bench.hop import spawn_workers  # noqa: E402
-from bench.report import update_section, write_results  # noqa: E402
+from bench.report import checkpoint_parser, update_section, write_results  # noqa: E402
 from orchestrator.streams import StageStream  # noqa: E402
 from protos import edgeweave_v1_pb2 as pb  # noqa: E402
 from protos import edgeweave_v1_pb2_grpc as pb_grpc  # noqa: E402
@@ -32,8 +31,7 @@ from workers.wire import GRPC_OPTIONS, encode_activation  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
+    ap = checkpoint_parser()
     ap.add_argument("--layers", type=int, default=10, help="decoder layers the worker hosts (from layer 1)")
     ap.add_argument("--gap-ms", type=float, default=6.0, help="idle time before each step of the 'gap' ways")
     ap.add_argument("--calls", type=int, default=200, help="steps per way and round")

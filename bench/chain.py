@@ -11,7 +11,6 @@ star.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
 from bench.hop import spawn_workers  # noqa: E402
-from bench.report import update_section, write_results  # noqa: E402
+from bench.report import checkpoint_parser, update_section, write_results  # noqa: E402
 from orchestrator.streams import RelayChain, StageStream  # noqa: E402
 from protos import edgeweave_v1_pb2 as pb  # noqa: E402
 from protos import edgeweave_v1_pb2_grpc as pb_grpc  # noqa: E402
@@ -38,8 +37,7 @@ def _item(sid: str, pos: int, token: int) -> pb.StepItem:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
+    ap = checkpoint_parser()
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--calls", type=int, default=200, help="decode steps per way and round")
     ap.add_argument("--rounds", type=int, default=3)

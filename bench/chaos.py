@@ -9,7 +9,6 @@ token before the kill and the next token after it (detection, re-plan, shard loa
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
-from bench.report import machine, table, update_section, write_results  # noqa: E402
+from bench.report import checkpoint_parser, machine, table, update_section, write_results  # noqa: E402
 from orchestrator.client import stream_generate  # noqa: E402
 from orchestrator.controller import ServeOptions, start_controller  # noqa: E402
 from orchestrator.local import LocalCluster, LocalNode  # noqa: E402
@@ -57,8 +56,7 @@ def _wait_all_up(actor, timeout_s: float = 300.0) -> float:
 def main() -> None:
     import ray
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
+    ap = checkpoint_parser()
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,6 @@ compute (two one-way messages: front end to stage and back).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
-from bench.report import machine, table, update_section, write_results  # noqa: E402
+from bench.report import checkpoint_parser, machine, table, update_section, write_results  # noqa: E402
 from orchestrator.client import stream_generate  # noqa: E402
 from orchestrator.controller import ServeOptions, start_controller  # noqa: E402
 from orchestrator.local import LocalCluster, LocalNode  # noqa: E402
@@ -157,8 +156,7 @@ def measure_paired(ckpt: str, reps: int, tokens: int, cpus: int, streams: bool, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
+    ap = checkpoint_parser()
     ap.add_argument("--reps", type=int, default=5, help="single-stream runs per cluster and round")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3,

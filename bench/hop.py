@@ -12,7 +12,6 @@ A step's hop overhead is its round trip minus the compute the worker reports.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
-from bench.report import write_results  # noqa: E402
+from bench.report import checkpoint_parser, write_results  # noqa: E402
 from orchestrator.streams import StageStream  # noqa: E402
 from protos import edgeweave_v1_pb2 as pb  # noqa: E402
 from protos import edgeweave_v1_pb2_grpc as pb_grpc  # noqa: E402
@@ -53,8 +52,7 @@ def spawn_workers(n: int = 1):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
+    ap = checkpoint_parser()
     ap.add_argument("--calls", type=int, default=300, help="steps per way and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--layers", type=int, default=1, help="decoder layers the worker hosts")

@@ -10,7 +10,6 @@ BATCH sessions at a time and the rest wait).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository, not bench/ (bench/kernels.py
 # would shadow the `kernels` package that transformers imports)
-from bench.report import machine, table, update_section, write_results  # noqa: E402
+from bench.report import checkpoint_parser, machine, table, update_section, write_results  # noqa: E402
 from orchestrator.client import stream_generate  # noqa: E402
 from orchestrator.controller import ServeOptions, start_controller  # noqa: E402
 from orchestrator.local import LocalCluster, LocalNode  # noqa: E402
@@ -39,8 +38,7 @@ def _pct(xs: list[float], q: float) -> float:
 def main() -> None:
     import ray
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkpoint", nargs="?", default="bench/results/checkpoints/haq-token")
+    ap = checkpoint_parser()
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--tokens", type=int, default=32)

@@ -31,34 +31,8 @@ from quant.checkpoint import load_checkpoint, read_manifest  # noqa: E402
 from workers.decode import make_decoder  # noqa: E402
 from quant.manifest import ShardRange, shard_weight_bytes  # noqa: E402
 
-# name -> (method, scheme) for the table; the quality rows use the same names
-ROWS = {
-    "rtn-token": ("RTN", "W8A8 per-token"),
-    "rtn-tensor": ("RTN", "W8A8 per-tensor static"),
-    "haq-token": ("HAQ", "W8A8 per-token"),
-    "haq-tensor": ("HAQ", "W8A8 per-tensor static"),
-    "haq-token-rot": ("HAQ", "W8A8 per-token, down_proj input rotated (`--rotate-down`)"),
-    "haq-tensor-rot": ("HAQ", "W8A8 per-tensor static, down_proj input rotated"),
-    "haq-w4-token": ("HAQ", "W4A8 per-channel, per-token"),
-    "haq-w4g128-token": ("HAQ", "W4A8 group-128, per-token"),
-    "haq-w4g128-tensor": ("HAQ", "W4A8 group-128, per-tensor static"),
-    "haq-w4a-token": ("HAQ", "W4A8 per-channel with zero points, per-token"),
-    "haq-w4g128a-token": ("HAQ", "W4A8 group-128 with zero points, per-token"),
-    "haq-w4g128ar-token": ("HAQ", "W4A8 group-128 with zero points, per-token, down_proj input rotated"),
-    "haq-w4g128arall-token": ("HAQ", "W4A8 group-128 with zero points, per-token, every group's input may "
-                                     "rotate (`--rotate-all`)"),
-    "haq-w4g128ark-token": ("HAQ", "W4A8 group-128 with zero points, per-token, down_proj input rotated, "
-                                   "scales and norms distilled (`--kd-steps 128`)"),
-    "tender-g8": ("Tender", "W8A8 power-of-two groups (G=8), per chunk"),
-    "tender-g4": ("Tender", "W8A8 power-of-two groups (G=4), per chunk"),
-    "mq-w8": ("MobileQuant", "W8A8 per-tensor static (integer-only)"),
-    "mq-w4g128": ("MobileQuant", "W4A8 group-128, per-tensor static (integer-only)"),
-    "luc-w4bytes": ("LUC", "W8/W4 x sparsity per layer (loss-difference costs), at the bytes of haq-w4g128-token"),
-    "luc-half": ("LUC", "W8/W4 (per-channel, zero points) x sparsity per layer at 0.5x uniform-W8 bytes"),
-    "luc-half-g128": ("LUC", "as luc-half, plus W4 group-128 with zero points as a per-layer option (`4:0:128`)"),
-    "haq-w4g128arq-token": ("HAQ", "W4A8 group-128 with zero points, per-token, down_proj input rotated, residual "
-                                   "stream rotated (`--rotate-residual`)"),
-}
+# name -> (method, scheme) for the table (bench/method_rows.json); the quality rows use the same names
+ROWS = {k: tuple(v) for k, v in json.loads((Path(__file__).with_name("method_rows.json")).read_text()).items()}
 TARGETS = {"tender-g8": 1.02, "mq-w8": 1.02, "haq-w4g128-token": 1.10, "haq-w4-token": 1.10, "mq-w4g128": 1.10,
            "haq-w4g128-tensor": 1.10, "haq-w4a-token": 1.10, "haq-w4g128a-token": 1.10,
            "haq-token-rot": 1.01, "haq-tensor-rot": 1.03, "haq-w4g128ar-token": 1.10, "haq-token": 1.01,

@@ -76,3 +76,15 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+DEFAULT_CHECKPOINT = "bench/results/checkpoints/haq-token"
+
+
+def checkpoint_parser(description: str | None = None):
+    """The argument parser of a benchmark that serves a checkpoint (default: the HAQ W8A8 per-token one)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("checkpoint", nargs="?", default=DEFAULT_CHECKPOINT)
+    return ap

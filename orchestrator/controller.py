@@ -1,10 +1,10 @@
 """The controller: a Ray actor that discovers nodes, places the model, starts and loads one worker
 per chosen node, watches their health and serves InferenceService.
 
-Ray is used to find nodes and to start processes on them (node affinity); the data path is gRPC.
-A node publishes its budget as Ray's `memory` resource and its tier as the `edgeweave-tier` label
-(`ray start --memory ... --labels edgeweave-tier=cpu`); nodes without them get 80% of their
-available memory and tier "cpu" ("gpu" when Ray sees a GPU).
+It composes the pieces that decide: Ray finds nodes and starts processes on them (ray_nodes.py),
+the planner places the layers (planner.py), rollout.py says what each node loads, health.py decides
+which nodes are out, replacement.py (through workers/residency.py) which experts are fast; the
+engine (engine.py) runs the steps. The data path is gRPC.
 
 Failures (docs/reliability.md): the engine calls `recover` when a stage fails a step. The controller
 finds the dead nodes (Ray's view of the node, a gRPC health check with a deadline, and the failed
@@ -35,17 +35,19 @@ from quant.checkpoint import read_manifest
 from workers.residency import HYSTERESIS
 from workers.shard import check_servable
 
+from workers.profile import POOL_LABEL, NodeProfile
+
 from .engine import Engine, EngineOptions, StageError, Unavailable
-from .health import BanList
+from .health import BanList, dead_nodes
 from .planner import Placement, PlacementError, PlanOptions, plan
-from workers.profile import POOL_LABEL, TIER_LABEL, NodeProfile
+from .ray_nodes import ray_alive, ray_nodes, start_worker_actor
+from .replacement import replacement_maps
+from .rollout import RolloutOptions, held_units, nodes_of, shard_spec
 from .service import InferenceServicer, start_inference_server
 
-__all__ = ["ServeOptions", "Controller", "start_controller", "node_offers"]
+__all__ = ["ServeOptions", "Controller", "start_controller"]
 
 log = logging.getLogger("edgeweave.controller")
-
-NODE_RESOURCE = "edgeweave_node"  # nodes started by `edgeweave up --local` carry it; others are used too
 
 
 @dataclass(frozen=True)
@@ -82,25 +84,6 @@ class ServeOptions:
             object.__setattr__(self, "security", Security(**self.security))
 
 
-def node_offers(node: dict) -> tuple[str, str, int | None, int]:
-    """A ray.nodes() entry -> (node id, tier, budget bytes or None, cores)."""
-    res, labels = node.get("Resources", {}), node.get("Labels", {}) or {}
-    tier = labels.get(TIER_LABEL) or ("gpu" if res.get("GPU", 0) > 0 else "cpu")
-    budget = int(res["memory"]) if res.get("memory") else None
-    return node["NodeID"], tier, budget, max(int(res.get("CPU", 1)), 1)
-
-
-def usable_nodes(nodes: list[dict], pool: str = "") -> list[dict]:
-    """ray.nodes() entries -> the alive nodes edgeweave may use: those with the edgeweave_node resource
-    if any node has it, and, with a pool, only those labelled edgeweave-pool=pool."""
-    alive = [n for n in nodes if n.get("Alive")]
-    if any(NODE_RESOURCE in n.get("Resources", {}) for n in alive):
-        alive = [n for n in alive if NODE_RESOURCE in n.get("Resources", {})]
-    if pool:
-        alive = [n for n in alive if (n.get("Labels") or {}).get(POOL_LABEL) == pool]
-    return alive
-
-
 def _log_placement(p: Placement) -> None:
     log.info("placement %s: %s", p.placement_id, [(s.node_id[:8], s.first, s.last) for s in p.stages])
 
@@ -127,7 +110,7 @@ class Controller:
         self.channels: dict[str, tuple[str, grpc.Channel]] = {}  # node -> (address, channel)
         self.bans = BanList()
         self._lock = threading.RLock()  # placement, addresses, channels, bans
-        nodes = self._ray_nodes()
+        nodes = ray_nodes(opts.pool)
         if not nodes:
             raise ValueError(f"no alive Ray node is labelled {POOL_LABEL}={opts.pool} (ray start --labels)" if opts.pool
                              else "the Ray cluster has no alive node")
@@ -139,16 +122,9 @@ class Controller:
         _log_placement(self.placement)
         self.moe = self.manifest.moe
         self.model_name = root.name
-        self.redis_server = None
-        self.redis_url = ""
-        if self.moe:
-            from .redis_server import RedisServer, default_url
-
-            self.redis_url = opts.redis_url or default_url() or ""
-            if not self.redis_url:
-                self.redis_server = RedisServer().start()
-                self.redis_url = self.redis_server.url
-                log.info("started a private Redis server at %s", self.redis_url)
+        self.redis_server, self.redis_url = self._start_redis()
+        self.rollout = RolloutOptions(str(root), opts.keep_awake, opts.prefetch, self.redis_url, self.model_name,
+                                      self.moe.experts if self.moe else 0)
         self.map_version = 0
         self.replacements = 0
         failed = self._load(self.placement)
@@ -169,29 +145,26 @@ class Controller:
         if self.moe and opts.replace_interval_s > 0:
             threading.Thread(target=self._replace_loop, name="edgeweave-replace", daemon=True).start()
 
+    def _start_redis(self):
+        """MoE statistics: the user's Redis (--redis-url, $EDGEWEAVE_REDIS_URL), else a private one
+        -> (the private server or None, the URL); ("" without MoE)."""
+        if not self.moe:
+            return None, ""
+        from .redis_server import RedisServer, default_url
+
+        url = self.opts.redis_url or default_url() or ""
+        if url:
+            return None, url
+        server = RedisServer().start()
+        log.info("started a private Redis server at %s", server.url)
+        return server, server.url
+
     # ------------------------------------------------------------------ nodes
-    def _ray_nodes(self) -> list[dict]:
-        """Alive Ray nodes edgeweave may use (those with the edgeweave_node resource, if any has it)."""
-        import ray
-
-        return usable_nodes(ray.nodes(), self.opts.pool)
-
     def _adopt(self, n: dict, timeout_s: float = 120.0) -> None:
         """Starts a worker actor on Ray node n (pinned), waits for its server and profile."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from workers.actor import WorkerActor
-
-        node_id, tier, budget, cores = node_offers(n)
-        host = "127.0.0.1" if n["NodeManagerAddress"] == self.my_ip else n["NodeManagerAddress"]
-        # Ray gives actors OMP_NUM_THREADS=1; the kernels should use the node's cores, and idle
-        # OpenMP threads should not spin long (a machine may run several stages' processes).
-        env = {"OMP_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": "10000"}
-        remote_worker: Any = ray.remote(num_cpus=0, max_restarts=-1)(WorkerActor)  # Ray restarts a dead worker
-        actor = remote_worker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                                      runtime_env={"env_vars": env}).remote(node_id, tier, budget, host,
-                                                                            asdict(self.sec))
+        node_id, tier, cores, actor = start_worker_actor(n, self.my_ip, self.sec)
         address = ray.get(actor.start.remote(), timeout=timeout_s)
         profile = NodeProfile(**ray.get(actor.node_profile.remote(), timeout=timeout_s))
         with self._lock:
@@ -213,14 +186,9 @@ class Controller:
     def _stub(self, node_id: str) -> pb_grpc.WorkerServiceStub:
         return pb_grpc.WorkerServiceStub(self._channel(node_id))
 
-    def _nodes_of(self, placement: Placement) -> list[str]:
-        """Every node a placement uses: its stages, then nodes that only host experts."""
-        stages = [s.node_id for s in placement.stages]
-        return stages + [h.node_id for h in placement.expert_hosts if h.node_id not in stages]
-
     @property
     def nodes_used(self) -> list[str]:
-        return self._nodes_of(self.placement)
+        return nodes_of(self.placement)
 
     def _check(self, node_id: str, timeout_s: float) -> grpc.StatusCode:
         """The worker's standard gRPC health check (no token needed) -> OK when it answers SERVING
@@ -247,30 +215,16 @@ class Controller:
             code = self._check(node_id, self.opts.health_patience_s)
         return code == grpc.StatusCode.OK
 
-    def _ray_alive(self) -> set[str] | None:
-        import ray
-
-        try:
-            return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        except Exception:  # the GCS is unreachable: decide from gRPC alone
-            return None
-
     def _find_dead(self, nodes: list[str], err: StageError | None,
                    alive: set[str] | None = None) -> dict[str, str]:
-        """node -> why it is taken out: Ray says dead, no health answer, or it failed the step's deadline.
-        alive: Ray's alive nodes when the caller has just read them."""
-        alive = self._ray_alive() if alive is None else alive
+        """node -> why it is taken out (health.dead_nodes on a fresh snapshot). alive: Ray's alive
+        nodes when the caller has just read them."""
+        alive = ray_alive() if alive is None else alive
         with self._lock:
             suspect = next((n for n, a in self.addresses.items() if err is not None and a == err.address), None)
-        dead = {}
-        for n in nodes:
-            if alive is not None and n not in alive:
-                dead[n] = "Ray reports the node dead"
-            elif not self._answers(n, patient=True):  # Ray has not reported it dead (or cannot say)
-                dead[n] = "no answer to a health check"
-            elif n == suspect and err is not None and err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                dead[n] = f"a step passed its {self.opts.step_timeout_s:g}s deadline"
-        return dead
+        answers = {n: self._answers(n, patient=True) for n in nodes if alive is None or n in alive}
+        return dead_nodes(nodes, alive, answers, suspect, err is not None and err.code == grpc.StatusCode.DEADLINE_EXCEEDED,
+                          self.opts.step_timeout_s)
 
     def _take_out(self, dead: dict[str, str]) -> bool:
         """Bans each node (with its reason) so no placement uses it until it answers again -> any?"""
@@ -320,57 +274,26 @@ class Controller:
         for name in ("", pb.DESCRIPTOR.services_by_name["InferenceService"].full_name):
             self.health_servicer.set(name, status)
 
-    def _spec(self, placement: Placement, root: Path, node_id: str) -> pb.ShardSpec:
-        k = next((i for i, s in enumerate(placement.stages) if s.node_id == node_id), None)
-        stage = placement.stages[k] if k is not None else None
-        spec = pb.ShardSpec(checkpoint=str(root), placement_id=placement.placement_id, max_context=placement.context,
-                            threads=self.cores[node_id], keep_awake=self.opts.keep_awake)
-        if stage is not None:
-            spec.first_layer, spec.last_layer, spec.embed, spec.head = stage.first, stage.last, stage.embed, stage.head
-            spec.kv_budget_bytes = stage.kv_bytes
-            if k is not None and k + 1 < len(placement.stages):  # relayed steps go on to the next stage
-                spec.next_stage = self.addresses[placement.stages[k + 1].node_id]
-        if self.moe:
-            remote = placement.remote_units()
-            if stage is not None:
-                for (layer, e), host in sorted(remote.items()):
-                    if stage.first <= layer < stage.last:
-                        spec.experts.add(layer=layer, expert=e, address=self.addresses[host])
-            for (layer, e), host in sorted(remote.items()):
-                if host == node_id:
-                    spec.hosted.add(layer=layer, expert=e)
-            spec.fast_slots, spec.redis_url, spec.model_name = placement.fast_slots, self.redis_url, self.model_name
-            spec.prefetch = self.opts.prefetch
-        return spec
-
     def _load(self, placement: Placement) -> dict[str, str]:
         """Loads every shard of the placement (in parallel) -> {node: error} for those that failed."""
         def load(node_id: str) -> str:
             try:
-                r = self._stub(node_id).LoadShard(pb.LoadShardRequest(shard=self._spec(placement, self.root, node_id)),
-                                                  timeout=self.opts.load_timeout_s)
+                spec = shard_spec(placement, node_id, self.addresses, self.cores[node_id], self.rollout)
+                r = self._stub(node_id).LoadShard(pb.LoadShardRequest(shard=spec), timeout=self.opts.load_timeout_s)
             except grpc.RpcError as e:
                 return f"{e.code().name}: {e.details()}"
             log.info("node %s loaded its shard for %s: %d bytes in %.1fs", node_id[:8], placement.placement_id,
                      r.weight_bytes, r.load_seconds)
             return ""
 
-        nodes = self._nodes_of(placement)
+        nodes = nodes_of(placement)
         with ThreadPoolExecutor(len(nodes)) as ex:
             return {n: e for n, e in zip(nodes, ex.map(load, nodes)) if e}
 
     # ------------------------------------------------------------------ MoE replacement
-    def held_units(self, node_id: str) -> set[tuple[int, int]]:
-        assert self.moe is not None
-        remote = self.placement.remote_units()
-        stage = next((s for s in self.placement.stages if s.node_id == node_id), None)
-        own = {(l, e) for l in range(stage.first, stage.last) for e in range(self.moe.experts)} if stage else set()
-        return {u for u in own if u not in remote} | {u for u, h in remote.items() if h == node_id}
-
     def replace_now(self) -> dict:
-        """One replacement round: read the statistics, choose each fast tier (hysteresis), send the
+        """One replacement round: read the statistics, choose each fast tier (replacement.py), send the
         maps that changed as a new version -> {node id: {layer: experts}} of what was sent."""
-        from workers.residency import choose_resident, replacement_scores
         from workers.route_stats import connect, read_stats
 
         assert self.moe is not None
@@ -379,26 +302,17 @@ class Controller:
             st = read_stats(client, self.model_name, self.placement.layers, self.moe.experts)
         finally:
             client.close()
-        sent: dict = {}
-        for n, h in self._worker_health().items():
-            held = self.held_units(n)
-            changed = []
-            for lx in h.fast:
-                scores = replacement_scores(st, lx.layer)
-                if scores is None:
-                    continue
-                cur = frozenset(int(e) for e in lx.experts)
-                new = choose_resident(scores, cur, self.placement.fast_slots or len(cur), self.opts.replace_hysteresis,
-                                      allowed=[e for l, e in held if l == lx.layer])
-                if new != cur:
-                    changed.append(pb.LayerExperts(layer=lx.layer, experts=sorted(new)))
-            if changed:
-                self.map_version += 1
-                self._stub(n).SetExpertTiers(pb.ExpertTierMap(placement_id=self.placement.placement_id,
-                                                              version=self.map_version, fast=changed), timeout=30.0)
-                self.replacements += 1
-                sent[n] = {c.layer: list(c.experts) for c in changed}
-                log.info("expert map v%d for node %s: %s", self.map_version, n[:8], sent[n])
+        health = self._worker_health()
+        fast = {n: {lx.layer: list(lx.experts) for lx in h.fast} for n, h in health.items()}
+        held = {n: held_units(self.placement, n, self.moe.experts) for n in health}
+        sent = replacement_maps(st, fast, held, self.placement.fast_slots, self.opts.replace_hysteresis)
+        for n, layers in sent.items():
+            self.map_version += 1
+            changed = [pb.LayerExperts(layer=l, experts=e) for l, e in layers.items()]
+            self._stub(n).SetExpertTiers(pb.ExpertTierMap(placement_id=self.placement.placement_id,
+                                                          version=self.map_version, fast=changed), timeout=30.0)
+            self.replacements += 1
+            log.info("expert map v%d for node %s: %s", self.map_version, n[:8], layers)
         return sent
 
     def _replace_loop(self) -> None:
@@ -451,7 +365,7 @@ class Controller:
             down = self.bans.down(now)
             known = [n for n in self.workers if n not in down]  # idle spares too: a re-plan counts on them
             expired = self.bans.expired(now)
-        alive = self._ray_alive()
+        alive = ray_alive()
         changed = self._take_out(self._find_dead(known, None, alive))
         alive = alive or set()
         for n in expired:  # a restarted worker actor starts a new server on this call
@@ -470,7 +384,7 @@ class Controller:
             else:
                 with self._lock:
                     self.bans.extend(n, time.monotonic())
-        for node in self._ray_nodes():
+        for node in ray_nodes(self.opts.pool):
             if node["NodeID"] not in self.workers:
                 try:
                     self._adopt(node)

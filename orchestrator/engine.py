@@ -41,34 +41,17 @@ import grpc
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, open_channel
-from workers.wire import encode_ids, next_stage_items
+from workers.wire import encode_ids
 
 from .planner import Placement
-from .streams import ChainFailed, RelayChain, RelayUnsupported, StageStream, StepFailed
+from .streams import RelayChain, RelayUnsupported, StageStream
+from .transports import (RECOVERABLE, ChainTransport, EngineStats, Flight, SingleTransport, StageError, StarTransport,
+                         StepFigures, Transport)
 
 __all__ = ["auto_pipeline_depth", "EngineOptions", "GenerationRequest", "Piece", "Engine", "StageError", "EngineStats", "Unavailable",
            "Recover", "RECOVERABLE"]
 
 log = logging.getLogger("edgeweave.engine")
-
-
-class StageError(RuntimeError):
-    """A stage failed a step (dead node, deadline, refused input); the message names the stage."""
-
-    def __init__(self, stage: int, address: str, code: grpc.StatusCode | None, details: str) -> None:
-        where = f"stage {stage} at {address}" if stage >= 0 else "the relayed stages"  # -1: no stage said which
-        super().__init__(f"{where}: {code.name if code else 'error'}: {details}")
-        self.stage, self.address, self.code, self.details = stage, address, code, details
-
-    @property
-    def recoverable(self) -> bool:
-        """A new placement (other nodes, reloaded shards, replayed caches) can mend this failure."""
-        return self.code in RECOVERABLE
-
-
-# Gone or stuck peer; a restarted worker without the shard, or without the session's cache.
-RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNKNOWN})
 
 
 class Unavailable(RuntimeError):
@@ -133,34 +116,6 @@ class _Session:
     replay: deque[list[int]] = field(default_factory=deque)  # chunks still to re-feed after a re-plan
 
 
-@dataclass
-class EngineStats:
-    steps: int = 0
-    tokens: int = 0
-    wire_bytes: int = 0
-    # per stage, per decode step: the round trip ms minus the worker's compute ms (star: two one-way
-    # messages); relayed: the step's ms minus every stage's compute ms, over the N + 1 one-way hops
-    hop_overhead_ms: list[list[float]] = field(default_factory=list)
-    relayed: bool = False  # the placement's steps are relayed (a chain)
-    compute_ms: list[list[float]] = field(default_factory=list)
-    overlapped_steps: int = 0  # steps sent while another was in flight (no hop figures of their own)
-    recoveries: int = 0
-    recovery_s: list[float] = field(default_factory=list)  # failure seen -> sessions caught up again
-    replayed_tokens: int = 0
-
-
-@dataclass
-class _Flight:
-    """A step sent and not yet come back."""
-
-    batch: list[_Session]
-    fed: dict[str, list[int]]  # session id -> the chunk this step feeds it
-    decode: bool  # every chunk is one token
-    t0: float  # perf_counter when sent
-    req_bytes: int = 0
-    alone: bool = True  # no other step was in flight meanwhile, so its time is its own
-
-
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 
 
@@ -177,10 +132,11 @@ class Engine:
                  opts: EngineOptions = EngineOptions(), recover: Recover | None = None,
                  security: Security | None = None) -> None:
         self.eos, self.opts, self.recover, self.security = eos_ids, opts, recover, security or Security()
-        self.channels: list[grpc.Channel] = []
-        self.streams: list[StageStream] = []
-        self.chain: RelayChain | None = None
         self.stats = EngineStats()
+        self.placement, self.addresses = placement, list(addresses)
+        self.channels: list[grpc.Channel] = []
+        self.stubs: list[pb_grpc.WorkerServiceStub] = []  # unary calls (Release) to each stage
+        self.transport: Transport = Transport()  # how steps reach the stages (transports.py)
         self._switch(placement, addresses)
         self.waiting: deque[_Session] = deque()
         self.active: list[_Session] = []
@@ -193,10 +149,8 @@ class Engine:
         self._recovery_t0: float | None = None  # when the failure being recovered from was seen
         self._stop = False
         self._ids = itertools.count()
-        self._flights: dict[int, _Flight] = {}  # key (relay_seq; negative: stepped synchronously) -> step
-        self._done: deque[tuple[int, list[pb.StepResult]]] = deque()  # synchronous steps' results
+        self._flights: dict[int, Flight] = {}  # key (relay_seq; negative: numbered here) -> step
         self._sync_keys = itertools.count(-1, -1)
-        self._out_key: int | None = None  # the single stage's step written and not yet answered
         self._outbox: list[tuple[_Session, Piece]] = []  # pieces of the last step, handed out after the next is sent
         self.thread = threading.Thread(target=self._loop, name="edgeweave-engine", daemon=True)
         self.thread.start()
@@ -256,35 +210,38 @@ class Engine:
             self._stop = True
             self.cv.notify()
         self.thread.join(timeout=10)
-        if self.chain is not None:
-            self.chain.close()
-        for st in self.streams:
-            st.close()
+        self.transport.close()
         for c in self.channels:
             c.close()
 
     def _switch(self, placement: Placement, addresses: list[str]) -> None:
         if len(addresses) != len(placement.stages):
             raise ValueError(f"{len(placement.stages)} stages but {len(addresses)} addresses")
-        if self.chain is not None:
-            self.chain.close()
-        for st in self.streams:
-            st.close()
+        self.transport.close()
         for c in self.channels:
             c.close()
         self.placement, self.addresses = placement, list(addresses)
-        self._out_key = None
-        # once per placement, not per step
-        self._relay_depth = self.opts.pipeline_depth or auto_pipeline_depth(self.addresses, os.cpu_count() or 1)
-        relay = self.opts.relay and self.opts.stream_steps and len(addresses) > 1
-        self.chain = RelayChain(addresses, placement.placement_id, self.security) if relay else None
-        self.stats.relayed = relay
         self.channels = [open_channel(a, self.security) for a in addresses]
         self.stubs = [pb_grpc.WorkerServiceStub(c) for c in self.channels]
-        self.streams = [StageStream(stub, a, self.security, self.opts.stream_steps)
-                        for stub, a in zip(self.stubs, addresses)]
         self.stats.hop_overhead_ms = [[] for _ in addresses]  # per stage of this placement
         self.stats.compute_ms = [[] for _ in addresses]
+        self.transport = self._transport()
+
+    def _transport(self, relay: bool | None = None) -> Transport:
+        """The way this placement's steps go: relayed down the chain (2+ stages, streams, relay on),
+        one stage's stream, or the star. Worked out once per placement, not per step."""
+        o, figures = self.opts, StepFigures(self.stats, self.addresses)
+        if relay is None:
+            relay = o.relay and o.stream_steps and len(self.addresses) > 1
+        self.stats.relayed = relay
+        if relay:
+            depth = o.pipeline_depth or auto_pipeline_depth(self.addresses, os.cpu_count() or 1)
+            return ChainTransport(RelayChain(self.addresses, self.placement.placement_id, self.security), figures,
+                                  o.step_timeout_s, depth)
+        streams = [StageStream(stub, a, self.security, o.stream_steps) for stub, a in zip(self.stubs, self.addresses)]
+        if len(streams) == 1:
+            return SingleTransport(streams[0], figures, o.step_timeout_s)
+        return StarTransport(streams, figures, o.step_timeout_s, self._request)
 
     # ------------------------------------------------------------------ loop
     def _admit(self) -> None:
@@ -293,13 +250,13 @@ class Engine:
 
     def _depth(self) -> int:
         """Steps that may be in flight at once: only relayed steps overlap."""
-        return 1 if self.chain is None else self._relay_depth
+        return self.transport.depth
 
     def _groups(self) -> list[list[_Session]]:
         """The admitted sessions not in a step, split into the groups to send now: as many as the
         free pipeline slots allow, each of at most ceil(admitted / depth) sessions. Called under cv."""
         idle = [s for s in self.active if not s.flying]
-        if self._flights and self.chain is not None and self.chain.expiring(self.opts.step_timeout_s):
+        if self._flights and self.transport.expiring(self.opts.step_timeout_s):
             return []  # the chain's calls are renewed once the steps in flight are back
         depth = self._depth()
         free = depth - len(self._flights)
@@ -374,7 +331,7 @@ class Engine:
         """Steps are written now and answered later (relayed, or a single stage's stream), so the
         last step's tokens can be handed out after the next step is sent; otherwise a step runs to
         its end in _send, and the tokens go out before it."""
-        return self.chain is not None or len(self.streams) == 1
+        return self.transport.answered_later
 
     def _emit(self, s: _Session, piece: Piece) -> None:
         self._outbox.append((s, piece))
@@ -390,12 +347,7 @@ class Engine:
         back) -> their sessions, which hold what they held before those steps."""
         batch = [s for f in self._flights.values() for s in f.batch]
         self._flights.clear()
-        self._done.clear()
-        if self.chain is not None and self.chain.in_flight:
-            self.chain.close()  # a bug between send and receive: drop the calls the steps are on
-        if self._out_key is not None:
-            self.streams[0].drop()  # the same for a single stage's stream
-            self._out_key = None
+        self.transport.drop()  # a bug between send and receive: drop the calls the steps are on
         for s in batch:
             s.flying = False
         return batch
@@ -462,75 +414,43 @@ class Engine:
     def _send(self, batch: list[_Session]) -> None:
         """Sends one group's step: relayed, it is in flight until _receive; otherwise it runs now."""
         fed, items = self._items(batch)
-        flight = _Flight(batch, fed, all(len(c) == 1 for c in fed.values()), time.perf_counter(),
+        flight = Flight(batch, fed, all(len(c) == 1 for c in fed.values()), time.perf_counter(),
                          alone=not self._flights)
         if self._flights:
             for f in self._flights.values():
                 f.alone = False
             self.stats.overlapped_steps += 1
         req = self._request(items)
-        if flight.decode and self._answered_later():  # the star counts per stage, in _send's own loop
+        if flight.decode and self._answered_later():  # the star counts per stage, in its own send
             flight.req_bytes = req.ByteSize()  # for the wire-bytes figure, which decode steps feed
-        if self.chain is not None:
+        key = next(self._sync_keys)
+        try:
             try:
-                key = self.chain.send(req, self.opts.step_timeout_s)
+                key = self.transport.send(req, flight, key)
             except RelayUnsupported as e:  # nothing was sent: this step, and the placement's next, go the star's way
                 log.warning("the stages cannot relay steps (%s); calling each stage in turn", e)
-                self.chain.close()
-                self.chain, self.stats.relayed = None, False
-            except ChainFailed as e:
-                self._flights[0] = flight  # lost with the others
-                raise self._chain_error(e) from e
-            else:
-                self._flights[key] = flight
-                return
-        key = next(self._sync_keys)
+                self.transport.close()
+                self.transport = self._transport(relay=False)
+                key = self.transport.send(req, flight, key)
+        except StageError:
+            self._flights[key] = flight  # lost with the others
+            raise
         self._flights[key] = flight
-        if len(self.streams) == 1:  # written now, answered in _receive
-            try:
-                self.streams[0].send(req, self.opts.step_timeout_s)
-            except StepFailed as e:
-                raise StageError(0, self.addresses[0], e.code, e.details) from e
-            self._out_key = key
-            return
-        self._done.append((key, self._through_stages(req, flight.decode)))
 
     def _request(self, items: list[pb.StepItem]) -> pb.ForwardRequest:
         return pb.ForwardRequest(placement_id=self.placement.placement_id, items=items,
                                  quantize_output=self.opts.quantize_wire)
 
-    def _chain_error(self, e: ChainFailed) -> StageError:
-        k = -1 if e.stage is None else e.stage
-        return StageError(k, self.addresses[k] if k >= 0 else "", e.code, e.details)
-
     def _receive(self) -> None:
         """Takes the next step to come back and hands its sessions their tokens."""
-        if self._done:
-            key, results = self._done.popleft()
-            flight = self._flights[key]
-        elif self._out_key is not None:
-            key, self._out_key = self._out_key, None
-            flight = self._flights[key]
-            try:
-                resp = self.streams[0].receive()
-            except StepFailed as e:
-                raise StageError(0, self.addresses[0], e.code, e.details) from e
-            rtt = (time.perf_counter() - flight.t0) * 1e3
-            results = self._answered(0, resp, len(flight.batch), flight.decode, rtt, flight.req_bytes)
-        else:
-            assert self.chain is not None
-            try:
-                key, event = self.chain.receive()
-            except ChainFailed as e:
-                raise self._chain_error(e) from e
-            flight = self._flights[key]
-            results = self._relayed(flight, event)  # a bad answer raises with the step still in flight
+        key, results = self.transport.receive(self._flights)
+        flight = self._flights[key]
         self._finish(flight, results)
         del self._flights[key]
         for s in flight.batch:
             s.flying = False
 
-    def _finish(self, flight: _Flight, results: list[pb.StepResult]) -> None:
+    def _finish(self, flight: Flight, results: list[pb.StepResult]) -> None:
         fed, batch = flight.fed, flight.batch
         finished = []
         for s, r in zip(batch, results):
@@ -563,50 +483,6 @@ class Engine:
             with self.cv:
                 self.active = [s for s in self.active if s not in finished]
             self._release(finished)
-
-    def _through_stages(self, req: pb.ForwardRequest, decode: bool) -> list[pb.StepResult]:
-        """One step through every stage in turn (the star): req is the first stage's request."""
-        results: list[pb.StepResult] = []
-        for k, stream in enumerate(self.streams):
-            if k:  # hidden states (and, for MoE, the tokens' last experts) of the previous stage
-                req = self._request(next_stage_items(req.items, results))
-            t0 = time.perf_counter()
-            try:
-                resp = stream.step(req, self.opts.step_timeout_s)
-            except StepFailed as e:
-                raise StageError(k, self.addresses[k], e.code, e.details) from e
-            rtt = (time.perf_counter() - t0) * 1e3
-            results = self._answered(k, resp, len(req.items), decode, rtt, req.ByteSize() if decode else 0)
-        return results
-
-    def _answered(self, k: int, resp: pb.ForwardResponse, items: int, decode: bool, rtt_ms: float,
-                  req_bytes: int) -> list[pb.StepResult]:
-        """Stage k's answer to a step of `items` items, checked; its figures go to the stats."""
-        if len(resp.results) != items:
-            raise StageError(k, self.addresses[k], None, f"{len(resp.results)} results for {items} items")
-        if decode:
-            self.stats.hop_overhead_ms[k].append(rtt_ms - resp.compute_ms)
-            self.stats.compute_ms[k].append(resp.compute_ms)
-            self.stats.wire_bytes += req_bytes + resp.ByteSize()
-        return list(resp.results)
-
-    def _relayed(self, flight: _Flight, event: pb.RelayEvent) -> list[pb.StepResult]:
-        """A relayed step's results, checked; its figures go to the stats (its hop overhead only when
-        no other step was in flight meanwhile: queueing behind another step is no hop's cost)."""
-        n = len(self.addresses)
-        rtt = (time.perf_counter() - flight.t0) * 1e3
-        results = list(event.result.results)
-        if len(results) != len(flight.batch) or len(event.stage_ms) != n:
-            raise StageError(n - 1, self.addresses[-1], None, f"{len(results)} results for {len(flight.batch)} "
-                             f"items, compute of {len(event.stage_ms)} stages")
-        if flight.decode:
-            hop = (rtt - sum(event.stage_ms)) / (n + 1)
-            for k in range(n):
-                if flight.alone:
-                    self.stats.hop_overhead_ms[k].append(hop)
-                self.stats.compute_ms[k].append(event.stage_ms[k])
-            self.stats.wire_bytes += flight.req_bytes + event.relay_bytes + event.ByteSize()
-        return results
 
     def _release(self, sessions: list[_Session]) -> None:
         ids = [s.sid for s in sessions]

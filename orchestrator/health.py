@@ -1,4 +1,5 @@
-"""Which nodes the controller may place on: a ban list with growing backoff (pure; time is passed in).
+"""Which nodes the controller may place on (pure; time is passed in): the dead set of a health
+snapshot (dead_nodes), and a ban list with growing backoff.
 
 A node that failed a step is banned for `initial_s`; each further failure while it is on probation
 doubles the ban, up to `max_s`. A node that then stays healthy for `forgive_s` starts again at
@@ -8,9 +9,10 @@ back within seconds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-__all__ = ["Ban", "BanList"]
+__all__ = ["Ban", "BanList", "dead_nodes"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,22 @@ class BanList:
     def down(self, now: float) -> dict[str, str]:
         """node id -> reason, for the nodes not readmitted yet."""
         return {n: b.reason for n, b in self.bans.items() if b.reason}
+
+
+def dead_nodes(nodes: list[str], ray_alive: set[str] | None, answers: Mapping[str, bool], suspect: str | None,
+               deadline_passed: bool, step_timeout_s: float) -> dict[str, str]:
+    """What happens when a worker dies starts here: node -> why it is taken out, from a health snapshot.
+
+    ray_alive: the nodes Ray reports alive (None: Ray cannot say); answers: each node's health check
+    (asked only of nodes Ray has not reported dead); suspect: the node whose address failed the step,
+    deadline_passed: that step ran past its deadline. A slow node that still answers its health check
+    is taken out only when it is the one that passed the deadline."""
+    dead = {}
+    for n in nodes:
+        if ray_alive is not None and n not in ray_alive:
+            dead[n] = "Ray reports the node dead"
+        elif not answers.get(n, False):
+            dead[n] = "no answer to a health check"
+        elif n == suspect and deadline_passed:
+            dead[n] = f"a step passed its {step_timeout_s:g}s deadline"
+    return dead

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .controller import NODE_RESOURCE
+from .ray_nodes import NODE_RESOURCE
 from workers.profile import POOL_LABEL, TIER_LABEL
 
 __all__ = ["LocalNode", "LocalCluster"]

@@ -357,17 +357,17 @@ class InferenceHealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InferenceHealthResponse(_message.Message):
-    __slots__ = ("placement_id", "stages", "active_sessions", "model", "unavailable", "recoveries")
+    __slots__ = ("model", "placement_id", "stages", "active_sessions", "unavailable", "recoveries")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    model: str
     placement_id: str
     stages: int
     active_sessions: int
-    model: str
     unavailable: str
     recoveries: int
-    def __init__(self, placement_id: _Optional[str] = ..., stages: _Optional[int] = ..., active_sessions: _Optional[int] = ..., model: _Optional[str] = ..., unavailable: _Optional[str] = ..., recoveries: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., placement_id: _Optional[str] = ..., stages: _Optional[int] = ..., active_sessions: _Optional[int] = ..., unavailable: _Optional[str] = ..., recoveries: _Optional[int] = ...) -> None: ...

@@ -67,3 +67,14 @@ def calib_ids() -> torch.Tensor:
 @pytest.fixture
 def test_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(2))
+
+
+def lean_matches_transformers(model, max_new_tokens: int, prompt: tuple[int, ...] = (3, 4, 5)) -> bool:
+    """The lean integer decoder (workers.llama_stage, what a worker runs) gives the same greedy tokens
+    as transformers' forward of the same quantized modules."""
+    from quant.generate import HFDecoder, SamplingConfig, generate_tokens
+    from workers.llama_stage import LocalLlama
+
+    s = SamplingConfig(max_new_tokens=max_new_tokens)
+    lean = list(generate_tokens(LocalLlama(model, max_positions=64), list(prompt), s, set()))
+    return lean == list(generate_tokens(HFDecoder(model), list(prompt), s, set()))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.controller import NODE_RESOURCE
+from orchestrator.ray_nodes import NODE_RESOURCE
 from workers.profile import TIER_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ def test_a_probe_that_finds_the_node_still_down_waits_the_same_backoff_again():
 
 
 def test_a_pool_limits_the_nodes_a_service_uses():
-    from orchestrator.controller import NODE_RESOURCE, usable_nodes
+    from orchestrator.ray_nodes import NODE_RESOURCE, usable_nodes
     from workers.profile import POOL_LABEL
 
     def node(i, alive=True, pool=None, marked=True):
@@ -43,3 +43,16 @@ def test_a_pool_limits_the_nodes_a_service_uses():
     assert [n["NodeID"] for n in usable_nodes(nodes, "a")] == ["n0"]
     assert usable_nodes(nodes, "c") == []
     assert [n["NodeID"] for n in usable_nodes([node(5, marked=False), node(6, pool="a", marked=False)], "a")] == ["n6"]
+
+
+def test_dead_nodes_from_a_health_snapshot():
+    from orchestrator.health import dead_nodes
+
+    nodes = ["a", "b", "c", "d"]
+    dead = dead_nodes(nodes, ray_alive={"a", "b", "c"}, answers={"a": True, "b": False, "c": True}, suspect="c",
+                      deadline_passed=True, step_timeout_s=30.0)
+    assert dead == {"d": "Ray reports the node dead", "b": "no answer to a health check",
+                    "c": "a step passed its 30s deadline"}
+    # Ray cannot say (GCS away): the health checks decide; a slow step alone takes out nobody
+    assert dead_nodes(nodes, None, {"a": True, "b": True, "c": True, "d": True}, "c", False, 30.0) == {}
+    assert dead_nodes(["a"], None, {}, None, False, 30.0) == {"a": "no answer to a health check"}

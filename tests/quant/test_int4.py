@@ -119,8 +119,7 @@ def test_w4_group128_checkpoint_round_trip_and_stage(tmp_path):
     from quant.checkpoint import load_checkpoint, read_manifest, save_checkpoint
     from quant.config import QuantConfig
     from quant.pipeline import quantize
-    from tests.conftest import VOCAB, sqnr_db, tiny_model, tiny_tokenizer
-    from workers.llama_stage import LocalLlama
+    from tests.conftest import VOCAB, lean_matches_transformers, sqnr_db, tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", layers=2, init_range=0.2)
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -147,10 +146,7 @@ def test_w4_group128_checkpoint_round_trip_and_stage(tmp_path):
             if asym:
                 assert t["model.layers.0.mlp.down_proj.w_zero"].shape == (64, 128 // 16)
                 assert t["model.layers.0.mlp.down_proj.w_zero"].dtype == "uint8"
-            from quant.generate import HFDecoder, SamplingConfig, generate_tokens
-            cfg_s = SamplingConfig(max_new_tokens=8)
-            assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], cfg_s, set())) == \
-                list(generate_tokens(HFDecoder(loaded), [3, 4, 5], cfg_s, set()))
+            assert lean_matches_transformers(loaded, 8)
     assert errs[16, False] > errs[0, False]  # finer scales: closer to float
     assert errs[16, True] > errs[0, False]
 
@@ -171,8 +167,7 @@ def test_w4a8_checkpoint_is_packed_reloads_and_stays_close(tmp_path):
     from quant.config import QuantConfig
     from quant.pipeline import quantize
     from quant.qlinear import QuantLinear
-    from tests.conftest import VOCAB, sqnr_db, tiny_model, tiny_tokenizer
-    from workers.llama_stage import LocalLlama
+    from tests.conftest import VOCAB, lean_matches_transformers, sqnr_db, tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", layers=2, init_range=0.2)
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -193,10 +188,7 @@ def test_w4a8_checkpoint_is_packed_reloads_and_stays_close(tmp_path):
     with torch.no_grad():
         got = loaded(ids).logits
     assert sqnr_db(ref, got) > 3  # a random tiny model is harsh on 4 bits; the real model is in BENCHMARKS.md
-    from quant.generate import HFDecoder, SamplingConfig, generate_tokens
-    cfg_s = SamplingConfig(max_new_tokens=8)
-    assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], cfg_s, set())) == \
-        list(generate_tokens(HFDecoder(loaded), [3, 4, 5], cfg_s, set()))
+    assert lean_matches_transformers(loaded, 8)
 
 
 @pytest.mark.parametrize("asym", [False, True])

@@ -6,7 +6,7 @@ import torch
 
 from quant.config import QuantConfig
 from quant.luc import allocate, linear_bytes
-from tests.conftest import VOCAB, tiny_model, tiny_tokenizer
+from tests.conftest import VOCAB, lean_matches_transformers, tiny_model, tiny_tokenizer
 
 
 def test_allocate_is_optimal_within_budget():
@@ -49,8 +49,6 @@ def _luc(tmp_path, **budget):
 
 def test_luc_checkpoint_fits_the_budget_and_records_its_policy(tmp_path):
     from quant.checkpoint import load_checkpoint, read_manifest
-    from quant.generate import HFDecoder, SamplingConfig, generate_tokens
-    from workers.llama_stage import LocalLlama
     from quant.manifest import ShardRange, shard_weight_bytes
 
     target = 125_000  # the decoder's budget holds two W8 layers and one W4, not three W8
@@ -77,9 +75,7 @@ def test_luc_checkpoint_fits_the_budget_and_records_its_policy(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
-    s = SamplingConfig(max_new_tokens=6)
-    assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], s, set())) == \
-        list(generate_tokens(HFDecoder(loaded), [3, 4, 5], s, set()))
+    assert lean_matches_transformers(loaded, 6)
 
 
 def test_luc_avg_sparsity_and_budget_errors(tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from quant.config import QuantConfig
 from quant.mobilequant import fake_quant_static, fake_quant_weight_clipped, round_ste
-from tests.conftest import VOCAB, sqnr_db, tiny_model, tiny_tokenizer
+from tests.conftest import VOCAB, lean_matches_transformers, sqnr_db, tiny_model, tiny_tokenizer
 
 
 def test_straight_through_gradients_reach_inputs_ranges_and_clips():
@@ -95,9 +95,7 @@ def test_folded_integer_model_computes_what_was_trained():
 @pytest.mark.parametrize("w_bits,w_group", [(8, 0), (4, 16)])
 def test_checkpoint_is_integer_only_and_serves_identically(tmp_path, w_bits, w_group):
     from quant.checkpoint import load_checkpoint, read_manifest, save_checkpoint
-    from quant.generate import HFDecoder, SamplingConfig, generate_tokens
     from quant.qlinear import QuantLinear
-    from workers.llama_stage import LocalLlama
 
     model, cfg, report = _mq("llama", w_bits, epochs=1, w_group=w_group)
     out = save_checkpoint(model, tiny_tokenizer(), cfg, report, tmp_path / "mq")
@@ -112,9 +110,7 @@ def test_checkpoint_is_integer_only_and_serves_identically(tmp_path, w_bits, w_g
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
-    s = SamplingConfig(max_new_tokens=8)
-    assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], s, set())) == \
-        list(generate_tokens(HFDecoder(loaded), [3, 4, 5], s, set()))
+    assert lean_matches_transformers(loaded, 8)
 
 
 def test_mobilequant_is_static_only_and_dense_only():

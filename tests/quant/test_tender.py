@@ -109,10 +109,8 @@ def test_tender_with_w4_weights_round_trips_and_serves(tmp_path):
     """Tender's W4 variant: 4-bit weights (packed, in the stored column order) with more groups."""
     from quant.checkpoint import load_checkpoint, read_manifest, save_checkpoint
     from quant.config import QuantConfig
-    from quant.generate import HFDecoder, SamplingConfig, generate_tokens
     from quant.pipeline import quantize
-    from tests.conftest import VOCAB, sqnr_db, tiny_model, tiny_tokenizer
-    from workers.llama_stage import LocalLlama
+    from tests.conftest import VOCAB, lean_matches_transformers, sqnr_db, tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", layers=2, init_range=0.2)
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
@@ -128,6 +126,4 @@ def test_tender_with_w4_weights_round_trips_and_serves(tmp_path):
     with torch.no_grad():
         got = loaded(ids).logits
     assert torch.allclose(got, model(ids).logits, atol=1e-5) and sqnr_db(ref, got) > 3
-    s = SamplingConfig(max_new_tokens=8)
-    assert list(generate_tokens(LocalLlama(loaded, max_positions=64), [3, 4, 5], s, set())) == \
-        list(generate_tokens(HFDecoder(loaded), [3, 4, 5], s, set()))
+    assert lean_matches_transformers(loaded, 8)
