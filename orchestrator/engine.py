@@ -1,5 +1,8 @@
 """The front end's decode loop: batches the steps of concurrent sessions and drives the stages.
 
+It composes: a Transport (transports.py: the chain, one stage, or the star) that carries each step,
+each session's feed and replay state (sessions.py), and the controller's `recover` callback.
+
 Hop pattern (docs/runtime.md): with 2+ stages the steps are relayed. The engine writes each step
 to the first stage, every stage passes it on to the next, and the last stage answers the front end
 (RelayChain): N + 1 one-way messages per step instead of the 2N of calling each stage in turn
@@ -34,7 +37,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -44,6 +47,7 @@ from protos.security import Security, open_channel
 from workers.wire import encode_ids
 
 from .planner import Placement
+from .sessions import GenerationRequest, Piece, Session
 from .streams import RelayChain, RelayUnsupported, StageStream
 from .transports import (RECOVERABLE, ChainTransport, EngineStats, Flight, SingleTransport, StageError, StarTransport,
                          StepFigures, Transport)
@@ -84,38 +88,6 @@ class EngineOptions:
             raise ValueError(f"pipeline_depth must be 0 (one per stage) or more, got {self.pipeline_depth}")
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: tuple[int, ...]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Piece:
-    """What the engine hands a session: a token, or the end (reason) or an error."""
-
-    token: int | None = None
-    finish: str = ""  # "length", "eos", "cancelled", "error"
-    error: str = ""
-
-
-@dataclass
-class _Session:
-    sid: str
-    req: GenerationRequest
-    out: "queue.Queue[Piece]"
-    pending: list[int]  # inputs not yet fed
-    pos: int = 0  # tokens the stages hold
-    generated: int = 0
-    cancelled: bool = False
-    flying: bool = False  # in a step that has not come back yet
-    fed: list[list[int]] = field(default_factory=list)  # every chunk fed so far, in order (for a replay)
-    replay: deque[list[int]] = field(default_factory=deque)  # chunks still to re-feed after a re-plan
-
-
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 
 
@@ -138,8 +110,8 @@ class Engine:
         self.stubs: list[pb_grpc.WorkerServiceStub] = []  # unary calls (Release) to each stage
         self.transport: Transport = Transport()  # how steps reach the stages (transports.py)
         self._switch(placement, addresses)
-        self.waiting: deque[_Session] = deque()
-        self.active: list[_Session] = []
+        self.waiting: deque[Session] = deque()
+        self.active: list[Session] = []
         self.cv = threading.Condition()
         self.unavailable = ""  # why the model cannot be served now ("" when it can)
         self._replan = False
@@ -151,7 +123,7 @@ class Engine:
         self._ids = itertools.count()
         self._flights: dict[int, Flight] = {}  # key (relay_seq; negative: numbered here) -> step
         self._sync_keys = itertools.count(-1, -1)
-        self._outbox: list[tuple[_Session, Piece]] = []  # pieces of the last step, handed out after the next is sent
+        self._outbox: list[tuple[Session, Piece]] = []  # pieces of the last step, handed out after the next is sent
         self.thread = threading.Thread(target=self._loop, name="edgeweave-engine", daemon=True)
         self.thread.start()
 
@@ -166,7 +138,7 @@ class Engine:
         if total > self.placement.context:
             raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} "
                              f"is over the served context of {self.placement.context}")
-        s = _Session(f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}", req, queue.Queue(), list(req.prompt_ids))
+        s = Session(f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}", req, queue.Queue(), list(req.prompt_ids))
         with self.cv:
             if self._stop:
                 raise Unavailable("the engine is shut down")
@@ -176,7 +148,7 @@ class Engine:
             self.cv.notify()
         return self._drain(s)
 
-    def _drain(self, s: _Session) -> Iterator[Piece]:
+    def _drain(self, s: Session) -> Iterator[Piece]:
         try:
             while True:
                 p = s.out.get()
@@ -252,7 +224,7 @@ class Engine:
         """Steps that may be in flight at once: only relayed steps overlap."""
         return self.transport.depth
 
-    def _groups(self) -> list[list[_Session]]:
+    def _groups(self) -> list[list[Session]]:
         """The admitted sessions not in a step, split into the groups to send now: as many as the
         free pipeline slots allow, each of at most ceil(admitted / depth) sessions. Called under cv."""
         idle = [s for s in self.active if not s.flying]
@@ -333,7 +305,7 @@ class Engine:
         its end in _send, and the tokens go out before it."""
         return self.transport.answered_later
 
-    def _emit(self, s: _Session, piece: Piece) -> None:
+    def _emit(self, s: Session, piece: Piece) -> None:
         self._outbox.append((s, piece))
 
     def _flush(self) -> None:
@@ -342,7 +314,7 @@ class Engine:
         for s, piece in out:
             s.out.put(piece)
 
-    def _abort_flights(self) -> list[_Session]:
+    def _abort_flights(self) -> list[Session]:
         """Forgets every step in flight (a failure drops the chain's calls, so none of them can come
         back) -> their sessions, which hold what they held before those steps."""
         batch = [s for f in self._flights.values() for s in f.batch]
@@ -352,7 +324,7 @@ class Engine:
             s.flying = False
         return batch
 
-    def _fail(self, batch: list[_Session], error: str) -> None:
+    def _fail(self, batch: list[Session], error: str) -> None:
         for s in batch:
             s.out.put(Piece(finish="error", error=error))
         with self.cv:
@@ -393,25 +365,24 @@ class Engine:
             self.unavailable = ""
             sessions = list(self.active)
         for s in sessions:  # the new stages hold nothing: re-feed what the old ones held
-            s.replay = deque(s.fed)
-            s.pos = 0
+            s.start_replay()
         self.stats.recoveries += 1
         log.info("switched from placement %s to %s (%s); replaying %d session(s)", old, placement.placement_id,
                  "after a failure" if err else "requested", len(sessions))
         self._recovery_t0 = (self._recovery_t0 or t0) if sessions else None
 
-    def _items(self, batch: list[_Session]) -> tuple[dict[str, list[int]], list[pb.StepItem]]:
+    def _items(self, batch: list[Session]) -> tuple[dict[str, list[int]], list[pb.StepItem]]:
         fed, items = {}, []
         for s in batch:
-            chunk = s.replay[0] if s.replay else s.pending[: self.opts.prefill_chunk]
+            chunk = s.next_chunk(self.opts.prefill_chunk)
             fed[s.sid] = chunk
             items.append(pb.StepItem(
-                session_id=s.sid, position=s.pos, max_tokens=len(s.req.prompt_ids) + s.req.max_tokens,
+                session_id=s.sid, position=s.pos, max_tokens=s.max_tokens,
                 token_ids=encode_ids(chunk), step=s.generated,
                 sampling=pb.SamplingParams(temperature=s.req.temperature, top_p=s.req.top_p, seed=s.req.seed)))
         return fed, items
 
-    def _send(self, batch: list[_Session]) -> None:
+    def _send(self, batch: list[Session]) -> None:
         """Sends one group's step: relayed, it is in flight until _receive; otherwise it runs now."""
         fed, items = self._items(batch)
         flight = Flight(batch, fed, all(len(c) == 1 for c in fed.values()), time.perf_counter(),
@@ -454,26 +425,14 @@ class Engine:
         fed, batch = flight.fed, flight.batch
         finished = []
         for s, r in zip(batch, results):
-            chunk = fed[s.sid]
-            s.pos += len(chunk)
-            if s.replay:  # rebuilding the cache after a re-plan: this token was already handed out
-                s.replay.popleft()
-                self.stats.replayed_tokens += len(chunk)
-                continue
-            s.fed.append(chunk)
-            del s.pending[: len(chunk)]
-            if s.pending:  # more of the prompt to feed; this step's token is not an output
-                continue
-            tok = int(r.token)
-            s.generated += 1
-            self._emit(s, Piece(token=tok))
-            self.stats.tokens += 1
-            reason = "eos" if tok in self.eos else "length" if s.generated >= s.req.max_tokens else ""
-            if reason:
-                self._emit(s, Piece(finish=reason))
+            done = s.advance(fed[s.sid], int(r.token), self.eos)
+            self.stats.replayed_tokens += done.replayed
+            if done.token is not None:
+                self._emit(s, Piece(token=done.token))
+                self.stats.tokens += 1
+            if done.finish:
+                self._emit(s, Piece(finish=done.finish))
                 finished.append(s)
-            else:
-                s.pending = [tok]
         self.stats.steps += 1
         if self._recovery_t0 is not None and not any(s.replay for s in self.active):
             self.stats.recovery_s.append(time.perf_counter() - self._recovery_t0)
@@ -484,7 +443,7 @@ class Engine:
                 self.active = [s for s in self.active if s not in finished]
             self._release(finished)
 
-    def _release(self, sessions: list[_Session]) -> None:
+    def _release(self, sessions: list[Session]) -> None:
         ids = [s.sid for s in sessions]
         for k, stub in enumerate(self.stubs):
             try:

@@ -12,9 +12,9 @@ from torch import nn
 
 from .hadamard import hadamard
 from .int4 import expand_group_scale, num_groups, pack_int4
-from .kernels import int4_linear, int8_linear, int8_linear_grouped, unpack_w4
+from .formats import RuntimeLinear, runtime_linear
+from .kernels import int8_linear, unpack_w4
 from .sparse import decode_sparse, encode_sparse
-from .tender import tender_linear
 
 __all__ = ["QuantLinear", "QuantExperts", "QuantEmbedding"]
 
@@ -151,13 +151,17 @@ class QuantLinear(nn.Module):
             self._static = float(self.input_scale)
         return self._static
 
+    def _offset_value(self) -> float:
+        assert self.input_offset is not None
+        if self._offset is None:  # cached like the static scale
+            self._offset = float(self.input_offset)
+        return self._offset
+
     def centred(self, x: torch.Tensor) -> torch.Tensor:
         """x minus the static activation offset (unchanged without one)."""
         if self.input_offset is None:
             return x
-        if self._offset is None:
-            self._offset = float(self.input_offset)
-        return x - self._offset
+        return x - self._offset_value()
 
     def int8_weight(self) -> torch.Tensor:
         """[N, K] int8 (unpacked from 4 bits for W4, decoded once from the sparse form)."""
@@ -172,24 +176,26 @@ class QuantLinear(nn.Module):
         """Whether tuning can train this module's weight scales (per output channel, not Tender)."""
         return self.group_size == 0 and self.act_scheme != "tender"
 
+    def runtime(self) -> RuntimeLinear:
+        """This module's weights as the runtime object of their format (quant/formats.py). Built per
+        call, on the module's own tensors (no copies): tuning and distillation change the scales."""
+        tender = self.act_scheme == "tender"
+        packed = self.w_bits == 4 and self.sparse_nnz is None and not tender
+        offset = None if self.input_offset is None else self._offset_value()
+        return runtime_linear(self.qweight4 if packed else self.int8_weight(), self.w_scale, self.static_scale(),
+                              tender=tender, perm=self.perm if tender else None, groups=self.groups,
+                              w_group=self.group_size, bias=self.bias, offset=offset,
+                              w_zero=self.w_zero if packed else None, rotate=self.rotate_block)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.centred(x)
-        if self.rotate_block:
-            x = hadamard(x, self.rotate_block)
         if torch.is_grad_enabled() and (x.requires_grad or self.w_scale.requires_grad) and self.trainable():
+            x = self.centred(x)
+            if self.rotate_block:
+                x = hadamard(x, self.rotate_block)
             x2 = x.reshape(-1, self.in_features).float()
             y = _TrainableScales.apply(x2, self.w_scale, self.bias, self.int8_weight(), self.static_scale())
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        if self.w_bits == 4 and self.sparse_nnz is None and self.act_scheme != "tender":  # packed W4
-            return int4_linear(x, self.qweight4, self.w_scale, self.group_size, self.bias, self.static_scale(),
-                               self.w_zero).to(x.dtype)
-        if self.group_size > 0:
-            return int8_linear_grouped(x, self.int8_weight(), self.w_scale, self.group_size, self.bias,
-                                       self.static_scale()).to(x.dtype)
-        if self.act_scheme == "tender":
-            return tender_linear(x, self.int8_weight(), self.w_scale, self.bias, self.groups, perm=self.perm).to(x.dtype)
-        y = int8_linear(x, self.int8_weight(), self.w_scale, self.bias, self.static_scale())
-        return y.to(x.dtype)
+        return self.runtime()(x).to(x.dtype)
 
     def extra_repr(self) -> str:
         g = (f" group={self.group_size}" if self.group_size else "") + (" asym" if self.w_zero is not None else "") + (f" nnz={self.sparse_nnz}" if self.sparse_nnz is not None else "") + (

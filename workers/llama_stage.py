@@ -17,14 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quant.hadamard import hadamard
-from quant.int4 import pack_int4
-from quant.kernels import int4_linear, int8_linear, unpack_w4
+from quant.formats import RuntimeLinear, fused_linear
 from quant.manifest import kv_bytes_per_token
-from quant.native import EwLinear, EwLlamaDims, EwLlamaLayer, load_kernels
+from quant.native import EwLlamaDims, EwLlamaLayer, load_kernels
 from quant.qlinear import QuantLinear
-from quant.sparse import decode_sparse
-from quant.tender import tender_linear
 
 __all__ = ["LlamaDims", "KVCache", "LlamaStage", "LocalLlama", "Embedder", "Head", "supports", "supports_config",
            "layer_prefix"]
@@ -65,120 +61,13 @@ def supports(model) -> bool:
 
 
 @dataclass(frozen=True)
-class FusedLinear:
-    """Several QuantLinears that read one input, rows concatenated: one activation quantization."""
-
-    qweight: torch.Tensor  # [sum N, K] int8, or (W4) [sum N, K / 2] uint8 packed, unpacked per call
-    w_scale: torch.Tensor  # [sum N]
-    static: float | None
-    perm: torch.Tensor | None = None  # Tender: qweight's column order (quant/tender.py)
-    groups: int = 0  # Tender: channel groups
-    w_group: int = 0  # W4 group-wise: columns per weight scale (w_scale [sum N, G])
-    bias: torch.Tensor | None = None  # [sum N] (MobileQuant: the static offset's product with the weights)
-    offset: float | None = None  # static activation offset, subtracted before quantizing
-    w_zero: torch.Tensor | None = None  # W4 zero points like w_scale (qweight then holds u in [0, 15])
-    rotate: int = 0  # Hadamard block of the online input rotation (quant/hadamard.py), 0: none
-
-    @staticmethod
-    def _weight(tensors: Mapping[str, torch.Tensor], p: str) -> torch.Tensor:
-        """int8 [N, K], or W4 packed uint8 [N, K / 2]; a sparse weight is decoded to that dense form here
-        (sparse storage is used only when K is a multiple of 8, so K = 8 x the mask's bytes per row)."""
-        if f"{p}.wmask" in tensors:
-            vals, mask = tensors[f"{p}.wvals"], tensors[f"{p}.wmask"]
-            q = decode_sparse(mask, vals, 8 * mask.shape[1])
-            return pack_int4(q) if vals.dtype == torch.uint8 else q
-        return tensors[f"{p}.qweight4"] if f"{p}.qweight4" in tensors else tensors[f"{p}.qweight"]
-
-    @classmethod
-    def of(cls, tensors: Mapping[str, torch.Tensor], *prefixes: str) -> "FusedLinear":
-        """From checkpoint tensors `{prefix}.qweight`, `.w_scale` and (static scheme) `.input_scale`,
-        or (Tender) `.perm` and `.tender_groups`."""
-        def shared(suffix: str, convert, what: str):
-            """The one value of tensor `{prefix}.{suffix}` (None where absent) that every prefix shares."""
-            values = {convert(t) if (t := tensors.get(f"{p}.{suffix}")) is not None else None for p in prefixes}
-            if len(values) != 1:
-                raise ValueError(f"fused linears {prefixes} do not share their {what}")
-            return values.pop()
-
-        static = shared("input_scale", float, "activation scale")
-        offset = shared("input_offset", float, "activation offset")
-        w_group = shared("w_group", int, "weight-scale groups") or 0
-        rotate = shared("rotate", int, "input rotation") or 0
-        perms = [tensors.get(f"{p}.perm") for p in prefixes]
-        perm = perms[0]
-        if any(q is not perm and (q is None or perm is None or not torch.equal(q, perm)) for q in perms):
-            raise ValueError(f"fused linears {prefixes} do not share their Tender column order")
-        groups = int(tensors[f"{prefixes[0]}.tender_groups"]) if perm is not None else 0
-        biases = [tensors.get(f"{p}.bias") for p in prefixes]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b.float() if b is not None else torch.zeros(tensors[f"{p}.w_scale"].shape[0]) for p, b in zip(prefixes, biases)])
-        weights = [cls._weight(tensors, p) for p in prefixes]
-        if len({w.dtype for w in weights}) != 1:
-            raise ValueError(f"fused linears {prefixes} do not share their weight bits")
-        zeros = [tensors.get(f"{p}.w_zero") for p in prefixes]
-        if len({z is None for z in zeros}) != 1:
-            raise ValueError(f"fused linears {prefixes} do not share their weight format (zero points or not)")
-        w4 = weights[0].dtype == torch.uint8  # W4 stays packed in memory
-        return cls(torch.cat(weights).contiguous(), torch.cat([tensors[f"{p}.w_scale"].float() for p in prefixes]),
-                   static, None if perm is None else perm.long(), groups, w_group=w_group if w4 else 0, bias=bias,
-                   offset=offset, w_zero=None if zeros[0] is None else torch.cat([z for z in zeros if z is not None]),
-                   rotate=rotate)
-
-    def int8(self, k: int) -> torch.Tensor:
-        """The int8 [sum N, K] the kernel multiplies (Tender's W4 is unpacked on every call: it stays packed)."""
-        if self.qweight.dtype != torch.uint8:
-            return self.qweight
-        return unpack_w4(self.qweight, self.w_zero, k, self.w_group)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.offset is not None:
-            x = x - self.offset
-        if self.rotate:
-            x = hadamard(x, self.rotate)
-        if self.qweight.dtype == torch.uint8 and self.perm is None:  # W4: read packed
-            return int4_linear(x, self.qweight, self.w_scale, self.w_group, self.bias, self.static, self.w_zero)
-        q = self.int8(x.shape[-1])
-        if self.perm is not None:  # Tender
-            return tender_linear(x, q, self.w_scale, self.bias, self.groups, perm=self.perm)
-        return int8_linear(x, q, self.w_scale, self.bias, self.static)
-
-    def native(self, k: int, keep: list[torch.Tensor]) -> EwLinear | None:
-        """This linear as the C stage's struct (quant/csrc/llama_stage.c), or None where the C stage
-        has no kernel for it (Tender's channel groups, odd W4 groups). keep: collects the tensors the
-        struct points into, which must outlive it."""
-        if self.perm is not None:
-            return None
-        w4 = self.qweight.dtype == torch.uint8
-        group = (self.w_group or k) if w4 else 0
-        if w4 and group % 2:
-            return None
-        n = self.qweight.shape[0]
-        g = -(-k // group) if w4 else 1
-        # the C code trusts these sizes: check them here, so an inconsistent checkpoint fails cleanly
-        if (self.qweight.shape != (n, (k + 1) // 2 if w4 else k) or self.w_scale.numel() != n * g
-                or (self.w_zero is not None and self.w_zero.numel() != n * g)
-                or (self.bias is not None and self.bias.numel() != n)
-                or (self.rotate and (k % self.rotate or self.rotate & (self.rotate - 1)))):
-            raise ValueError(f"a linear's tensors do not fit its {k}-wide input: weight {list(self.qweight.shape)}, "
-                             f"scales {list(self.w_scale.shape)}, rotation block {self.rotate}; re-run edgeweave quantize")
-        parts = [self.qweight.contiguous(), self.w_scale.float().contiguous(),
-                 None if self.w_zero is None else self.w_zero.contiguous(),
-                 None if self.bias is None else self.bias.float().contiguous()]
-        keep.extend(t for t in parts if t is not None)
-        w, sw, zero, bias = (None if t is None else t.data_ptr() for t in parts)
-        return EwLinear(bits=4 if w4 else 8, n=self.qweight.shape[0], k=k, w=w, sw=sw, zero=zero, group=group,
-                        bias=bias, static_scale=float(self.static or 0.0), offset=float(self.offset or 0.0),
-                        has_offset=int(self.offset is not None), rotate=self.rotate)
-
-
-@dataclass(frozen=True)
 class LayerWeights:
     ln1: torch.Tensor  # [D]
-    qkv: FusedLinear  # -> [(H + 2 KV) * hd]
-    o: FusedLinear
+    qkv: RuntimeLinear  # -> [(H + 2 KV) * hd]
+    o: RuntimeLinear
     ln2: torch.Tensor
-    gate_up: FusedLinear | None  # -> [2 I] (dense MLP)
-    down: FusedLinear | None
+    gate_up: RuntimeLinear | None  # -> [2 I] (dense MLP)
+    down: RuntimeLinear | None
     router: torch.Tensor | None = None  # [E, D] float (MoE layer: experts run through the stage's moe hook)
 
 
@@ -291,11 +180,11 @@ class LlamaStage:
     @staticmethod
     def _extract(t: Mapping[str, torch.Tensor], p: str) -> LayerWeights:
         a, m = p + "self_attn.", p + "mlp."
-        attn = (t[p + "input_layernorm.weight"].float(), FusedLinear.of(t, a + "q_proj", a + "k_proj", a + "v_proj"),
-                FusedLinear.of(t, a + "o_proj"), t[p + "post_attention_layernorm.weight"].float())
+        attn = (t[p + "input_layernorm.weight"].float(), fused_linear(t, a + "q_proj", a + "k_proj", a + "v_proj"),
+                fused_linear(t, a + "o_proj"), t[p + "post_attention_layernorm.weight"].float())
         if m + "gate.weight" in t:  # Mixtral: router here, experts through the hook
             return LayerWeights(*attn, None, None, t[m + "gate.weight"].float())
-        return LayerWeights(*attn, FusedLinear.of(t, m + "gate_proj", m + "up_proj"), FusedLinear.of(t, m + "down_proj"))
+        return LayerWeights(*attn, fused_linear(t, m + "gate_proj", m + "up_proj"), fused_linear(t, m + "down_proj"))
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(len(self.layers), self.dims, max_len)
@@ -405,7 +294,7 @@ class Head:
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], eps: float) -> None:
         self.norm_w, self.eps = tensors["model.norm.weight"].float(), eps
-        self.lin = FusedLinear.of(tensors, "lm_head")
+        self.lin = fused_linear(tensors, "lm_head")
 
     def __call__(self, last: torch.Tensor) -> torch.Tensor:
         """last [B, D] hidden states of each session's last position -> logits [B, V]"""

@@ -2,14 +2,15 @@
 
 Every request is validated before any state changes; bad input gets INVALID_ARGUMENT, an unknown
 session NOT_FOUND, a full KV cache RESOURCE_EXHAUSTED, a request for another placement
-FAILED_PRECONDITION, always with a message. Forward steps run one at a time (a lock): the kernels
-already use every core of the node, and the front end batches concurrent sessions into one step.
+FAILED_PRECONDITION, always with a message (workers/steps.py validates). Forward steps run one at
+a time (a lock): the kernels already use every core of the node, and the front end batches concurrent
+sessions into one step. Relayed steps travel on workers/relay.py's plumbing; MoE experts live in
+workers/moe.py, deciding residency through workers/residency.py.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import re
 import threading
 import time
@@ -19,7 +20,7 @@ import torch
 
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
-from protos.security import Security, call_metadata, open_channel
+from protos.security import Security, open_channel
 from protos.serving import start_server
 from quant.checkpoint import read_manifest
 from quant.generate import pick_token
@@ -29,6 +30,7 @@ from .awake import KeepAwake
 from .llama_stage import KVCache
 from .moe import ExpertStore, MoERunner, expert_forward
 from .profile import NodeProfile
+from .relay import MAX_RELAY_ID, Relays
 from .route_stats import StatsRecorder, connect, read_stats
 from .shard import LoadedShard, load_shard
 from .steps import MAX_ITEMS, MAX_SESSION_ID, Refused, RouteShape, StepItem, check_placement, parse_step, refusal_status
@@ -39,52 +41,8 @@ __all__ = ["WorkerServicer", "start_worker_server", "MAX_ITEMS", "MAX_SESSION_ID
 log = logging.getLogger("edgeweave.worker")
 
 MAX_STREAMS = 4  # open ForwardStream calls per worker; each holds one of the server's threads
-MAX_SUBSCRIPTIONS = 4  # open Subscribe calls per worker; each holds one of the server's threads
 SERVER_THREADS = 12  # streams and subscriptions at their bounds leave 4 for unary calls and health
-MAX_RELAY_ID = 64
-RELAY_QUEUE = 64  # events waiting for a subscriber (at most one step in flight per front end)
-RELAY_LIFETIME_S = 3600.0  # the relay stream's own deadline; it is reopened before it runs out
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")
-
-
-class _RelayOut:
-    """The stream a stage passes relayed steps on to the next stage over. Relayed steps get no
-    answer, so the stream only ever ends: a watcher notes why, and calls `on_end` with it (the stage
-    then reports it to the front end); the next send reopens the stream."""
-
-    def __init__(self, address: str, security: Security, on_end) -> None:
-        self.address, self.on_end = address, on_end
-        self.channel = open_channel(address, security)
-        self.q: queue.Queue[pb.ForwardRequest | None] = queue.Queue()
-        self.ended = ""
-        self.closing = False  # closed here: its end is no failure to report
-        self.sent: tuple[str, int] | None = None  # (relay id, seq) of the last step put on it
-        self.opened = time.monotonic()
-        self.call = pb_grpc.WorkerServiceStub(self.channel).ForwardStream(
-            iter(self.q.get, None), timeout=RELAY_LIFETIME_S, metadata=call_metadata(security))
-        threading.Thread(target=self._watch, name="edgeweave-relay-out", daemon=True).start()
-
-    def _watch(self) -> None:
-        try:
-            for _ in self.call:  # a relayed step is never answered
-                pass
-            why = "the relay stream ended"
-            code = grpc.StatusCode.UNAVAILABLE
-        except grpc.RpcError as e:
-            code = e.code() if e.code() not in (None, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) \
-                else grpc.StatusCode.UNAVAILABLE
-            why = f"{e.code().name if e.code() else 'error'}: {e.details() or ''}"
-        self.ended = why
-        self.on_end(self, code, why)
-
-    def usable(self) -> bool:
-        return not self.ended and time.monotonic() - self.opened < RELAY_LIFETIME_S - 60.0
-
-    def close(self) -> None:
-        self.closing = True
-        self.q.put(None)
-        self.call.cancel()
-        self.channel.close()
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -105,11 +63,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._refresh_stop = threading.Event()
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)  # open ForwardStream calls
         # relayed steps (docs/runtime.md, "Hop pattern"): the front ends' Subscribe queues by relay id,
-        # and the stream to the next stage
-        self._subs: dict[str, queue.Queue[pb.RelayEvent | None]] = {}
-        self._sub_slots = threading.BoundedSemaphore(MAX_SUBSCRIPTIONS)
-        self._relay_lock = threading.Lock()  # guards _subs and _out
-        self._out: _RelayOut | None = None
+        # and the stream to the next stage (workers/relay.py)
+        self.relays = Relays(self.security)
 
     # ------------------------------------------------------------------ helpers
     def _run(self, context: grpc.ServicerContext, fn):
@@ -151,7 +106,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 self.awake = KeepAwake() if s.keep_awake else None
                 self.store, self.runner, self.map_version, self.last_route = store, runner, 0, {}
                 self.recorder = runner.recorder if runner else None
-                self._end_relays()  # they served the previous placement
+                self.relays.end_all()  # they served the previous placement
                 if runner is not None and runner.recorder is not None:
                     self._refresh_stop = threading.Event()
                     threading.Thread(target=self._refresh_stats, args=(runner, s, manifest, self._refresh_stop),
@@ -298,7 +253,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             resp, spec = self._forward_spec(request, context)
             stage_ms = [*request.stage_ms, resp.compute_ms]
             if spec.head:
-                self._deliver(rid, pb.RelayEvent(seq=seq, result=resp, stage_ms=stage_ms,
+                self.relays.deliver(rid, pb.RelayEvent(seq=seq, result=resp, stage_ms=stage_ms,
                                                  relay_bytes=request.relay_bytes), context)
                 return
             if not spec.next_stage:
@@ -309,60 +264,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                                     quantize_output=request.quantize_output, relay_id=rid, relay_seq=seq,
                                     stage_ms=stage_ms)
             nxt.relay_bytes = request.relay_bytes + nxt.ByteSize() + 10  # the field itself: at most 10 bytes
-            self._pass_on(spec.next_stage, rid, seq, nxt)
+            self.relays.pass_on(spec.next_stage, rid, seq, nxt)
         except (Refused, ValueError, FileNotFoundError) as e:
             status = refusal_status(e)
             assert status is not None
-            self._deliver(rid, pb.RelayEvent(seq=seq, error_code=status[0].value[0], error=status[1]), context,
-                          abort_with=status)
-
-    def _pass_on(self, address: str, rid: str, seq: int, req: pb.ForwardRequest) -> None:
-        with self._relay_lock:
-            out = self._out
-            if out is not None and (out.address != address or not out.usable()):
-                self._out = None
-                out.close()
-                out = None
-            if out is None:
-                out = self._out = _RelayOut(address, self.security, self._relay_ended)
-            out.sent = (rid, seq)
-            out.q.put(req)
-
-    def _relay_ended(self, out: _RelayOut, code: grpc.StatusCode, why: str) -> None:
-        """The stream to the next stage ended: the front end waiting on the last step passed on hears
-        it from here (the next stage may be gone and unable to say so itself)."""
-        with self._relay_lock:
-            if self._out is out:
-                self._out = None
-            sent = None if out.closing else out.sent
-        out.close()
-        if sent is not None:
-            self._deliver(sent[0], pb.RelayEvent(seq=sent[1], error_code=code.value[0],
-                                                 error=f"the next stage at {out.address}: {why}"))
-
-    def _deliver(self, rid: str, event: pb.RelayEvent, context=None,
-                 abort_with: tuple[grpc.StatusCode, str] | None = None) -> None:
-        with self._relay_lock:
-            q = self._subs.get(rid)
-        if q is None:
-            if context is not None:
-                context.abort(*(abort_with or (grpc.StatusCode.FAILED_PRECONDITION,
-                                               f"no Subscribe call is open here for relay id {rid[:MAX_RELAY_ID]!r}")))
-            return
-        if q.qsize() >= RELAY_QUEUE:  # the subscriber stopped reading; it will fail its step by its deadline
-            log.warning("relay %s: %d events unread, dropping one", rid, RELAY_QUEUE)
-            return
-        q.put(event)
-
-    def _end_relays(self) -> None:
-        """Ends every Subscribe call and the stream to the next stage (a new shard was loaded)."""
-        with self._relay_lock:
-            subs, self._subs = list(self._subs.values()), {}
-            out, self._out = self._out, None
-        for q in subs:
-            q.put(None)
-        if out is not None:
-            out.close()
+            self.relays.deliver(rid, pb.RelayEvent(seq=seq, error_code=status[0].value[0], error=status[1]), context,
+                                abort_with=status)
 
     def Subscribe(self, request: pb.SubscribeRequest, context):
         """The front end's end of relayed steps: a ready event (seq 0), then the results (last stage)
@@ -380,28 +287,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         except Refused as e:
             context.abort(e.code, e.message)
         assert spec is not None  # context.abort raised otherwise
-        with self._relay_lock:  # a front end subscribing again (after a failed step) replaces its call
-            old = self._subs.pop(rid, None)
-        if old is not None:
-            old.put(None)  # that call ends and frees its slot at once
-        if not self._sub_slots.acquire(timeout=2.0):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{MAX_SUBSCRIPTIONS} Subscribe calls are already open on this worker")
-        q: queue.Queue[pb.RelayEvent | None] = queue.Queue()  # _deliver bounds it at RELAY_QUEUE events
-        context.add_callback(lambda: q.put(None))  # the call ended (cancelled, deadline): stop waiting at once
-        with self._relay_lock:
-            old, self._subs[rid] = self._subs.get(rid), q
-        if old is not None:  # another call of the same id came in meanwhile
-            old.put(None)
-        try:
-            yield pb.RelayEvent(seq=0, can_relay=bool(spec.head or spec.next_stage), next_stage=spec.next_stage)
-            while (event := q.get()) is not None:
-                yield event
-        finally:
-            with self._relay_lock:
-                if self._subs.get(rid) is q:
-                    del self._subs[rid]
-            self._sub_slots.release()
+        yield from self.relays.subscribe(rid, pb.RelayEvent(seq=0, can_relay=bool(spec.head or spec.next_stage),
+                                                             next_stage=spec.next_stage), context)
 
     def _forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
         if request.relay_id:
