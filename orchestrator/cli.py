@@ -54,17 +54,19 @@ def _byte_count(text: str) -> int:
 def quant_config(a: argparse.Namespace):
     """The QuantConfig `edgeweave quantize` runs with these arguments (SystemExit with the reason
     when they do not combine)."""
-    from quant.config import ActScheme, CalibConfig, QuantConfig
+    from quant.config import CalibConfig
+    from quant.methods import method_traits
 
     calib = CalibConfig(path=a.calib, samples=a.calib_samples, seq_len=a.calib_len)
-    scheme: ActScheme = {"tender": "tender", "mobilequant": "tensor"}.get(a.method, a.act_scheme)  # type: ignore[assignment]
+    t = method_traits(a.method)  # the method's own defaults
+    scheme = t.only_scheme or a.act_scheme
     try:
         return QuantConfig(method=a.method, w_bits=a.w_bits, a_bits=a.a_bits, act_scheme=scheme, calib=calib,
-                           tender_groups=a.groups, w_group=(128 if a.method == "luc" else 0) if a.w_group is None else a.w_group,
+                           tender_groups=a.groups, w_group=t.default_w_group if a.w_group is None else a.w_group,
                            mq_epochs=a.epochs, mq_lr_transform=a.lr_transform, mq_lr_clip=a.lr_clip,
                            mq_lr_range=a.lr_range, target_bytes=a.target_bytes, target_ratio=a.target_ratio,
                            avg_sparsity=a.avg_sparsity, luc_options=_luc_options(a.luc_options), w_asym=a.w_asym,
-                           rotate_down=a.method == "haq" if a.rotate_down is None else a.rotate_down,
+                           rotate_down=t.rotates_down_by_default if a.rotate_down is None else a.rotate_down,
                            rotate_all=a.rotate_all, rotate_residual=a.rotate_residual, gptq_refit=a.refit_scales,
                            kd_steps=a.kd_steps, kd_lr=a.kd_lr, kd_data=a.kd_data)
     except ValueError as e:

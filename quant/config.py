@@ -4,13 +4,11 @@ takes is a trait of the method (quant.methods), not a comparison with its name."
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
-from .methods import METHOD_TRAITS, method_traits
+from .methods import METHOD_TRAITS, ActScheme, method_traits
 
 __all__ = ["ActScheme", "CalibConfig", "QuantConfig", "METHODS"]
 
-ActScheme = Literal["token", "tensor", "tender"]
 METHODS = tuple(METHOD_TRAITS)
 CONFIG_VERSION = 1
 

@@ -10,15 +10,13 @@ does differently is a trait of quant.methods, not a branch on its name.
 
 from __future__ import annotations
 
-import copy
 
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .arch import ArchSpec, Group, arch_spec
+from .arch import ArchSpec, Group
 from .calibration import ActStats
 from .config import QuantConfig
 from .gptq import gptq_quantize

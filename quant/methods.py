@@ -8,8 +8,11 @@ round with GPTQ?") instead of comparing the method's name, so a new method is on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["MethodTraits", "METHOD_TRAITS", "method_traits"]
+__all__ = ["ActScheme", "MethodTraits", "METHOD_TRAITS", "method_traits"]
+
+ActScheme = Literal["token", "tensor", "tender"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,9 @@ class MethodTraits:
     w4_groups: bool  # --w-group with --w-bits 4
     per_layer_policy: bool  # LUC: bits and sparsity chosen per layer under a budget
     expert_banks: bool  # MoE expert banks (W8A8 only)
-    only_scheme: str = ""  # the one activation scheme it goes with ("": any)
+    only_scheme: ActScheme | None = None  # the one activation scheme it goes with (None: any)
+    default_w_group: int = 0  # `edgeweave quantize` without --w-group
+    rotates_down_by_default: bool = False  # `edgeweave quantize` without --rotate-down / --no-rotate-down
 
 
 METHOD_TRAITS: dict[str, MethodTraits] = {t.name: t for t in (
@@ -38,7 +43,8 @@ METHOD_TRAITS: dict[str, MethodTraits] = {t.name: t for t in (
                  per_layer_policy=False, group_scales=False, column_order=False, expert_banks=True),
     MethodTraits("haq", smooths=True, hessian_rounding=True, haq_lm_head=True, static_clip_search=True,
                  rotations=True, residual_rotation=True, distills=True, zero_points=True, w4=True, w4_groups=True,
-                 per_layer_policy=False, group_scales=False, column_order=False, expert_banks=True),
+                 per_layer_policy=False, group_scales=False, column_order=False, expert_banks=True,
+                 rotates_down_by_default=True),
     MethodTraits("tender", smooths=False, hessian_rounding=False, haq_lm_head=False, static_clip_search=False,
                  group_scales=True, column_order=True, rotations=False, residual_rotation=False, distills=False,
                  zero_points=False, w4=True, w4_groups=False, per_layer_policy=False, expert_banks=False,
@@ -49,7 +55,8 @@ METHOD_TRAITS: dict[str, MethodTraits] = {t.name: t for t in (
                  only_scheme="tensor"),
     MethodTraits("luc", smooths=True, hessian_rounding=True, haq_lm_head=True, static_clip_search=True,
                  rotations=False, residual_rotation=True, distills=True, zero_points=True, w4=True, w4_groups=True,
-                 per_layer_policy=True, group_scales=False, column_order=False, expert_banks=True),
+                 per_layer_policy=True, group_scales=False, column_order=False, expert_banks=True,
+                 default_w_group=128),
 )}
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.kernels import int8_linear
-from quant.manifest import expert_tensor_prefix, is_expert_tensor
+from quant.manifest import expert_tensor_prefix
 
 from .residency import PathStats, StatsWeights, admit_on_miss, choose_resident, prefetch_scores
 

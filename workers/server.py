@@ -20,18 +20,19 @@ import torch
 
 from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
-from protos.security import Security, open_channel
+from protos.security import Security
 from protos.serving import start_server
 from quant.checkpoint import read_manifest
 from quant.generate import pick_token
-from quant.manifest import Manifest, MoEShape, ShardRange
+from quant.manifest import ShardRange
 
 from .awake import KeepAwake
 from .llama_stage import KVCache
 from .moe import ExpertStore, MoERunner, expert_forward
+from .moe_node import MoENode
 from .profile import NodeProfile
 from .relay import MAX_RELAY_ID, Relays
-from .route_stats import StatsRecorder, connect, read_stats
+from .route_stats import StatsRecorder
 from .shard import LoadedShard, load_shard
 from .steps import MAX_ITEMS, MAX_SESSION_ID, Refused, RouteShape, StepItem, check_placement, parse_step, refusal_status
 from .wire import WireError, decode_tensor, encode_activation, encode_tensor, next_stage_items
@@ -54,13 +55,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.awake: KeepAwake | None = None  # keeps the cores from halting while steps arrive (ShardSpec.keep_awake)
         self.lock = threading.Lock()  # guards shard, sessions and the compute
         # MoE (docs/moe.md)
-        self.store: ExpertStore | None = None
+        self.moe: MoENode | None = None
+        self.store: ExpertStore | None = None  # the moe node's, or None for a dense shard
         self.runner: MoERunner | None = None
-        self.recorder = None
+        self.recorder: StatsRecorder | None = None
         self.map_version = 0
         self.last_route: dict[str, list] = {}  # session -> its last token's route (t1 statistics, prefetch)
-        self._peers: dict[str, pb_grpc.WorkerServiceStub] = {}
-        self._refresh_stop = threading.Event()
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)  # open ForwardStream calls
         # relayed steps (docs/runtime.md, "Hop pattern"): the front ends' Subscribe queues by relay id,
         # and the stream to the next stage (workers/relay.py)
@@ -93,90 +93,27 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if s.threads:
                 torch.set_num_threads(int(s.threads))
             manifest = read_manifest(s.checkpoint)
-            runner = store = None
-            if manifest.moe:
-                store, runner = self._moe_state(s, manifest, manifest.moe)
+            moe = MoENode(s, manifest, self.security) if manifest.moe else None
             shard = load_shard(s.checkpoint, ShardRange(s.first_layer, s.last_layer, s.embed, s.head), s.max_context,
-                               moe=runner.hook if runner else None, manifest=manifest)
+                               moe=moe.runner.hook if moe else None, manifest=manifest)
             with self.lock:
-                self._stop_moe()
+                if self.moe is not None:
+                    self.moe.close()
                 self.shard, self.spec, self.sessions = shard, s, {}
                 if self.awake is not None:
                     self.awake.release()
                 self.awake = KeepAwake() if s.keep_awake else None
-                self.store, self.runner, self.map_version, self.last_route = store, runner, 0, {}
-                self.recorder = runner.recorder if runner else None
+                self.moe, self.map_version, self.last_route = moe, 0, {}
+                self.store, self.runner, self.recorder = (moe.store, moe.runner, moe.recorder) if moe else (None, None, None)
                 self.relays.end_all()  # they served the previous placement
-                if runner is not None and runner.recorder is not None:
-                    self._refresh_stop = threading.Event()
-                    threading.Thread(target=self._refresh_stats, args=(runner, s, manifest, self._refresh_stop),
-                                     name="edgeweave-stats-read", daemon=True).start()
+                if moe is not None:
+                    moe.start()
             log.info("loaded layers [%d, %d) embed=%s head=%s for %s (%d bytes)", s.first_layer, s.last_layer,
                      s.embed, s.head, s.placement_id, shard.weight_bytes)
             return pb.LoadShardResponse(weight_bytes=shard.weight_bytes, load_seconds=time.perf_counter() - t0)
         return self._run(context, run)
 
     # ------------------------------------------------------------------ MoE
-    def _moe_state(self, s: pb.ShardSpec, manifest: Manifest, moe: MoEShape) -> tuple[ExpertStore, MoERunner]:
-        n_experts, k = moe.experts, moe.top_k
-        n_layers = manifest.n_layers
-        remote: dict[tuple[int, int], str] = {}
-        for u in s.experts:
-            if not (s.first_layer <= u.layer < s.last_layer and u.expert < n_experts):
-                raise ValueError(f"shard.experts: layer {u.layer} expert {u.expert} is not in this shard")
-            if u.address:
-                remote[(u.layer, u.expert)] = u.address
-        for u in s.hosted:
-            if not (u.layer < n_layers and u.expert < n_experts):
-                raise ValueError(f"shard.hosted: layer {u.layer} expert {u.expert} is not in the model")
-        own = [(l, e) for l in range(s.first_layer, s.last_layer) for e in range(n_experts) if (l, e) not in remote]
-        units = own + [(u.layer, u.expert) for u in s.hosted]
-        slots = int(s.fast_slots) or max(n_experts // 2, 1)
-        device = torch.device("cuda") if torch.cuda.is_available() else None
-        store = ExpertStore(s.checkpoint, units, slots, device)
-        recorder = None
-        if s.redis_url:
-            recorder = StatsRecorder(s.redis_url, s.model_name or "model", n_layers, n_experts)
-        runner = MoERunner(store, k, range(s.first_layer, s.last_layer), n_layers, n_experts, remote,
-                           self._call_remote(s.placement_id), s.prefetch, recorder)
-        return store, runner
-
-    def _call_remote(self, placement_id: str):
-        def call(layer: int, expert: int, x: torch.Tensor):
-            assert self.runner is not None
-            addr = self.runner.remote[(layer, expert)]
-            stub = self._peers.get(addr)
-            if stub is None:
-                stub = self._peers[addr] = pb_grpc.WorkerServiceStub(open_channel(addr, self.security))
-            fut = stub.ExpertForward.future(pb.ExpertRequest(placement_id=placement_id, layer=layer, expert=expert,
-                                                             hidden=encode_tensor(x.float())), timeout=30.0)
-
-            def result() -> torch.Tensor:
-                try:
-                    resp = fut.result()
-                except grpc.RpcError as e:
-                    raise Refused(grpc.StatusCode.UNAVAILABLE,
-                                 f"expert {expert} of layer {layer} at {addr}: {e.code().name}: {e.details()}") from e
-                return decode_tensor(resp.output, "output", pb.FLOAT32, rank=2, max_elems=x.numel()).view_as(x)
-            return result
-        return call
-
-    def _refresh_stats(self, runner: MoERunner, s: pb.ShardSpec, manifest: Manifest, stop: threading.Event) -> None:
-        """Reads the statistics from Redis every few seconds (prefetch uses them); Redis may be away."""
-        client = connect(s.redis_url)
-        n_experts = manifest.moe.experts if manifest.moe else 1
-        while not stop.wait(3.0):
-            try:
-                runner.set_snapshot(read_stats(client, s.model_name or "model", manifest.n_layers, n_experts))
-            except Exception as e:  # Redis away: keep predicting from what is known
-                log.debug("statistics refresh failed: %s", e)
-
-    def _stop_moe(self) -> None:
-        self._refresh_stop.set()
-        if self.recorder is not None:
-            self.recorder.close(timeout_s=2.0)
-            self.recorder = None
-
     def _expert_state(self, placement_id: str) -> tuple[ExpertStore, pb.ShardSpec]:
         store, spec = self.store, self.spec
         if store is None or spec is None:
