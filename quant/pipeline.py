@@ -1,9 +1,11 @@
-"""quantize(model, config, calib_ids): prepare -> calibrate -> convert, one decoder layer at a time.
+"""quantize(model, config, calib_ids): the steps before any method, then the method's handler.
 
-Each layer sees the outputs of the already-quantized layers before it (as GPTQ does), so errors
-are corrected where they arise. Per layer: record each smoothing group's input statistics with
-forward pre-hooks, choose smoothing (HAQ) and static activation ranges, fold the smoothing into
-the producing norm or linear, round the weights (GPTQ for HAQ, RTN for the baseline) and swap in
+The handler is HANDLERS[method] (MobileQuant, trained end to end), else quantize_layerwise, built
+from quant/layerwise.py's steps with the method's traits (quant/methods.py). Layer by layer, each
+layer sees the outputs of the already-quantized layers before it (as GPTQ does), so errors are
+corrected where they arise. Per layer: record each smoothing group's input statistics with forward
+pre-hooks, choose smoothing (HAQ) and static activation ranges, fold the smoothing into the
+producing norm or linear, round the weights (GPTQ for HAQ, RTN for the baseline) and swap in
 QuantLinear / QuantExperts modules.
 """
 
