@@ -122,7 +122,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
     from quant.calibration import calibration_windows, read_text
     from quant.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
-    from quant.config import CalibConfig, QuantConfig
+    from quant.config import CalibConfig
     from quant.evaluate import tokenize_for_eval
     from quant.layerwise import QuantReport
     from quant.tune import TuneConfig, tune

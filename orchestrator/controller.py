@@ -32,10 +32,9 @@ from protos import edgeweave_v1_pb2 as pb
 from protos import edgeweave_v1_pb2_grpc as pb_grpc
 from protos.security import Security, open_channel
 from quant.checkpoint import read_manifest
+from workers.profile import POOL_LABEL, NodeProfile
 from workers.residency import HYSTERESIS
 from workers.shard import check_servable
-
-from workers.profile import POOL_LABEL, NodeProfile
 
 from .engine import Engine, EngineOptions, StageError, Unavailable
 from .health import BanList, dead_nodes

@@ -220,17 +220,13 @@ class Engine:
         while self.waiting and len(self.active) < self.placement.batch:
             self.active.append(self.waiting.popleft())
 
-    def _depth(self) -> int:
-        """Steps that may be in flight at once: only relayed steps overlap."""
-        return self.transport.depth
-
     def _groups(self) -> list[list[Session]]:
         """The admitted sessions not in a step, split into the groups to send now: as many as the
         free pipeline slots allow, each of at most ceil(admitted / depth) sessions. Called under cv."""
         idle = [s for s in self.active if not s.flying]
         if self._flights and self.transport.expiring(self.opts.step_timeout_s):
             return []  # the chain's calls are renewed once the steps in flight are back
-        depth = self._depth()
+        depth = self.transport.depth  # steps that may be in flight at once: only relayed steps overlap
         free = depth - len(self._flights)
         if not idle or free <= 0:
             return []
@@ -386,7 +382,7 @@ class Engine:
         """Sends one group's step: relayed, it is in flight until _receive; otherwise it runs now."""
         fed, items = self._items(batch)
         flight = Flight(batch, fed, all(len(c) == 1 for c in fed.values()), time.perf_counter(),
-                         alone=not self._flights)
+                        alone=not self._flights)
         if self._flights:
             for f in self._flights.values():
                 f.alone = False

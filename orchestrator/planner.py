@@ -192,7 +192,7 @@ def plan(manifest: Manifest, profiles: list[NodeProfile], opts: PlanOptions = Pl
         start = end
     hosts = _place_remote_experts(manifest, sizes, profiles, stages, opts) if moe else ()
     slots = opts.slots(moe.experts) if moe else 0
-    body = json.dumps({"files": manifest.file_digest_source(), "stages": [asdict(s) for s in stages],
+    body = json.dumps({"files": manifest.files_table(), "stages": [asdict(s) for s in stages],
                        "hosts": [asdict(h) for h in hosts], "slots": slots,
                        "context": opts.context, "batch": opts.batch}, sort_keys=True)
     pid = f"v{opts.version}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"

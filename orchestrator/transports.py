@@ -23,6 +23,7 @@ import grpc
 from protos import edgeweave_v1_pb2 as pb
 from workers.wire import next_stage_items
 
+from .sessions import Session
 from .streams import ChainFailed, RelayChain, StageStream, StepFailed
 
 __all__ = ["StageError", "RECOVERABLE", "EngineStats", "Flight", "StepFigures", "Transport", "ChainTransport",
@@ -68,7 +69,7 @@ class EngineStats:
 class Flight:
     """A step sent and not yet come back."""
 
-    batch: list  # the engine's sessions in this step, in item order
+    batch: list[Session]  # the sessions in this step, in item order
     fed: dict[str, list[int]]  # session id -> the chunk this step feeds it
     decode: bool  # every chunk is one token
     t0: float  # perf_counter when sent

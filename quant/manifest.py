@@ -169,9 +169,9 @@ class Manifest:
             files = {k: FileMeta(str(v["sha256"]), int(v["bytes"])) for k, v in d.get("files", {}).items()}
             return cls(str(d["model_type"]), dict(d["model_config"]), dict(d.get("method", {})),
                        dict(d.get("modules", {})), tensors, files, dict(d.get("choices", {})))
+        except ManifestError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, ManifestError):
-                raise
             raise ManifestError(f"not a usable manifest: {type(e).__name__}: {e}") from e
 
     @property
@@ -186,7 +186,7 @@ class Manifest:
     def kv_bytes_per_token(self, layers: int) -> int:
         return kv_bytes_per_token(layers, self.dims.kv_heads, self.dims.head_dim)
 
-    def file_digest_source(self) -> dict:
+    def files_table(self) -> dict:
         """The files table as plain data (the placement id hashes it)."""
         return {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in self.files.items()}
 

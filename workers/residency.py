@@ -155,8 +155,7 @@ def replacement_scores(stats: PathStats, layer: int) -> np.ndarray | None:
 def admit_on_miss(resident: Iterable[int], expert: int, slots: int, scores: np.ndarray | None = None) -> list[int]:
     """The fast set after a miss on `expert` that the cost rule moved up: it joins, and when the tier
     is full the resident expert with the lowest score leaves (without scores, the highest-numbered)."""
-    rest = sorted(set(resident) - {expert})
-    if len(rest) >= slots:
-        key = (lambda g: (-float(scores[g]), g)) if scores is not None else (lambda g: (0.0, g))
-        rest = sorted(sorted(rest, key=key)[: max(slots - 1, 0)])
-    return [expert, *rest][:slots]
+    rest = set(resident) - {expert}
+    while rest and len(rest) >= slots:  # make room: the lowest score leaves (ties: the higher number)
+        rest.remove(max(rest) if scores is None else min(rest, key=lambda g: (float(scores[g]), -g)))
+    return [expert, *sorted(rest)][:slots]
