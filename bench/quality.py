@@ -112,13 +112,16 @@ def fp32_bytes(model) -> int:
     return total
 
 
-def tensor_bytes(path: Path) -> int:
-    """Bytes of the tensors in a safetensors file (its size less the JSON header)."""
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: run that configuration first")
-    with open(path, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-    return path.stat().st_size - 8 - header
+def tensor_bytes(checkpoint: Path) -> int:
+    """Bytes of the tensors in a checkpoint's safetensors files (their sizes less the JSON headers)."""
+    files = sorted(checkpoint.rglob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{checkpoint} holds no tensors: run that configuration first")
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            total += path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+    return total
 
 
 def previous_rows(a: argparse.Namespace) -> dict[str, dict]:
@@ -153,8 +156,7 @@ def main() -> None:
             model = copy.deepcopy(fmodel)
             fields = dict(CONFIGS[name])
             if isinstance(fields.get("target_bytes"), str):  # another row's tensor bytes
-                ref = RESULTS / "checkpoints" / fields["target_bytes"] / "model.safetensors"
-                fields["target_bytes"] = tensor_bytes(ref)
+                fields["target_bytes"] = tensor_bytes(RESULTS / "checkpoints" / fields["target_bytes"])
             row_calib, row_ids = calib_cfg, calib
             if "calib_samples" in fields:  # a row calibrated on more windows than --calib-samples (marked)
                 row_calib = CalibConfig(samples=fields.pop("calib_samples"))
@@ -162,7 +164,7 @@ def main() -> None:
             cfg = QuantConfig(**fields, calib=row_calib)
             report = quantize(model, cfg, row_ids)
             out = save_checkpoint(model, tok, cfg, report, RESULTS / "checkpoints" / name)
-            nbytes = (out / "model.safetensors").stat().st_size
+            nbytes = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
         ppl = {k: perplexity(model, v, a.ctx, a.windows).ppl for k, v in ids.items()}
         rows[name] = {"ppl": ppl, "bytes": nbytes, "seconds": time.time() - t0}
         print(name, rows[name], flush=True)

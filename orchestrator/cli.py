@@ -77,22 +77,44 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     import torch
 
     from quant.calibration import calibration_windows
+    from quant.sources import SourceError, open_source
+    from quant.stream import peak_rss_bytes, quantize_streaming, whole_model_reason
+
+    cfg = quant_config(a)
+    torch.manual_seed(0)
+    t0 = time.time()
+    try:
+        source = open_source(a.model)
+        tok = source.tokenizer()
+        ids = calibration_windows(tok, cfg.calib)
+        print(f"calibrating on {ids.shape[0]} x {ids.shape[1]} tokens from {cfg.calib.path or 'the C4 sample'}",
+              file=sys.stderr)
+        why = whole_model_reason(cfg)
+        if why is None:  # layer by layer: about one float layer in memory at a time
+            out = quantize_streaming(source, cfg, ids, a.out).path
+        else:
+            out = _quantize_whole(a, cfg, ids, why, 4 * source.parameters())
+    except (SourceError, ValueError) as e:
+        raise SystemExit(f"edgeweave quantize: {e}") from e
+    size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    print(f"wrote {out} ({size:,} bytes of tensors) in {time.time() - t0:.0f}s; "
+          f"peak memory {peak_rss_bytes() / 1e9:.2f} GB", file=sys.stderr)
+    return 0
+
+
+def _quantize_whole(a: argparse.Namespace, cfg, ids, why: str, float_bytes: int):
+    """The methods that need every float weight at once: refused above --whole-model-limit."""
     from quant.checkpoint import save_checkpoint
     from quant.models import load_float_model
     from quant.pipeline import quantize
 
-    cfg = quant_config(a)
-    calib = cfg.calib
-    torch.manual_seed(0)
-    t0 = time.time()
+    if float_bytes > a.whole_model_limit:
+        raise SystemExit(f"edgeweave quantize: {why}, which needs about {float_bytes / 1e9:.1f} GB of float32 weights "
+                         f"in memory (over --whole-model-limit {a.whole_model_limit / 1e9:.1f} GB); use a layer-wise "
+                         f"method (rtn, haq, tender) or raise the limit on a machine that holds it")
     model, tok = load_float_model(a.model)
-    ids = calibration_windows(tok, calib)
-    print(f"calibrating on {ids.shape[0]} x {ids.shape[1]} tokens from {calib.path or 'the C4 sample'}", file=sys.stderr)
     report = quantize(model, cfg, ids)
-    out = save_checkpoint(model, tok, cfg, report, a.out)
-    size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
-    print(f"wrote {out} ({size:,} bytes of tensors) in {time.time() - t0:.0f}s")
-    return 0
+    return save_checkpoint(model, tok, cfg, report, a.out)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -413,8 +435,19 @@ def _add_quantize(sub) -> None:
     q.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl); default: the C4 sample")
     q.add_argument("--calib-samples", type=int, default=64)
     q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence")
-    q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--out", required=True, help="output checkpoint directory (written to a temporary directory "
+                                                "beside it and renamed when complete)")
+    q.add_argument("--whole-model-limit", type=_byte_count, default=_default_whole_limit(),
+                   help="float32 bytes a whole-model method (mobilequant, --kd-steps, --rotate-residual, luc's "
+                        "search) may load; layer-wise methods stream and need about one layer (default: a third "
+                        "of this machine's memory)")
     q.set_defaults(fn=cmd_quantize)
+
+
+def _default_whole_limit() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3
 
 
 def _quantize_method_args(q: argparse.ArgumentParser) -> None:

@@ -3,7 +3,9 @@
 Layout of a checkpoint directory:
   edgeweave.json          manifest (format version, model config, method config, modules,
                           per-tensor shape/dtype/scheme, sha256 + size of every other file)
-  model.safetensors       int8 weights, scales, static activation scales, float norms/router
+  model.safetensors       the embedding, final norm and lm_head
+  layers/00000.safetensors  decoder layer 0's int8 weights, scales, static activation scales,
+                          float norms and router (one file per layer, written as it is quantized)
   tokenizer/...           the tokenizer, so the directory is self-contained
 """
 
@@ -11,23 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import QuantConfig
-from .manifest import Manifest, ManifestError
+from .manifest import WEIGHTS_FILE, Manifest, ManifestError, weights_file
 from .layerwise import QuantReport, set_module
 from .qlinear import QuantEmbedding, QuantExperts, QuantLinear
 
-__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_manifest", "verify_files", "CheckpointError", "WEIGHTS",
+__all__ = ["CheckpointWriter", "save_checkpoint", "read_tensors", "check_tensor", "load_checkpoint", "is_checkpoint", "read_manifest", "verify_files", "CheckpointError", "WEIGHTS",
            "MANIFEST", "FORMAT_VERSION", "hf_config"]
 
 MANIFEST = "edgeweave.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = WEIGHTS_FILE  # the embedding, final norm and lm_head; each decoder layer has a file in layers/
 FORMAT = "edgeweave-quantized"
 FORMAT_VERSION = 1
 
@@ -94,31 +97,95 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+class CheckpointWriter:
+    """Writes a checkpoint file by file into a temporary directory beside `out`, which replaces `out`
+    only when finish() has written the manifest: a run that dies leaves no half-written checkpoint."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out = Path(out_dir)
+        if self.out.exists() and not is_checkpoint(self.out) and any(self.out.iterdir()):
+            raise CheckpointError(f"{self.out}: exists and is not an edgeweave checkpoint; choose another --out")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)  # a run that died before finishing
+        self.tmp.mkdir()
+        self.modules: dict[str, dict] = {}
+        self.tensors: dict[str, dict] = {}
+
+    def add_modules(self, root, prefix: str = "", skip: str | None = None) -> None:
+        """The manifest entries of the quantized modules under `root` (named from `prefix`; none under `skip`)."""
+        self.modules |= {prefix + n: e for n, m in root.named_modules()
+                         if not (skip and n.startswith(skip)) and (e := _module_entry(m)) is not None}
+
+    def write(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Tensors by full name; each goes to its file (quant.manifest.weights_file), which must be new."""
+        by_file: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in state.items():
+            by_file.setdefault(weights_file(k), {})[k] = v.contiguous()
+        for file, part in by_file.items():
+            path = self.tmp / file
+            if path.exists():
+                raise CheckpointError(f"{path}: written twice")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(part, str(path), metadata={"format": FORMAT})
+            self.tensors |= {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                                 "scheme": _tensor_scheme(k), "file": file} for k, v in part.items()}
+
+    def finish(self, config, method: QuantConfig, choices: dict, tokenizer) -> Path:
+        tokenizer.save_pretrained(self.tmp / "tokenizer")
+        files = {str(p.relative_to(self.tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(self.tmp.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_type": config.model_type,
+            "model_config": config.to_dict(),
+            "method": method.to_dict(),
+            "modules": self.modules,
+            "tensors": {k: v | _resident(k, self.modules) for k, v in self.tensors.items()},
+            "files": files,
+            "choices": choices,
+        }
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        old = self.out.parent / f".{self.out.name}.old"
+        if self.out.exists():
+            self.out.replace(old)
+        self.tmp.replace(self.out)
+        if old.exists():
+            shutil.rmtree(old)
+        return self.out
+
+
 def save_checkpoint(model, tokenizer, cfg: QuantConfig, report: QuantReport, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    modules = {n: e for n, m in model.named_modules() if (e := _module_entry(m)) is not None}
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(out / WEIGHTS)  # never leave a half-written weights file under the real name
-    tokenizer.save_pretrained(out / "tokenizer")
-    files = {str(p.relative_to(out)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_type": model.config.model_type,
-        "model_config": model.config.to_dict(),
-        "method": (report.config or cfg).to_dict(),
-        "modules": modules,
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
-                        "scheme": _tensor_scheme(k), **_resident(k, modules)} for k, v in state.items()},
-        "files": files,
-        "choices": report.choices,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    """A quantized model held in memory -> a checkpoint directory (the layout quant.stream writes too)."""
+    w = CheckpointWriter(out_dir)
+    w.add_modules(model)
+    w.write(model.state_dict())
+    return w.finish(model.config, report.config or cfg, report.choices, tokenizer)
+
+
+def read_tensors(root: Path, manifest: Manifest, names) -> dict[str, torch.Tensor]:
+    """The named tensors, each from its file, checked against the manifest's shape and dtype."""
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(manifest.tensors[n].file, []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    for file, group in by_file.items():
+        try:
+            with safe_open(str(root / file), framework="pt") as f:
+                for n in group:
+                    out[n] = check_tensor(root / file, n, f.get_tensor(n), manifest)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{root / file}: cannot read tensors: {e}") from e
     return out
+
+
+def check_tensor(path: Path, name: str, t: torch.Tensor, manifest: Manifest) -> torch.Tensor:
+    meta = manifest.tensors[name]
+    if tuple(t.shape) != meta.shape or str(t.dtype).removeprefix("torch.") != meta.dtype:
+        raise CheckpointError(f"{path}: tensor {name} does not match the manifest")
+    return t
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -147,10 +214,14 @@ def hf_config(manifest: Manifest):
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
-def verify_files(path: str | Path, manifest: Manifest) -> None:
-    """Every file listed must exist with its recorded size and sha256."""
+def verify_files(path: str | Path, manifest: Manifest, only: set[str] | None = None) -> None:
+    """Every file listed (or only those named) must exist with its recorded size and sha256."""
     root = Path(path)
+    if only is not None and (unlisted := sorted(only - set(manifest.files))):
+        raise CheckpointError(f"{root / unlisted[0]}: not in the manifest's files table; re-run edgeweave quantize")
     for name, meta in manifest.files.items():
+        if only is not None and name not in only:
+            continue
         f = root / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
@@ -183,17 +254,10 @@ def load_checkpoint(path: str | Path, verify: bool = True):
     entries = sorted(manifest.modules.items(), key=lambda kv: kv[1]["kind"] == "embedding")
     for name, entry in entries:
         set_module(model, name, _build_module(entry, model.get_submodule(name), model))
-    try:
-        state = load_file(str(root / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{root / WEIGHTS}: cannot read tensors: {e}") from e
-    for name, meta in manifest.tensors.items():
-        t = state.get(name)
-        if t is None or tuple(t.shape) != meta.shape or str(t.dtype).removeprefix("torch.") != meta.dtype:
-            raise CheckpointError(f"{root / WEIGHTS}: tensor {name} does not match the manifest")
+    state = read_tensors(root, manifest, manifest.tensors)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise CheckpointError(f"{root / WEIGHTS}: does not fit {manifest.model_type}: "
+        raise CheckpointError(f"{root}: does not fit {manifest.model_type}: "
                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     return model, tokenizer, manifest

@@ -29,7 +29,7 @@ from .smoothing import search_smoothing
 __all__ = ["CALIB_BATCH", "QuantReport", "LayerScheme", "layer_scheme", "set_module", "capture_first_layer_inputs",
            "run_layer", "collect_stats", "model_group_stats", "group_weights", "fold_smoothing", "quantize_linears",
            "quantize_experts", "rotation_candidates", "rotate_weights", "search_group", "smooth_group", "convert_group",
-           "lm_head_group", "static_scale", "ROTATED", "MIN_ROTATE_BLOCK"]
+           "lm_head_group", "static_scale", "needs_hessian", "ROTATED", "MIN_ROTATE_BLOCK"]
 
 CALIB_BATCH = 4  # calibration sequences per forward pass
 
@@ -122,12 +122,15 @@ ROTATED = "@rotated"  # suffix of a group's statistics taken of its rotated inpu
 
 
 def collect_stats(layer, groups, batches, keep_per_batch: int,
-                   rotate: dict[str, int] | None = None, plain: bool = True) -> dict[str, ActStats]:
+                   rotate: dict[str, int] | None = None, plain: bool = True, hessian: bool = True) -> dict[str, ActStats]:
     """Per group, statistics of its input. rotate: group name -> Hadamard block; those groups also get
-    statistics of the rotated input under name + ROTATED (plain=False: only those)."""
+    statistics of the rotated input under name + ROTATED (plain=False: only those). hessian=False: no
+    X^T X (round-to-nearest W8 never reads it; at 7B the down projection's is 970 MB)."""
     rotate = rotate or {}
-    stats = {g.name: ActStats(keep_per_batch=keep_per_batch) for g in groups if plain or g.name not in rotate}
-    stats |= {g.name + ROTATED: ActStats(keep_per_batch=keep_per_batch) for g in groups if g.name in rotate}
+    stats = {g.name: ActStats(keep_per_batch=keep_per_batch, with_hessian=hessian)
+             for g in groups if plain or g.name not in rotate}
+    stats |= {g.name + ROTATED: ActStats(keep_per_batch=keep_per_batch, with_hessian=hessian)
+              for g in groups if g.name in rotate}
 
     def record(g: Group):
         block = rotate.get(g.name, 0)
@@ -307,12 +310,17 @@ def smooth_group(layer, g: Group, stats: dict[str, ActStats], cfg: QuantConfig, 
     return choice.scales, static, st, rotate
 
 
+def needs_hessian(cfg: QuantConfig, scheme: LayerScheme) -> bool:
+    """Whether rounding reads the input Hessian: GPTQ, or W4's clip search (its diagonal)."""
+    return cfg.traits.hessian_rounding or scheme.bits == 4
+
+
 def convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float | None, cfg: QuantConfig,
                    scheme: LayerScheme, rotate: int = 0) -> None:
     if g.experts is not None:
         quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
     else:
-        h = st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
+        h = None if st.xtx is None else st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
         perm = torch.argsort(st.channel_max() / s) if cfg.traits.column_order else None  # Tender's column order
         quantize_linears(layer, g, h, cfg, static, perm, scheme, rotate)
 

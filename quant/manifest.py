@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Manifest", "ManifestError", "TensorMeta", "FileMeta", "ModelDims", "MoEShape", "ShardRange", "DTYPE_BYTES",
            "shard_tensor_names", "shard_weight_bytes", "expert_unit_bytes", "kv_bytes_per_token", "parse_bytes",
-           "expert_tensor_prefix", "is_expert_tensor", "layer_of", "expert_bytes", "fast_tier_fraction"]
+           "expert_tensor_prefix", "is_expert_tensor", "layer_of", "weights_file", "WEIGHTS_FILE", "expert_bytes", "fast_tier_fraction"]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
 KV_BYTES = 4  # keys and values are kept in float32
@@ -51,6 +51,17 @@ def expert_tensor_prefix(layer: int) -> str:
 
 def is_expert_tensor(name: str) -> bool:
     return ".mlp.experts." in name
+
+
+WEIGHTS_FILE = "model.safetensors"  # the embedding, final norm and lm_head (and every tensor of older checkpoints)
+_ANY_LAYER = re.compile(r"^(?:.+\.)?layers\.(\d+)\.")
+
+
+def weights_file(name: str) -> str:
+    """The file a checkpoint stores tensor `name` in: one per decoder layer, so a quantizer can write
+    layer by layer and a worker opens only its layers' files."""
+    m = _ANY_LAYER.match(name)
+    return f"layers/{int(m.group(1)):05d}.safetensors" if m else WEIGHTS_FILE
 
 
 def layer_of(name: str) -> int | None:
@@ -82,6 +93,12 @@ class TensorMeta:
     dtype: str  # "int8", "float32", ... (torch's name without "torch.")
     scheme: str = "float32"  # what the values mean (quant.checkpoint writes it)
     resident_bytes: int | None = None  # bytes in memory where they differ from the file (sparse weights)
+    file: str = WEIGHTS_FILE  # the safetensors file holding it, relative to the checkpoint
+
+    def __post_init__(self) -> None:
+        parts = self.file.split("/")
+        if not self.file.endswith(".safetensors") or any(p in ("", ".", "..") for p in parts) or "\\" in self.file:
+            raise ManifestError(f"tensor file {self.file!r} is not a .safetensors path inside the checkpoint")
 
     @property
     def file_bytes(self) -> int:
@@ -93,7 +110,7 @@ class TensorMeta:
         return self.file_bytes if self.resident_bytes is None else self.resident_bytes
 
     def to_dict(self) -> dict:
-        d: dict = {"shape": list(self.shape), "dtype": self.dtype, "scheme": self.scheme}
+        d: dict = {"shape": list(self.shape), "dtype": self.dtype, "scheme": self.scheme, "file": self.file}
         return d if self.resident_bytes is None else d | {"resident_bytes": self.resident_bytes}
 
 
@@ -165,7 +182,8 @@ class Manifest:
     def from_dict(cls, d: Mapping) -> "Manifest":
         try:
             tensors = {k: TensorMeta(tuple(int(x) for x in v["shape"]), str(v["dtype"]), v.get("scheme", "float32"),
-                                     v.get("resident_bytes")) for k, v in d["tensors"].items()}
+                                     v.get("resident_bytes"), str(v.get("file", WEIGHTS_FILE)))
+                       for k, v in d["tensors"].items()}
             files = {k: FileMeta(str(v["sha256"]), int(v["bytes"])) for k, v in d.get("files", {}).items()}
             return cls(str(d["model_type"]), dict(d["model_config"]), dict(d.get("method", {})),
                        dict(d.get("modules", {})), tensors, files, dict(d.get("choices", {})))

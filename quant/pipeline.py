@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, arch_spec
 from .config import QuantConfig
 from .layerwise import (ROTATED, QuantReport, capture_first_layer_inputs, collect_stats, convert_group, layer_scheme,
-                        lm_head_group, rotation_candidates, run_layer, smooth_group)
+                        lm_head_group, needs_hessian, rotation_candidates, run_layer, smooth_group)
 from .luc import choose_policy
 from .mobilequant import quantize_mobilequant
 
-__all__ = ["quantize", "quantize_layerwise", "QuantReport", "HANDLERS"]
+__all__ = ["quantize", "quantize_layerwise", "quantize_layer", "layer_search_tokens", "QuantReport", "HANDLERS"]
 
 
 Handler = Callable[[nn.Module, QuantConfig, torch.Tensor, bool], QuantReport]
@@ -62,12 +62,13 @@ def quantize_layerwise(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tens
     model.eval()
     teacher = copy.deepcopy(model) if cfg.kd_steps else None  # the float model, for distillation
     layers = model.get_submodule(spec.layers_path)
+    torch.manual_seed(cfg.calib.seed)  # token samples drawn as quant.stream draws them
     batches = capture_first_layer_inputs(model, layers, calib_ids)
-    keep = max(1, -(-cfg.search_tokens // len(batches)))  # ceil: search tokens spread over batches
+    keep = layer_search_tokens(cfg, batches)
     report = QuantReport(config=cfg)
     bits = "per-layer bits" if cfg.layer_policy else f"W{cfg.w_bits}A{cfg.a_bits}"
     for i, layer in enumerate(tqdm(layers, desc=f"quantize {cfg.method} {bits}-{cfg.act_scheme}", disable=not progress)):
-        _quantize_layer(i, layer, spec, batches, keep, cfg, report)
+        quantize_layer(i, layer, spec, batches, keep, cfg, report)
         batches = run_layer(layer, batches)  # the next layer sees this layer's quantized output
     if cfg.quantize_lm_head:
         lm_head_group(model, spec, batches, cfg, keep, report)
@@ -76,21 +77,33 @@ def quantize_layerwise(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tens
     return report
 
 
-def _quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int, cfg: QuantConfig,
-                    report: QuantReport) -> None:
+def layer_search_tokens(cfg: QuantConfig, batches: list) -> int:
+    """Tokens each calibration batch keeps for the searches (cfg.search_tokens spread over batches, rounded up)."""
+    return max(1, -(-cfg.search_tokens // len(batches)))
+
+
+def quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int, cfg: QuantConfig,
+                   report: QuantReport) -> None:
+    """Decoder layer i in place: statistics, smoothing or rotation folded, weights rounded, QuantLinears in."""
     candidates = rotation_candidates(layer, spec, cfg)
-    stats = collect_stats(layer, spec.groups, batches, keep, candidates)
+    hessian = needs_hessian(cfg, layer_scheme(cfg, i))
+    stats = collect_stats(layer, spec.groups, batches, keep, candidates, hessian=hessian)
     # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
     chosen = [smooth_group(layer, g, stats, cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
                            candidates.get(g.name, 0)) for g in spec.groups]
     rotate = {g.name: r for g, (_, _, _, r) in zip(spec.groups, chosen) if r}
-    for j, (g, (s, static, st, r)) in enumerate(zip(spec.groups, chosen, strict=True)):
+    for j, g in enumerate(spec.groups):
+        s, static, st, r = chosen[j]
+        chosen[j] = None  # type: ignore[call-overload]  # each group's statistics go once it is rounded
+        stats.pop(g.name, None)
+        stats.pop(g.name + ROTATED, None)
         if cfg.gptq_sequential and j > 0 and g.experts is None and cfg.traits.hessian_rounding:
             # this group's input with the groups before it already rounded; the folds are in the
             # weights now, so these statistics are of x / s already (and of x H where rotated)
-            fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r)
+            fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r, hessian=hessian)
             st, s = fresh[g.name + ROTATED if r else g.name], torch.ones_like(s)
         convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), r)
+        del st
 
 
 def _distill(model: nn.Module, teacher: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool) -> dict:

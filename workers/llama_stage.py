@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from quant.formats import RuntimeLinear, fused_linear
 from quant.manifest import kv_bytes_per_token
@@ -117,10 +118,13 @@ class LlamaStage:
     stages it cannot run (MoE layers, Tender) use torch ops either way (see `native_ready`)."""
 
     def __init__(self, dims: LlamaDims, tensors: Mapping[str, torch.Tensor], first: int, last: int,
-                 max_positions: int = 8192, moe: MoEHook | None = None, native: bool = True) -> None:
+                 max_positions: int = 8192, moe: MoEHook | None = None, native: bool = True,
+                 progress: bool = False) -> None:
         self.dims = d = dims
         self.first, self.last = first, last
-        self.layers = [self._extract(tensors, layer_prefix(i)) for i in range(first, last)]
+        span = range(first, last)
+        self.layers = [self._extract(tensors, layer_prefix(i)) for i in
+                       (tqdm(span, desc=f"load layers {first}-{last - 1}", unit="layer") if progress else span)]
         if moe is None and any(lw.router is not None for lw in self.layers):
             raise ValueError("MoE layers need an expert hook (workers/moe.py)")
         self.moe = moe

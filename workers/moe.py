@@ -101,13 +101,11 @@ class ExpertStore:
 
     def __init__(self, checkpoint: str | Path, units: Sequence[tuple[int, int]], slots: int,
                  fast_device: torch.device | None = None) -> None:
-        from safetensors import safe_open
+        from quant.checkpoint import read_manifest
 
-        from quant.checkpoint import WEIGHTS
-
-        self.path = Path(checkpoint) / WEIGHTS
-        self._file = safe_open(str(self.path), framework="pt")
-        self._names = frozenset(self._file.keys())
+        self.root = Path(checkpoint)
+        self._tensors = read_manifest(self.root).tensors
+        self._files: dict[str, object] = {}
         self.units = frozenset(units)
         self.slots = slots
         self.device = fast_device or torch.device("cpu")
@@ -122,11 +120,20 @@ class ExpertStore:
     def read(self, layer: int, e: int) -> ExpertWeights:
         """The unit from the slow tier (the checkpoint file): only expert e's slices are read."""
         p = expert_tensor_prefix(layer)
-        g, gs, d, ds = (self._file.get_slice(p + b)[e] for b in BANKS)
+        g, gs, d, ds = (self._slice(p + b)[e] for b in BANKS)
         statics = []
         for s in STATICS:
-            statics.append(float(self._file.get_slice(p + s)[e]) if p + s in self._names else None)
+            statics.append(float(self._slice(p + s)[e]) if p + s in self._tensors else None)
         return ExpertWeights(g.contiguous(), gs.float(), d.contiguous(), ds.float(), statics[0], statics[1])
+
+    def _slice(self, name: str):
+        """A lazy view of one tensor in its layer's file (only the rows indexed are read)."""
+        from safetensors import safe_open
+
+        file = self._tensors[name].file
+        if file not in self._files:
+            self._files[file] = safe_open(str(self.root / file), framework="pt")
+        return self._files[file].get_slice(name)  # type: ignore[attr-defined]
 
     def resident(self, layer: int) -> frozenset[int]:
         with self.lock:

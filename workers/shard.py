@@ -7,14 +7,15 @@ no node ever has to hold the whole model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from quant.checkpoint import WEIGHTS, CheckpointError, hf_config, read_manifest, verify_files
-from quant.manifest import Manifest, ShardRange, shard_tensor_names
+from quant.checkpoint import CheckpointError, check_tensor, hf_config, read_manifest, verify_files
+from quant.manifest import WEIGHTS_FILE, Manifest, ShardRange, shard_tensor_names
 
 from .llama_stage import Embedder, Head, LlamaDims, LlamaStage, MoEHook, supports_config
 
@@ -40,32 +41,59 @@ class LoadedShard:
 
 
 def load_shard(path: str | Path, r: ShardRange, max_positions: int, verify: bool = True,
-               moe: MoEHook | None = None, manifest: Manifest | None = None) -> LoadedShard:
+               moe: MoEHook | None = None, manifest: Manifest | None = None, progress: bool = False) -> LoadedShard:
     """Reads only the shard's tensors (checksums of the files verified first); MoE experts run
     through `moe` (workers/moe.py), which loads them unit by unit. manifest: the checkpoint's, when
-    the caller has read it already."""
+    the caller has read it already. progress: a line on stderr per layer loaded."""
     root = Path(path)
     manifest = manifest or read_manifest(root)
-    if verify:
-        verify_files(root, manifest)
     check_servable(manifest)
     if r.last > manifest.n_layers:
         raise ValueError(f"layers [{r.first}, {r.last}) are outside the model's {manifest.n_layers} layers")
     names = shard_tensor_names(manifest, r)
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(root / WEIGHTS), framework="pt") as f:
-            for n in names:
-                tensors[n] = f.get_tensor(n)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{root / WEIGHTS}: cannot read tensors: {e}") from e
-    for n in names:
-        meta = manifest.tensors[n]
-        if tuple(tensors[n].shape) != meta.shape or str(tensors[n].dtype).removeprefix("torch.") != meta.dtype:
-            raise CheckpointError(f"{root / WEIGHTS}: tensor {n} does not match the manifest")
+    if verify:  # the files this shard reads, not the whole model's
+        verify_files(root, manifest, {manifest.tensors[n].file for n in names})
+    tensors = ShardTensors(root, manifest, names)
     cfg = hf_config(manifest)
     dims = LlamaDims.from_config(cfg)
-    stage = LlamaStage(dims, tensors, r.first, r.last, max_positions, moe)
-    return LoadedShard(r, dims, stage, Embedder(tensors) if r.embed else None,
-                       Head(tensors, dims.eps) if r.head else None,
-                       sum(t.numel() * t.element_size() for t in tensors.values()), int(cfg.vocab_size))
+    stage = LlamaStage(dims, tensors, r.first, r.last, max_positions, moe, progress=progress)
+    embed = Embedder(tensors) if r.embed else None
+    head = Head(tensors, dims.eps) if r.head else None
+    return LoadedShard(r, dims, stage, embed, head, sum(manifest.tensors[n].file_bytes for n in names),
+                       int(cfg.vocab_size))
+
+
+class ShardTensors(Mapping[str, torch.Tensor]):
+    """A shard's tensors, each read from its file when first asked for and not kept here: the stage
+    fuses and keeps what it needs, so loading holds the shard plus the tensors of one layer in flight."""
+
+    def __init__(self, root: Path, manifest: Manifest, names: list[str]) -> None:
+        self.root, self.manifest, self.names = root, manifest, frozenset(names)
+        self._files: dict[str, object] = {}
+        self._kept: dict[str, torch.Tensor] = {}  # embedding/head tensors, which a tied model reads twice
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        if name in self._kept:
+            return self._kept[name]
+        file = self.manifest.tensors[name].file
+        try:
+            if file not in self._files:  # each file holds one layer: closed once the next opens
+                self._files = {file: safe_open(str(self.root / file), framework="pt")}
+            t = self._files[file].get_tensor(name)  # type: ignore[attr-defined]
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.root / file}: cannot read tensor {name}: {e}") from e
+        check_tensor(self.root / file, name, t, self.manifest)
+        if file == WEIGHTS_FILE:
+            self._kept[name] = t
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names

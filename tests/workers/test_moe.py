@@ -23,7 +23,7 @@ def test_prefetching_runner_matches_single_process_model(tmp_path):
     store = ExpertStore(ckpt, [(l, e) for l in range(3) for e in range(8)], slots=2)
     runner = MoERunner(store, 2, range(0, 3), 3, 8, {}, lambda *a: None, prefetch=True)
     shard = load_shard(ckpt, ShardRange(0, 3, True, True), 64, moe=runner.hook)
-    assert shard.weight_bytes < sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))  # experts not in the shard
+    assert shard.weight_bytes < sum(p.stat().st_size for p in ckpt.rglob("*.safetensors"))  # experts not in the shard
     model, tok, _ = load_checkpoint(ckpt)
     ids = tok("t5 t9 t33 t100 t7", add_special_tokens=False)["input_ids"]
     ref = list(generate_tokens(make_decoder(model), ids, SamplingConfig(max_new_tokens=12), set()))
