@@ -83,9 +83,12 @@ class ActStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, K]
         amax = x.abs().amax(dim=0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        if self.with_hessian:
-            xtx = (x.t() @ x).double()  # float32 product per batch, float64 running sum
-            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        if self.with_hessian:  # float32 products per batch, a float64 running sum, 1024 rows at a time
+            k = x.shape[1]
+            if self.xtx is None:
+                self.xtx = torch.zeros((k, k), dtype=torch.float64)
+            for r0 in range(0, k, 1024):
+                self.xtx[r0:r0 + 1024] += (x[:, r0:r0 + 1024].t() @ x).double()
         self.tokens += x.shape[0]
         idx = torch.randperm(x.shape[0])[: self.keep_per_batch]
         self.sample.append(x[idx])
@@ -98,7 +101,9 @@ class ActStats:
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / T  [K, K]."""
         assert self.xtx is not None, "no activations were recorded"
-        return 2.0 * self.xtx / max(self.tokens, 1)
+        h = self.xtx * 2.0
+        h /= max(self.tokens, 1)
+        return h
 
     def samples(self, limit: int) -> torch.Tensor:
         """Up to `limit` of the randomly kept tokens  [S, K]."""

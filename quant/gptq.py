@@ -12,21 +12,24 @@ import torch
 
 from .int4 import expand_group_scale
 
-__all__ = ["gptq_quantize", "refit_scales"]
+__all__ = ["gptq_quantize", "refit_scales", "ROWS"]
+
+ROWS = 1024  # weight rows rounded together (their working copies: ROWS x K float64 each)
 
 
 def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after damping; raises more damping until it is positive definite."""
-    k = h.shape[0]
-    eye = torch.eye(k, dtype=h.dtype)
     mean_diag = torch.diag(h).mean().clamp(min=1e-8)
-    for attempt in range(6):
+    for attempt in range(6):  # at most two [K, K] copies besides h (K = 11008 at 7B: 970 MB each)
+        a = h.clone()
+        a.diagonal().add_(damp * (10 ** attempt) * mean_diag)  # H + damp * mean(diag H) * I
         try:
-            lower = torch.linalg.cholesky(h + damp * (10 ** attempt) * mean_diag * eye)
-            hinv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(hinv, upper=True)
+            torch.linalg.cholesky(a, out=a)
         except torch.linalg.LinAlgError:
             continue
+        hinv = torch.cholesky_inverse(a)
+        del a
+        return torch.linalg.cholesky(hinv, upper=True, out=hinv)
     raise RuntimeError("Hessian is not positive definite even with 10^5 x damping; calibration data is degenerate")
 
 
@@ -42,6 +45,7 @@ def gptq_quantize(
     sparsity: float = 0.0,
     zero: torch.Tensor | None = None,
     refit: int = 0,
+    own_h: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float, h [K, K] input Hessian -> (int8 q [N, K], float32 scale), w ~ q * scale.
     scale: what to round to: [N] per output channel (default absmax / qmax), or with group > 0
@@ -53,41 +57,54 @@ def gptq_quantize(
     fraction `sparsity` of weights with the least w^2 / [H^-1]_jj^2 is set to zero, and their error is
     spread over the remaining columns like rounding error.
     refit: rounds of refitting the scales to the codes (refit_scales), each after the first followed
-    by rounding again to the refit scales; 0: the scales stay as given."""
+    by rounding again to the refit scales; 0: the scales stay as given.
+    own_h: h is a float64 tensor the caller hands over (changed in place, not copied: at 7B the down
+    projection's H is 970 MB). Rows are rounded ROWS at a time (each row's rounding is independent),
+    so the working copies are [ROWS, K], not [N, K]."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     qmax = 2 ** (bits - 1) - 1
-    w = w.detach().double().clone()  # [N, K]
-    h = h.detach().double().clone()  # [K, K]
+    w = w.detach()
+    h = h.detach() if own_h and h.dtype == torch.float64 else h.detach().double().clone()  # [K, K]
     n, k = w.shape
     if scale is None:
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
+        scale = w.double().abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
     scale = scale.double()
-    if zero is not None:  # per column: q in [-z, 2^bits - 1 - z]
-        col_lo = -expand_group_scale(zero.double(), k, group)  # [N, K]
-        col_hi = col_lo + (2 ** bits - 1)
-    else:
-        col_lo = torch.full((n, k), -float(qmax), dtype=torch.float64)
-        col_hi = -col_lo
     dead = torch.diag(h) == 0  # channels never active in calibration
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     inv = torch.argsort(perm)
-    hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # [K, K] upper
+    if refit:
+        hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # [K, K] upper
+    else:  # h is not needed again: permute it in place of itself
+        h = h.index_select(0, perm)
+        h = h.index_select(1, perm)
+        hinv = _inverse_hessian_cholesky(h, damp)
+        del h
 
-    w_p, lo_p, hi_p = w[:, perm], col_lo[:, perm], col_hi[:, perm]  # [N, K] each, in rounding order
-
-    def round_to(scale: torch.Tensor) -> torch.Tensor:  # [N, K] codes in the original column order
-        col_scale = expand_group_scale(scale, k, group)[:, perm]  # [N, K]
-        return _round(w_p, hinv, col_scale, lo_p, hi_p, block, sparsity)[:, inv]
+    def round_to(scale: torch.Tensor) -> torch.Tensor:  # int8 [N, K] codes in the original column order
+        q = torch.empty((n, k), dtype=torch.int8)
+        for r0 in range(0, n, ROWS):
+            r1 = min(r0 + ROWS, n)
+            wr = w[r0:r1].double()
+            wr[:, dead] = 0.0
+            if zero is not None:  # per column: q in [-z, 2^bits - 1 - z]
+                lo = -expand_group_scale(zero[r0:r1].double(), k, group)  # [R, K]
+            else:
+                lo = torch.full((r1 - r0, k), -float(qmax), dtype=torch.float64)
+            hi = lo + (2 ** bits - 1) if zero is not None else -lo
+            col_scale = expand_group_scale(scale[r0:r1], k, group)[:, perm]  # [R, K]
+            q[r0:r1] = _round(wr[:, perm], hinv, col_scale, lo[:, perm], hi[:, perm], block, sparsity)[:, inv].to(torch.int8)
+        return q
 
     q = round_to(scale)
     for r in range(refit):
-        scale = refit_scales(w, h, q, scale, group)
+        wd = w.double()
+        wd[:, dead] = 0.0
+        scale = refit_scales(wd, h, q.double(), scale, group)
         if r + 1 < refit:
             q = round_to(scale)
-    return q.to(torch.int8).contiguous(), scale.float()
+    return q.contiguous(), scale.float()
 
 
 def _round(w: torch.Tensor, hinv: torch.Tensor, col_scale: torch.Tensor, col_lo: torch.Tensor, col_hi: torch.Tensor,

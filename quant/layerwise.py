@@ -209,7 +209,8 @@ def quantize_linears(layer, g: Group, h: torch.Tensor | None, cfg: QuantConfig, 
                                    scheme.asym)
     if cfg.traits.hessian_rounding and h is not None:
         q, scale = gptq_quantize(w, h, bits, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order, w4, group, sparsity,
-                                 zero, refit=cfg.gptq_refit)
+                                 zero, refit=cfg.gptq_refit, own_h=True)
+        del h
     elif w4 is not None:
         q, scale = quantize_weight_int4(w, w4, group, zero)
     else:
@@ -310,6 +311,17 @@ def smooth_group(layer, g: Group, stats: dict[str, ActStats], cfg: QuantConfig, 
     return choice.scales, static, st, rotate
 
 
+def _smoothed_hessian(st: ActStats, s: torch.Tensor) -> torch.Tensor:
+    """H of X / s, [K, K] float64, made row block by row block (no [K, K] temporary besides H itself);
+    the statistics' X^T X is released (the group is being rounded, nothing reads it again)."""
+    h = st.hessian()
+    st.xtx = None
+    for r0 in range(0, h.shape[0], 1024):
+        r1 = min(r0 + 1024, h.shape[0])
+        h[r0:r1] /= (s[r0:r1, None] * s[None, :]).double()
+    return h
+
+
 def needs_hessian(cfg: QuantConfig, scheme: LayerScheme) -> bool:
     """Whether rounding reads the input Hessian: GPTQ, or W4's clip search (its diagonal)."""
     return cfg.traits.hessian_rounding or scheme.bits == 4
@@ -320,7 +332,7 @@ def convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float 
     if g.experts is not None:
         quantize_experts(layer, g, st.samples(cfg.search_tokens) / s, cfg, static)
     else:
-        h = None if st.xtx is None else st.hessian() / (s[:, None] * s[None, :]).double()  # H of X / s
+        h = None if st.xtx is None else _smoothed_hessian(st, s)
         perm = torch.argsort(st.channel_max() / s) if cfg.traits.column_order else None  # Tender's column order
         quantize_linears(layer, g, h, cfg, static, perm, scheme, rotate)
 

@@ -94,8 +94,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 torch.set_num_threads(int(s.threads))
             manifest = read_manifest(s.checkpoint)
             moe = MoENode(s, manifest, self.security) if manifest.moe else None
+            t0 = time.monotonic()
+            log.warning("loading layers %d-%d of %s", s.first_layer, s.last_layer - 1, s.checkpoint)
             shard = load_shard(s.checkpoint, ShardRange(s.first_layer, s.last_layer, s.embed, s.head), s.max_context,
                                moe=moe.runner.hook if moe else None, manifest=manifest)
+            log.warning("loaded layers %d-%d: %.2f GB of weights in %.1f s", s.first_layer, s.last_layer - 1,
+                        shard.weight_bytes / 1e9, time.monotonic() - t0)
             with self.lock:
                 if self.moe is not None:
                     self.moe.close()

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
+from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from quant.config import QuantConfig
 from quant.pipeline import quantize
-from tests.conftest import tiny_model, tiny_tokenizer as _tokenizer
+from tests.conftest import tiny_checkpoint, tiny_model, tiny_tokenizer as _tokenizer
 
 
 @pytest.fixture(params=["llama", "mixtral", "opt"])
@@ -60,3 +60,28 @@ def test_tensor_that_does_not_match_manifest_is_refused(saved):
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=name):
         load_checkpoint(out)
+
+
+def test_a_worker_verifies_only_its_layers_files_and_refuses_a_corrupt_one(tmp_path):
+    from quant.manifest import ShardRange
+    from workers.shard import load_shard
+
+    out = tiny_checkpoint(tmp_path / "ck", layers=3)
+    f = out / "layers" / "00002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    shard = load_shard(out, ShardRange(0, 2, True, False), 64)  # layers 0-1 do not read layer 2's file
+    assert shard.stage.last == 2
+    with pytest.raises(CheckpointError, match="layers/00002.safetensors.*checksum"):
+        load_shard(out, ShardRange(2, 3, False, True), 64)
+
+
+def test_manifest_tensor_files_must_stay_inside_the_checkpoint(tmp_path):
+    out = tiny_checkpoint(tmp_path / "ck", layers=1)
+    manifest = json.loads((out / MANIFEST).read_text())
+    name = next(iter(manifest["tensors"]))
+    manifest["tensors"][name]["file"] = "../../etc/passwd.safetensors"
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="inside the checkpoint"):
+        read_manifest(out)

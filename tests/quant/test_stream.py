@@ -102,3 +102,18 @@ def test_whole_model_methods_say_so():
     assert whole_model_reason(QuantConfig(method="haq")) is None
     assert "end to end" in whole_model_reason(QuantConfig(method="mobilequant", act_scheme="tensor"))
     assert "--kd-steps" in whole_model_reason(QuantConfig(method="haq", kd_steps=2))
+
+
+def test_cli_refuses_a_whole_model_method_over_the_limit(tmp_path):
+    from orchestrator.cli import main
+
+    d = _hf_dir(tmp_path, "llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"t{i % 200 + 2}" for i in range(4000)))
+    with pytest.raises(SystemExit, match="trained end to end.*over --whole-model-limit"):
+        main(["quantize", str(d), "--method", "mobilequant", "--calib", str(calib), "--calib-samples", "2",
+              "--calib-len", "16", "--whole-model-limit", "1KB", "--out", str(tmp_path / "mq")])
+    assert not (tmp_path / "mq").exists()
+    assert main(["quantize", str(d), "--method", "rtn", "--calib", str(calib), "--calib-samples", "2",
+                 "--calib-len", "16", "--out", str(tmp_path / "rtn")]) == 0
+    assert read_manifest(tmp_path / "rtn").method["method"] == "rtn"
