@@ -86,6 +86,20 @@ def quantize(model_dir: Path, out: Path, method: str, samples: int, seq_len: int
     return res
 
 
+def haq_phase(a: argparse.Namespace, work: Path, shape) -> dict:
+    """HAQ W8A8 of the model (or of one of its widths and a.haq_layers layers): peak RSS and time."""
+    from dataclasses import replace
+
+    from quant.calibration import default_calibration_path
+
+    layers = a.haq_layers or shape.layers
+    tag = f"{a.shape}" if layers == shape.layers else f"{a.shape}-{layers}layers"
+    model_dir = write_hf_model(work / f"llama-{tag}-bf16", replace(shape, layers=layers), default_calibration_path())
+    res = quantize(model_dir, work / f"llama-{tag}-haq", "haq", a.calib_samples, a.calib_len)
+    return {**res, "layers": layers, "seconds_per_layer": res["seconds"] / layers,
+            "estimated_full_depth_seconds": res["seconds"] / layers * shape.layers}
+
+
 def bandwidth_gb_s(reps: int = 7) -> float:
     """Read bandwidth with 2 threads: the median of summing 2 GiB of float32."""
     import torch
@@ -219,6 +233,11 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--haq", action="store_true", help="also quantize with HAQ (slow at 7B) and report its peak RSS")
+    ap.add_argument("--haq-layers", type=int, default=0,
+                    help="HAQ on a model of the same widths with this many layers (peak memory is per layer; time "
+                         "per layer x 32 estimates the full depth); 0: the full model")
+    ap.add_argument("--haq-only", action="store_true",
+                    help="only the HAQ phase, merged into an existing --json (after a full run)")
     ap.add_argument("--phase", choices=("one-process", "llama-cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -238,12 +257,15 @@ def run(a: argparse.Namespace) -> None:
     sampler = MemorySampler()
     work = Path(a.work)
     shape = LLAMA2_7B if a.shape == "7b" else SMALL
+    if a.haq_only:
+        res = json.loads(Path(a.json).read_text())
+        res["quantize"]["haq"] = haq_phase(a, work, shape)
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        return report(a, res)
     model_dir = write_hf_model(work / f"llama-{a.shape}-bf16", shape, default_calibration_path())
     gguf = write_gguf_q8_0(model_dir, work / f"llama-{a.shape}-q8_0.gguf")
     float_bytes = open_source(str(model_dir)).stored_bytes()
     quant = {"rtn": quantize(model_dir, work / f"llama-{a.shape}-rtn", "rtn", a.calib_samples, a.calib_len)}
-    if a.haq:
-        quant["haq"] = quantize(model_dir, work / f"llama-{a.shape}-haq", "haq", a.calib_samples, a.calib_len)
     ckpt = work / f"llama-{a.shape}-rtn"
     m = read_manifest(ckpt)
     model_bytes = sum(t.file_bytes for t in m.tensors.values())
@@ -260,9 +282,18 @@ def run(a: argparse.Namespace) -> None:
            "llama_cpp_tok_s": peer["tok_s"], "bandwidth_gb_s": bw, "bandwidth_limit_tok_s": limit,
            "cluster": cluster, "one_process": single, "llama_cpp": peer,
            "peak_machine_memory_above_start_bytes": sampler.stop()}
+    if a.haq:  # last: the timed phases above ran on an otherwise idle machine
+        quant["haq"] = haq_phase(a, work, shape)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"command": command(), "commit": git_rev(), "machine": machine(), **res}, indent=1))
     report(a, res)
+
+
+def _depth(v: dict) -> str:
+    if v.get("layers") in (None, 32):
+        return ""
+    return (f" ({v['layers']} of the 32 layers at full width; {v['seconds_per_layer']:.0f} s per layer, "
+            f"so about {v['estimated_full_depth_seconds'] / 60:.0f} min at full depth)")
 
 
 def report(a: argparse.Namespace, r: dict) -> None:
@@ -288,8 +319,8 @@ runs after a warm-up; decode tokens/s counts from the first token. Read bandwidt
 
 | quantize | peak RSS | time | calibration |
 |---|---|---|---|
-""" + "\n".join(f"| {k} W8A8 | {v['peak_rss_bytes'] / GB:.2f} GB | {v['seconds'] / 60:.1f} min | {v['calib_samples']} x {v['calib_len']} tokens |"
-                for k, v in q.items()) + f"""
+""" + "\n".join(f"| {k} W8A8{_depth(v)} | {v['peak_rss_bytes'] / GB:.2f} GB | {v['seconds'] / 60:.1f} min | "
+                f"{v['calib_samples']} x {v['calib_len']} tokens |" for k, v in q.items()) + f"""
 
 {table(["decode", "tokens/s", "x bandwidth limit", "x llama.cpp"], rows)}
 

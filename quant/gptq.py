@@ -73,7 +73,6 @@ def gptq_quantize(
     dead = torch.diag(h) == 0  # channels never active in calibration
     h[dead, dead] = 1.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    inv = torch.argsort(perm)
     if refit:
         hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # [K, K] upper
     else:  # h is not needed again: permute it in place of itself
@@ -83,19 +82,7 @@ def gptq_quantize(
         del h
 
     def round_to(scale: torch.Tensor) -> torch.Tensor:  # int8 [N, K] codes in the original column order
-        q = torch.empty((n, k), dtype=torch.int8)
-        for r0 in range(0, n, ROWS):
-            r1 = min(r0 + ROWS, n)
-            wr = w[r0:r1].double()
-            wr[:, dead] = 0.0
-            if zero is not None:  # per column: q in [-z, 2^bits - 1 - z]
-                lo = -expand_group_scale(zero[r0:r1].double(), k, group)  # [R, K]
-            else:
-                lo = torch.full((r1 - r0, k), -float(qmax), dtype=torch.float64)
-            hi = lo + (2 ** bits - 1) if zero is not None else -lo
-            col_scale = expand_group_scale(scale[r0:r1], k, group)[:, perm]  # [R, K]
-            q[r0:r1] = _round(wr[:, perm], hinv, col_scale, lo[:, perm], hi[:, perm], block, sparsity)[:, inv].to(torch.int8)
-        return q
+        return _round_rows(w, hinv, scale, zero, dead, perm, bits, group, block, sparsity)
 
     q = round_to(scale)
     for r in range(refit):
@@ -105,6 +92,27 @@ def gptq_quantize(
         if r + 1 < refit:
             q = round_to(scale)
     return q.contiguous(), scale.float()
+
+
+def _round_rows(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                dead: torch.Tensor, perm: torch.Tensor, bits: int, group: int, block: int, sparsity: float) -> torch.Tensor:
+    """_round over w [N, K] ROWS rows at a time -> int8 codes [N, K] in the original column order."""
+    n, k = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    inv = torch.argsort(perm)
+    q = torch.empty((n, k), dtype=torch.int8)
+    for r0 in range(0, n, ROWS):
+        r1 = min(r0 + ROWS, n)
+        wr = w[r0:r1].double()
+        wr[:, dead] = 0.0
+        if zero is not None:  # per column: q in [-z, 2^bits - 1 - z]
+            lo = -expand_group_scale(zero[r0:r1].double(), k, group)  # [R, K]
+        else:
+            lo = torch.full((r1 - r0, k), -float(qmax), dtype=torch.float64)
+        hi = lo + (2 ** bits - 1) if zero is not None else -lo
+        col_scale = expand_group_scale(scale[r0:r1], k, group)[:, perm]  # [R, K]
+        q[r0:r1] = _round(wr[:, perm], hinv, col_scale, lo[:, perm], hi[:, perm], block, sparsity)[:, inv].to(torch.int8)
+    return q
 
 
 def _round(w: torch.Tensor, hinv: torch.Tensor, col_scale: torch.Tensor, col_lo: torch.Tensor, col_hi: torch.Tensor,

@@ -90,12 +90,12 @@ def _tied(model: nn.Module) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
 
 
-def _tie(model: nn.Module) -> None:
+def _tie(model) -> None:  # a transformers PreTrainedModel
     if _tied(model):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
-def _reload_ends(model: nn.Module, embed_path: str, source: WeightSource) -> None:
+def _reload_ends(model, embed_path: str, source: WeightSource) -> None:
     """The embedding and lm_head, dropped while the layers ran, read again for lm_head's step."""
     _load(model.get_submodule(embed_path), embed_path + ".", source)
     if not _tied(model):
