@@ -11,6 +11,7 @@ does differently is a trait of quant.methods, not a branch on its name.
 from __future__ import annotations
 
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -337,10 +338,13 @@ def convert_group(layer, g: Group, st: ActStats, s: torch.Tensor, static: float 
         quantize_linears(layer, g, h, cfg, static, perm, scheme, rotate)
 
 
-def lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport) -> None:
+def lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, report: QuantReport,
+                  embed_weight: Callable[[], torch.Tensor] | None = None) -> None:
     """lm_head as one more group: smoothing folded into the final norm, then GPTQ (HAQ) or RTN.
 
     A tied embedding reads lm_head's int8 rows and undoes the smoothing with a [D] column scale.
+    embed_weight: where an untied embedding's float rows come from, read only once lm_head is
+    quantized (quant.stream reads them from the model's files then; default: the module's weight).
     """
     head = model.get_output_embeddings()
     norm = model.get_submodule(spec.final_norm_path)
@@ -355,7 +359,6 @@ def lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, r
     s = choice.scales
     tied = model.get_input_embeddings().weight is head.weight
     emb = model.get_submodule(spec.embed_path)
-    emb_weight = emb.weight.data.clone()
     if choice.alpha is not None:
         norm.weight.data /= s
         if getattr(norm, "bias", None) is not None:
@@ -368,16 +371,18 @@ def lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, r
         q, scale = gptq_quantize(w, h, 8, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
     else:
         q, scale = quantize_weight_per_channel(w, 8)
+    del w
     perm = torch.argsort(st.channel_max() / s) if cfg.traits.column_order else None
     if perm is not None:
         q = q[:, perm].contiguous()
     qhead = QuantLinear.from_quantized(q, scale, None, cfg.act_scheme, static, cfg.tender_groups, perm)
-    set_module(model, "lm_head", qhead)
+    del head
+    set_module(model, "lm_head", qhead)  # the float head goes (a tied one lives on as the embedding)
     qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, qhead if tied else None)
     if tied:
         qemb.col_scale = (1.0 / s).float()  # rows of W * s, read back as W
     else:
-        qemb.qweight, qemb.w_scale = quantize_weight_per_channel(emb_weight, 8)
+        qemb.qweight, qemb.w_scale = quantize_weight_per_channel(embed_weight() if embed_weight else emb.weight.data, 8)
     set_module(model, spec.embed_path, qemb)
 
 

@@ -109,7 +109,6 @@ class SafetensorsSource(WeightSource):
             if dtype not in _READABLE:
                 raise SourceError(f"{root / self._where[k]}: tensor {k} is {dtype}; edgeweave reads "
                                   f"{', '.join(_READABLE)} weights")
-        self._open: dict[str, object] = {}
         self._merged = _mixtral_banks(self._where)
 
     def config(self):
@@ -145,16 +144,13 @@ class SafetensorsSource(WeightSource):
         file = self._where.get(name)
         if file is None:
             raise SourceError(f"{self.src.directory}: no file holds tensor {name}")
-        try:
-            if file not in self._open:
-                self._open[file] = safe_open(str(self.src.directory / file), framework="pt")
-            t = self._open[file].get_tensor(name)  # type: ignore[attr-defined]
+        try:  # opened per tensor: a closed file's mapped pages leave this process's memory
+            with safe_open(str(self.src.directory / file), framework="pt") as f:
+                t = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise SourceError(f"{self.src.directory / file}: cannot read tensor {name}: {e}") from e
         return t.float() if t.dtype != torch.float32 else t.clone()
 
-    def release(self) -> None:
-        self._open.clear()
 
 
 _EXPERT = re.compile(r"^(.+)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight$")

@@ -12,6 +12,7 @@ Hessians of one layer; on a small model the checkpoint is byte for byte the in-m
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from dataclasses import dataclass
@@ -56,6 +57,15 @@ def whole_model_reason(cfg: QuantConfig) -> str | None:
     return None
 
 
+def _trim() -> None:
+    """Hand the freed heap back to the system (glibc keeps large freed blocks otherwise, and a process
+    that frees a float layer per layer would look, and be, a model's size)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _load(module: nn.Module, prefix: str, source: WeightSource) -> None:
     """Meta module -> real float32 module with the source's weights for every parameter and buffer."""
     module.to_empty(device="cpu")
@@ -95,12 +105,14 @@ def _tie(model) -> None:  # a transformers PreTrainedModel
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
-def _reload_ends(model, embed_path: str, source: WeightSource) -> None:
-    """The embedding and lm_head, dropped while the layers ran, read again for lm_head's step."""
-    _load(model.get_submodule(embed_path), embed_path + ".", source)
-    if not _tied(model):
+def _reload_head(model, embed_path: str, source: WeightSource) -> None:
+    """lm_head, dropped while the layers ran, read again for its step (a tied one: the embedding; an
+    untied embedding is read only after lm_head is quantized, so the two are never in float together)."""
+    if _tied(model):
+        _load(model.get_submodule(embed_path), embed_path + ".", source)
+        _tie(model)
+    else:
         _load(model.get_output_embeddings(), "lm_head.", source)
-    _tie(model)
 
 
 def quantize_streaming(source: WeightSource, cfg: QuantConfig, calib_ids: torch.Tensor, out_dir: str | Path,
@@ -137,10 +149,15 @@ def quantize_streaming(source: WeightSource, cfg: QuantConfig, calib_ids: torch.
             writer.add_modules(layer, prefix)
             writer.write({prefix + k: v for k, v in layer.state_dict().items()})
             layers[i] = layer.to("meta")  # this layer's memory goes back before the next is read
+            del layer
             source.release()
-        _reload_ends(model, spec.embed_path, source)
+            _trim()
+        _reload_head(model, spec.embed_path, source)
         if cfg.quantize_lm_head:
-            lm_head_group(model, spec, batches, cfg, keep, report)
+            lm_head_group(model, spec, batches, cfg, keep, report,
+                          embed_weight=lambda: source.get(spec.embed_path + ".weight"))
+        else:
+            _load(model.get_submodule(spec.embed_path), spec.embed_path + ".", source)
     inside = spec.layers_path + "."
     writer.add_modules(model, skip=inside)
     writer.write({k: v for k, v in model.state_dict().items() if not k.startswith(inside)})

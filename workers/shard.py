@@ -81,7 +81,9 @@ class ShardTensors(Mapping[str, torch.Tensor]):
         try:
             if file not in self._files:  # each file holds one layer: closed once the next opens
                 self._files = {file: safe_open(str(self.root / file), framework="pt")}
-            t = self._files[file].get_tensor(name)  # type: ignore[attr-defined]
+            # a copy: the file's tensors point into its mapping, which would stay mapped (and resident)
+            # as long as any of them lives (a float32 scale the stage keeps as is, say)
+            t = self._files[file].get_tensor(name).clone()  # type: ignore[attr-defined]
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{self.root / file}: cannot read tensor {name}: {e}") from e
         check_tensor(self.root / file, name, t, self.manifest)
