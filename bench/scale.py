@@ -236,6 +236,7 @@ def main() -> None:
     ap.add_argument("--haq-layers", type=int, default=0,
                     help="HAQ on a model of the same widths with this many layers (peak memory is per layer; time "
                          "per layer x 32 estimates the full depth); 0: the full model")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from --json")
     ap.add_argument("--haq-only", action="store_true",
                     help="only the HAQ phase, merged into an existing --json (after a full run)")
     ap.add_argument("--phase", choices=("one-process", "llama-cpp"), help=argparse.SUPPRESS)
@@ -245,6 +246,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.phase:
         return child_phase(a)
+    if a.report_only:
+        return report(a, json.loads(Path(a.json).read_text()))
     run(a)
 
 
@@ -284,8 +287,9 @@ def run(a: argparse.Namespace) -> None:
            "peak_machine_memory_above_start_bytes": sampler.stop()}
     if a.haq:  # last: the timed phases above ran on an otherwise idle machine
         quant["haq"] = haq_phase(a, work, shape)
+    res = {"command": command(), "commit": git_rev(), "machine": machine(), **res}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"command": command(), "commit": git_rev(), "machine": machine(), **res}, indent=1))
+    Path(a.json).write_text(json.dumps(res, indent=1))
     report(a, res)
 
 
@@ -310,7 +314,7 @@ def report(a: argparse.Namespace, r: dict) -> None:
     q = r["quantize"]
     md = f"""## A model no single node holds (`bench/scale.py`)
 
-Command: `{command()}`. Shape: Llama-2-7B (hidden 4096, 32 layers, intermediate 11008, 32 heads, vocab 32000),
+Command: `{r.get("command") or command()}`. Shape: Llama-2-7B (hidden 4096, 32 layers, intermediate 11008, 32 heads, vocab 32000),
 seeded random bf16 weights ({r['float_bytes'] / GB:.1f} GB), quantized RTN W8A8 per-token
 ({r['model_bytes'] / GB:.2f} GB of tensors). Node budgets {', '.join(f'{b / GB:.1f}' for b in r['node_budgets_bytes'])} GB
 (largest < half the model: {max(r['node_budgets_bytes']) < r['model_bytes'] / 2}). Greedy {a.tokens} tokens, median of {a.reps}
@@ -327,9 +331,17 @@ runs after a warm-up; decode tokens/s counts from the first token. Read bandwidt
 3-node output identical to the 1-process run: **{r['identical']}**. Peak memory of the machine above its idle
 start, over the whole run: {r['peak_machine_memory_above_start_bytes'] / GB:.1f} GB (one phase at a time).
 
-Per stage (3 nodes):
+Per stage (3 nodes): weights read per token over the stage's median compute time per decode step.
 
 {stages}
+
+Peak RSS per process: quantize (rtn) {q['rtn']['peak_rss_bytes'] / GB:.2f} GB, one process
+{r['one_process']['peak_rss_bytes'] / GB:.2f} GB, llama.cpp {r['llama_cpp'].get('peak_rss_bytes', 0) / GB:.2f} GB (its file mapping).
+
+Targets: quantize peak RSS <= 4 GB: """ + ", ".join(f"{k} {v['peak_rss_bytes'] / GB:.2f} GB" for k, v in q.items()) + f"""; largest
+budget < half the model: {max(r['node_budgets_bytes']) / r['model_bytes']:.2f} of it; identical: {r['identical']};
+3-node decode >= 0.75 x the bandwidth limit: {r['decode_tok_s_3node'] / lim:.2f}; >= 1.0 x llama.cpp:
+{r['decode_tok_s_3node'] / peer if peer else float('nan'):.2f}; machine memory <= 20 GB: {r['peak_machine_memory_above_start_bytes'] / GB:.1f} GB above idle.
 """
     update_section("scale", md)
 
