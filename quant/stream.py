@@ -90,10 +90,8 @@ def _rest(module: nn.Module, path: str, layers_path: str, source: WeightSource) 
             # computed buffers (RoPE's inverse frequencies) are in no file: build the module for real
             with torch.device("cpu"):
                 setattr(module, name, type(child)(config=module.config))
-        elif not (p == "lm_head" and _tied(module)):
+        elif p != "lm_head":  # lm_head is read once, for its own step after the layers (_reload_head)
             _load(child, p + ".", source)
-    if not path:
-        _tie(module)
 
 
 def _tied(model: nn.Module) -> bool:
@@ -135,7 +133,6 @@ def quantize_streaming(source: WeightSource, cfg: QuantConfig, calib_ids: torch.
     with torch.no_grad():
         batches = capture_first_layer_inputs(model, layers, calib_ids)
         model.get_submodule(spec.embed_path).to("meta")  # back for lm_head's step, after the layers
-        model.get_output_embeddings().to("meta")
         report = QuantReport(config=cfg)
         keep = layer_search_tokens(cfg, batches)
         bits = "per-layer bits" if cfg.layer_policy else f"W{cfg.w_bits}A{cfg.a_bits}"
