@@ -230,50 +230,71 @@ def _ab_libs(baseline: Path | None) -> dict:
     return libs if baseline is None else {"baseline": _gemm_lib(baseline), **libs}
 
 
-def bench_decode_gemm(reps: int, baseline: Path | None) -> None:
-    """The int8 GEMM alone (ew_gemm_s8s8s32) over 30 layers of SmolLM2's four weight shapes, one thread
-    (a node's core), at the row counts of decode steps: 1 session, and up to 8 batched. 30 layers'
-    weights (121 MB) exceed the L3, so every call streams its weights from memory, as in decode. With
-    --baseline, another int8_gemm.c (e.g. an earlier commit's) is timed interleaved with this one."""
+# (shapes (N, K), layers, threads, label): SmolLM2's four weight shapes over its 30 layers on one thread
+# (a node's core), or Llama-2-7B's over 2 layers (404 MB) on the machine's 2 threads (a 7B stage).
+DECODE_WIDTHS = {
+    "smollm2": (LAYER_SHAPES, 30, 1, "SmolLM2's 30 layers (qkv 1728x576, o 576x576, gate|up 3072x576, down 576x1536: "
+                "121 MB, streamed from memory), one thread"),
+    "7b": (((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)), 2, 2,
+           "2 layers of Llama-2-7B's widths (qkv 12288x4096, o 4096x4096, gate|up 22016x4096, down 4096x11008: "
+           "404 MB, streamed from memory), 2 threads"),
+}
+
+
+def bench_decode_gemm(reps: int, baseline: Path | None, widths: str = "smollm2") -> None:
+    """The int8 GEMM alone (ew_gemm_s8s8s32) over the layers of DECODE_WIDTHS[widths] at the row counts of
+    decode steps: 1 session, and up to 8 (16) batched. The layers' weights exceed the L3, so every call
+    streams its weights from memory, as in decode. With --baseline, another int8_gemm.c (e.g. an earlier
+    commit's) is timed interleaved with this one. GB/s: weight bytes over time, next to the read bandwidth."""
     import numpy as np
 
-    torch.set_num_threads(1)
+    shapes, n_layers, threads, label = DECODE_WIDTHS[widths]
+    torch.set_num_threads(threads)
     libs = _ab_libs(baseline)
     rng = np.random.default_rng(0)
-    weights = [[rng.integers(-127, 128, s, dtype=np.int8) for s in LAYER_SHAPES] for _ in range(30)]
-    rows_m = (1, 2, 4, 8, 16)
+    weights = [[rng.integers(-128, 128, s, dtype=np.int8) for s in shapes] for _ in range(n_layers)]
+    layer_bytes = sum(n * k for n, k in shapes) * n_layers
+    rows_m = (1, 2, 4, 8, 16) if widths == "smollm2" else (1, 2, 4, 8)
+    ks = sorted({k for _, k in shapes})
     times: dict[tuple[str, int], list[float]] = {(name, m): [] for name in libs for m in rows_m}
     for _ in range(reps):
         for m in rows_m:
-            a = {k: rng.integers(-127, 128, (m, k), dtype=np.int8) for k in (576, 1536)}
-            c = {s: np.zeros((m, s[0]), np.int32) for s in LAYER_SHAPES}
+            a = {k: rng.integers(-127, 128, (m, k), dtype=np.int8) for k in ks}  # quantized: within [-127, 127]
+            c = {s: np.zeros((m, s[0]), np.int32) for s in shapes}
             for name, lib in libs.items():
                 t0 = time.perf_counter()
                 for layer in weights:
-                    for (n, k), w in zip(LAYER_SHAPES, layer):
+                    for (n, k), w in zip(shapes, layer):
                         lib.ew_gemm_s8s8s32(m, n, k, a[k].ctypes.data, w.ctypes.data, c[(n, k)].ctypes.data)
                 times[(name, m)].append(time.perf_counter() - t0)
-                for (n, k), w in zip(LAYER_SHAPES, weights[-1]):  # exact, or the timing means nothing
+                for (n, k), w in zip(shapes, weights[-1]):  # exact, or the timing means nothing
                     assert (c[(n, k)] == a[k].astype(np.int64) @ w.astype(np.int64).T).all(), name
     med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
-    write_results("kernels_decode_gemm", {"ms": {f"{n} M={m}": v for (n, m), v in med.items()},
-                                          "baseline": str(baseline) if baseline else None, "reps": reps})
-    head = ["M (rows)", *(f"{n} ms" for n in libs), "x M = 1"]
+    bw = read_bandwidth()  # with the threads set above
+    section = "kernels-decode" if widths == "smollm2" else f"kernels-decode-{widths}"
+    write_results(section.replace("-", "_").replace("kernels_decode", "kernels_decode_gemm", 1),
+                  {"ms": {f"{n} M={m}": v for (n, m), v in med.items()}, "weight_bytes": layer_bytes,
+                   "read_bandwidth_gb_s": bw, "threads": threads, "baseline": str(baseline) if baseline else None,
+                   "reps": reps})
+    head = ["M (rows)", *(f"{n} ms" for n in libs), *(f"{n} GB/s" for n in libs), "x M = 1"]
     if baseline is not None:
         head.append("edgeweave / baseline")
     rows = []
     for m in rows_m:
-        r = [m, *(f"{med[(n, m)]:.1f}" for n in libs), f"{med[('edgeweave', m)] / med[('edgeweave', 1)]:.2f}"]
+        r = [m, *(f"{med[(n, m)]:.1f}" for n in libs), *(f"{layer_bytes / med[(n, m)] / 1e6:.1f}" for n in libs),
+             f"{med[('edgeweave', m)] / med[('edgeweave', 1)]:.2f}"]
         if baseline is not None:
             r.append(f"**{med[('edgeweave', m)] / med[('baseline', m)]:.2f}x**")
         rows.append(r)
     print(table(head, rows))
-    cmd = "python bench/kernels.py --decode-gemm" + (f" --baseline {baseline}" if baseline else "") + f" --reps {reps}"
-    update_section("kernels-decode", f"""## Decode-sized int8 GEMMs (`bench/kernels.py --decode-gemm`)
+    cmd = (f"python bench/kernels.py --decode-gemm{' --widths ' + widths if widths != 'smollm2' else ''}"
+           + (f" --baseline {baseline}" if baseline else "") + f" --reps {reps}")
+    update_section(section, f"""## Decode-sized int8 GEMMs{' at 7B widths' if widths == '7b' else ''} (`bench/kernels.py --decode-gemm{' --widths ' + widths if widths != 'smollm2' else ''}`)
 
-Command: `{cmd}`. The int8 GEMM alone (`ew_gemm_s8s8s32`) over SmolLM2's 30 layers (qkv 1728x576,
-o 576x576, gate|up 3072x576, down 576x1536: 121 MB, streamed from memory), one thread, M rows as in a
-decode step of M sessions. Milliseconds for all 30 layers, median of {reps}{', interleaved with the baseline' if baseline else ''}.
+Command: `{cmd}`. The int8 GEMM alone (`ew_gemm_s8s8s32`) over {label}, M rows as in a decode step of M
+sessions (weights of any int8 value, activations in [-127, 127] as quantized ones are). Milliseconds for
+all layers, median of {reps}{', interleaved with the baseline' if baseline else ''}; GB/s = weight bytes / time,
+against this machine's read bandwidth of {bw:.1f} GB/s ({threads} thread{'s' if threads > 1 else ''}, summing 1 GiB of float32).
 
 {table(head, rows)}
 """)
@@ -356,11 +377,13 @@ def main() -> None:
                     help="only the int8 GEMM at decode row counts over 30 layers (its own BENCHMARKS.md section)")
     ap.add_argument("--decode-w4", action="store_true",
                     help="only the packed W4A8 linear at decode row counts over 30 layers (its own BENCHMARKS.md section)")
+    ap.add_argument("--widths", choices=sorted(DECODE_WIDTHS), default="smollm2",
+                    help="with --decode-gemm: SmolLM2's layer shapes (1 thread) or Llama-2-7B's (2 threads)")
     ap.add_argument("--baseline", type=Path,
                     help="with --decode-gemm or --decode-w4: another int8_gemm.c to time interleaved")
     args = ap.parse_args()
     if args.decode_gemm:
-        bench_decode_gemm(args.reps, args.baseline)
+        bench_decode_gemm(args.reps, args.baseline, args.widths)
         return
     if args.decode_w4:
         bench_decode_w4(args.reps, args.baseline)

@@ -21,6 +21,22 @@ def test_int8_matmul_is_exact_on_full_range_inputs(m, n, k):
     assert torch.equal(int8_matmul(a, b), int8_matmul_reference(a, b))
 
 
+@pytest.mark.parametrize("m,k", [(1, 4096), (3, 4100), (15, 11008), (1, 3104)])
+@pytest.mark.parametrize("with_min", [False, True])
+def test_long_row_decode_is_exact_with_any_int8(m, k, with_min):
+    """Few rows with K > 3072 (decode at 7B widths) take the vpmaddubsw tiles, exact for weights of any
+    int8 value (-128 included) and activations in [-127, 127]; an activation of -128 (with_min) is
+    still exact, by the path that widens to int16 (vpmaddubsw's sign trick cannot take it)."""
+    g = torch.Generator().manual_seed(m + k)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (13, k), dtype=torch.int8, generator=g)
+    b[:, :64] = torch.tensor([-128, 127]).repeat(32)  # the largest pair sums: 2 * 128 * 127
+    a[:, :64] = torch.tensor([-127, 127]).repeat(32)
+    if with_min:
+        a[-1, 5] = -128
+    assert torch.equal(int8_matmul(a, b), int8_matmul_reference(a, b))
+
+
 def test_int8_matmul_extremes_do_not_overflow():
     a = torch.full((3, 4096), 127, dtype=torch.int8)
     b = torch.full((8, 4096), -127, dtype=torch.int8)
