@@ -100,6 +100,13 @@ def haq_phase(a: argparse.Namespace, work: Path, shape) -> dict:
             "estimated_full_depth_seconds": res["seconds"] / layers * shape.layers}
 
 
+def bytes_read_per_token(m) -> int:
+    """What one decode step reads: every tensor but the input embedding, of which it reads one row."""
+    embed = [t for name, t in m.tensors.items() if name.startswith("model.embed_tokens.")]
+    rows = max((t.shape[0] for t in embed), default=1)
+    return sum(t.file_bytes for t in m.tensors.values()) - sum(t.file_bytes - t.file_bytes // rows for t in embed)
+
+
 def bandwidth_gb_s(reps: int = 7) -> float:
     """Read bandwidth with 2 threads: the median of summing 2 GiB of float32."""
     import torch
@@ -272,13 +279,14 @@ def run(a: argparse.Namespace) -> None:
     ckpt = work / f"llama-{a.shape}-rtn"
     m = read_manifest(ckpt)
     model_bytes = sum(t.file_bytes for t in m.tensors.values())
+    read_bytes = bytes_read_per_token(m)
     bw = bandwidth_gb_s()
     budgets = [parse_bytes(b) for b in a.budgets.split(",")]
     cluster = serve_cluster(ckpt, budgets, a.tokens, a.reps, a.context)
     single = _child(a, "one-process", ckpt=ckpt)
     peer = _child(a, "llama-cpp", gguf=gguf, prompt_ids=json.dumps(single["prompt_ids"]))
-    limit = bw * GB / model_bytes  # tokens/s if every weight byte is read once per token at the measured rate
-    res = {"shape": a.shape, "float_bytes": float_bytes, "model_bytes": model_bytes,
+    limit = bw * GB / read_bytes  # tokens/s if every byte a token reads is read once at the measured rate
+    res = {"shape": a.shape, "float_bytes": float_bytes, "model_bytes": model_bytes, "bytes_read_per_token": read_bytes,
            "quantize_peak_rss_bytes": quant["rtn"]["peak_rss_bytes"], "quantize_seconds": quant["rtn"]["seconds"],
            "quantize": quant, "node_budgets_bytes": budgets, "identical": cluster["tokens"] == single["tokens"],
            "decode_tok_s_3node": cluster["tok_s"], "decode_tok_s_1proc": single["tok_s"],
@@ -319,7 +327,8 @@ seeded random bf16 weights ({r['float_bytes'] / GB:.1f} GB), quantized RTN W8A8 
 ({r['model_bytes'] / GB:.2f} GB of tensors). Node budgets {', '.join(f'{b / GB:.1f}' for b in r['node_budgets_bytes'])} GB
 (largest < half the model: {max(r['node_budgets_bytes']) < r['model_bytes'] / 2}). Greedy {a.tokens} tokens, median of {a.reps}
 runs after a warm-up; decode tokens/s counts from the first token. Read bandwidth (2 threads, sum over 2 GiB):
-{r['bandwidth_gb_s']:.1f} GB/s, so the bandwidth limit is {lim:.2f} tokens/s.
+{r['bandwidth_gb_s']:.1f} GB/s; a token reads {r.get('bytes_read_per_token', r['model_bytes']) / GB:.2f} GB (every tensor but
+the input embedding, of which one row), so the bandwidth limit is {lim:.2f} tokens/s.
 
 | quantize | peak RSS | time | calibration |
 |---|---|---|---|

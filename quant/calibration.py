@@ -10,7 +10,7 @@ import torch
 
 from .config import CalibConfig
 
-__all__ = ["read_text", "default_calibration_path", "calibration_windows", "ActStats"]
+__all__ = ["read_text", "default_calibration_path", "calibration_windows", "ActStats", "HESSIAN_F64_MAX_K", "hessian_dtype"]
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -68,12 +68,21 @@ def calibration_windows(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     return torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])  # [N, L]
 
 
+HESSIAN_F64_MAX_K = 4096  # wider inputs keep X^T X (and GPTQ's work) in float32, as GPTQ itself does
+
+
+def hessian_dtype(k: int) -> torch.dtype:
+    """float64 for inputs of up to HESSIAN_F64_MAX_K channels; float32 beyond, where a float64 [K, K]
+    would be the largest thing in memory (K = 11008, Llama-2-7B's down projection: 970 MB a copy)."""
+    return torch.float64 if k <= HESSIAN_F64_MAX_K else torch.float32
+
+
 @dataclass
 class ActStats:
     """Running statistics of one activation [*, K]: channel max |x|, X^T X, and a token sample."""
 
     absmax: torch.Tensor | None = None  # [K]
-    xtx: torch.Tensor | None = None  # [K, K] float64
+    xtx: torch.Tensor | None = None  # [K, K] hessian_dtype(K)
     tokens: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
     keep_per_batch: int = 256
@@ -86,9 +95,9 @@ class ActStats:
         if self.with_hessian:  # float32 products per batch, a float64 running sum, 1024 rows at a time
             k = x.shape[1]
             if self.xtx is None:
-                self.xtx = torch.zeros((k, k), dtype=torch.float64)
+                self.xtx = torch.zeros((k, k), dtype=hessian_dtype(k))
             for r0 in range(0, k, 1024):
-                self.xtx[r0:r0 + 1024] += (x[:, r0:r0 + 1024].t() @ x).double()
+                self.xtx[r0:r0 + 1024] += (x[:, r0:r0 + 1024].t() @ x).to(self.xtx.dtype)
         self.tokens += x.shape[0]
         idx = torch.randperm(x.shape[0])[: self.keep_per_batch]
         self.sample.append(x[idx])
@@ -99,9 +108,18 @@ class ActStats:
         return self.absmax
 
     def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / T  [K, K]."""
+        """H = 2 X^T X / T  [K, K] (hessian_dtype(K)), a new tensor."""
         assert self.xtx is not None, "no activations were recorded"
         h = self.xtx * 2.0
+        h /= max(self.tokens, 1)
+        return h
+
+    def take_hessian(self) -> torch.Tensor:
+        """hessian(), made in the memory of X^T X, which these statistics no longer hold (at 7B the
+        down projection's is 485 MB: no second copy)."""
+        assert self.xtx is not None, "no activations were recorded"
+        h, self.xtx = self.xtx, None
+        h *= 2.0
         h /= max(self.tokens, 1)
         return h
 

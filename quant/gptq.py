@@ -10,27 +10,39 @@ from __future__ import annotations
 
 import torch
 
+from .calibration import hessian_dtype
 from .int4 import expand_group_scale
 
 __all__ = ["gptq_quantize", "refit_scales", "ROWS"]
 
-ROWS = 1024  # weight rows rounded together (their working copies: ROWS x K float64 each)
+ROWS = 1024  # weight rows rounded together (their working copies: ROWS x K each)
 
 
-def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after damping; raises more damping until it is positive definite."""
+def _inverse_hessian_cholesky(h: torch.Tensor, damp: float, consume: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after damping; raises more damping until it is positive definite.
+    consume: h's memory is released (h.set_()) once its factor is had, so that at most two [K, K]
+    tensors exist at once (K = 11008 at 7B: 485 MB each in float32)."""
     mean_diag = torch.diag(h).mean().clamp(min=1e-8)
-    for attempt in range(6):  # at most two [K, K] copies besides h (K = 11008 at 7B: 970 MB each)
+    for attempt in range(6):
         a = h.clone()
         a.diagonal().add_(damp * (10 ** attempt) * mean_diag)  # H + damp * mean(diag H) * I
         try:
             torch.linalg.cholesky(a, out=a)
         except torch.linalg.LinAlgError:
             continue
+        if consume:
+            h.set_()
         hinv = torch.cholesky_inverse(a)
         del a
         return torch.linalg.cholesky(hinv, upper=True, out=hinv)
     raise RuntimeError("Hessian is not positive definite even with 10^5 x damping; calibration data is degenerate")
+
+
+def _permute_in_place(h: torch.Tensor, perm: torch.Tensor) -> None:
+    """h <- h[perm][:, perm] in h's own memory (one [K, K] temporary for the rows, then row blocks)."""
+    h.copy_(h.index_select(0, perm))
+    for r0 in range(0, h.shape[0], ROWS):
+        h[r0:r0 + ROWS] = h[r0:r0 + ROWS].index_select(1, perm)
 
 
 def gptq_quantize(
@@ -58,27 +70,29 @@ def gptq_quantize(
     spread over the remaining columns like rounding error.
     refit: rounds of refitting the scales to the codes (refit_scales), each after the first followed
     by rounding again to the refit scales; 0: the scales stay as given.
-    own_h: h is a float64 tensor the caller hands over (changed in place, not copied: at 7B the down
-    projection's H is 970 MB). Rows are rounded ROWS at a time (each row's rounding is independent),
-    so the working copies are [ROWS, K], not [N, K]."""
+    own_h: h is a tensor of hessian_dtype(K) the caller hands over: it is changed in place, not copied,
+    and emptied (h.set_()) before this returns (at 7B the down projection's H is 485 MB). The work is
+    in hessian_dtype(K): float64 up to HESSIAN_F64_MAX_K input channels, float32 beyond, as GPTQ itself.
+    Rows are rounded ROWS at a time (each row's rounding is independent), so the working copies are
+    [ROWS, K], not [N, K]."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     qmax = 2 ** (bits - 1) - 1
     w = w.detach()
-    h = h.detach() if own_h and h.dtype == torch.float64 else h.detach().double().clone()  # [K, K]
     n, k = w.shape
-    if scale is None:
-        scale = w.double().abs().amax(dim=1).clamp(min=1e-8) / qmax  # [N]; fixed per output channel
+    dtype = hessian_dtype(k)
+    h = h if own_h and h.dtype == dtype else h.detach().to(dtype, copy=True)  # [K, K]; h itself: set_() frees it
+    if scale is None:  # the float32 max, then float64: the same as the max of the float64 copy
+        scale = w.abs().amax(dim=1).double().clamp(min=1e-8) / qmax  # [N]; fixed per output channel
     scale = scale.double()
     dead = torch.diag(h) == 0  # channels never active in calibration
     h[dead, dead] = 1.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     if refit:
         hinv = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # [K, K] upper
-    else:  # h is not needed again: permute it in place of itself
-        h = h.index_select(0, perm)
-        h = h.index_select(1, perm)
-        hinv = _inverse_hessian_cholesky(h, damp)
+    else:  # h is not needed again: permute it in place of itself, and let it go once factorized
+        _permute_in_place(h, perm)
+        hinv = _inverse_hessian_cholesky(h, damp, consume=True)
         del h
 
     def round_to(scale: torch.Tensor) -> torch.Tensor:  # int8 [N, K] codes in the original column order
@@ -101,16 +115,17 @@ def _round_rows(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: 
     qmax = 2 ** (bits - 1) - 1
     inv = torch.argsort(perm)
     q = torch.empty((n, k), dtype=torch.int8)
+    dtype = hinv.dtype  # the working precision (hessian_dtype(K))
     for r0 in range(0, n, ROWS):
         r1 = min(r0 + ROWS, n)
-        wr = w[r0:r1].double()
+        wr = w[r0:r1].to(dtype)
         wr[:, dead] = 0.0
         if zero is not None:  # per column: q in [-z, 2^bits - 1 - z]
-            lo = -expand_group_scale(zero[r0:r1].double(), k, group)  # [R, K]
+            lo = -expand_group_scale(zero[r0:r1].to(dtype), k, group)  # [R, K]
         else:
-            lo = torch.full((r1 - r0, k), -float(qmax), dtype=torch.float64)
+            lo = torch.full((r1 - r0, k), -float(qmax), dtype=dtype)
         hi = lo + (2 ** bits - 1) if zero is not None else -lo
-        col_scale = expand_group_scale(scale[r0:r1], k, group)[:, perm]  # [R, K]
+        col_scale = expand_group_scale(scale[r0:r1], k, group).to(dtype)[:, perm]  # [R, K]
         q[r0:r1] = _round(wr[:, perm], hinv, col_scale, lo[:, perm], hi[:, perm], block, sparsity)[:, inv].to(torch.int8)
     return q
 
@@ -118,30 +133,33 @@ def _round_rows(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: 
 def _round(w: torch.Tensor, hinv: torch.Tensor, col_scale: torch.Tensor, col_lo: torch.Tensor, col_hi: torch.Tensor,
            block: int, sparsity: float) -> torch.Tensor:
     """GPTQ's rounding, columns in the (permuted) order given: w [N, K], hinv [K, K] upper Cholesky
-    factor of H^-1, per-column scales and code ranges [N, K] -> codes [N, K] (float64)."""
+    factor of H^-1, per-column scales and code ranges [N, K] -> codes [N, K] (w's dtype).
+    Within a block the columns are worked on transposed ([B, N]: a column is a contiguous row), which
+    changes no arithmetic, only how fast each of the block's B column steps runs."""
     w = w.clone()
     k = w.shape[1]
     q = torch.zeros_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()  # [N, B]
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        pruned = torch.zeros_like(w1, dtype=torch.bool)  # [N, B]
+        pruned = torch.zeros_like(w[:, i1:i2], dtype=torch.bool)  # [N, B]
         if sparsity > 0:  # mask chosen per block from the weights as updated so far
-            score = w1.pow(2) / torch.diag(hinv1).pow(2)[None, :]
+            score = w[:, i1:i2].pow(2) / torch.diag(hinv1).pow(2)[None, :]
             n_prune = int(score.numel() * sparsity)
             if n_prune:
                 pruned.view(-1)[torch.topk(score.view(-1), n_prune, largest=False).indices] = True
+        w1, sc, lo, hi = (t[:, i1:i2].t().contiguous() for t in (w, col_scale, col_lo, col_hi))  # [B, N]
+        pr = pruned.t().contiguous()
+        q1, err1 = torch.empty_like(w1), torch.empty_like(w1)  # [B, N]
         for i in range(i2 - i1):
-            col = w1[:, i]
-            sc = col_scale[:, i1 + i]  # [N]
-            qcol = torch.clamp(torch.round(col / sc), col_lo[:, i1 + i], col_hi[:, i1 + i]).masked_fill(pruned[:, i], 0.0)
-            q[:, i1 + i] = qcol
-            e = (col - qcol * sc) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            col = w1[i]
+            qcol = torch.clamp(torch.round(col / sc[i]), lo[i], hi[i]).masked_fill_(pr[i], 0.0)
+            q1[i] = qcol
+            e = (col - qcol * sc[i]) / hinv1[i, i]
+            w1[i:] -= hinv1[i, i:, None] * e[None, :]
+            err1[i] = e
+        q[:, i1:i2] = q1.t()
+        w[:, i2:] -= err1.t().contiguous() @ hinv[i1:i2, i2:]
     return q
 
 

@@ -81,8 +81,10 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
 
 def group_absmax(w: torch.Tensor, group: int) -> torch.Tensor:
     """w [N, K] -> max |w| per row [N] (group 0) or per row and column group [N, G]."""
-    m = _grouped(w, group).abs().amax(dim=2)  # [N, G]
-    return m[:, 0] if group <= 0 else m
+    if group <= 0:  # max(max w, -min w): the same value, without [N, K] temporaries (gate|up at 7B: 360 MB)
+        lo, hi = torch.aminmax(w, dim=1)
+        return torch.maximum(hi, -lo)
+    return _grouped(w, group).abs().amax(dim=2)  # [N, G]
 
 
 def _round4(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:

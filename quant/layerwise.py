@@ -313,13 +313,12 @@ def smooth_group(layer, g: Group, stats: dict[str, ActStats], cfg: QuantConfig, 
 
 
 def _smoothed_hessian(st: ActStats, s: torch.Tensor) -> torch.Tensor:
-    """H of X / s, [K, K] float64, made row block by row block (no [K, K] temporary besides H itself);
-    the statistics' X^T X is released (the group is being rounded, nothing reads it again)."""
-    h = st.hessian()
-    st.xtx = None
+    """H of X / s, [K, K] (hessian_dtype(K)), made in place of the statistics' X^T X, which they no
+    longer hold (the group is being rounded, nothing reads it again), row block by row block."""
+    h = st.take_hessian()
     for r0 in range(0, h.shape[0], 1024):
         r1 = min(r0 + 1024, h.shape[0])
-        h[r0:r1] /= (s[r0:r1, None] * s[None, :]).double()
+        h[r0:r1] /= (s[r0:r1, None] * s[None, :]).to(h.dtype)
     return h
 
 
@@ -367,8 +366,8 @@ def lm_head_group(model, spec: ArchSpec, batches, cfg: QuantConfig, keep: int, r
     static = static_scale(cfg, st, s, choice.clip)
     report.choices["lm_head"] = {"alpha": choice.alpha, "clip": choice.clip, "mse": choice.error}
     if haq:  # lm_head stays 8-bit under W4 too (it is also the tied embedding)
-        h = st.hessian() / (s[:, None] * s[None, :]).double()
-        q, scale = gptq_quantize(w, h, 8, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order)
+        q, scale = gptq_quantize(w, _smoothed_hessian(st, s), 8, cfg.gptq_block, cfg.gptq_damp, cfg.gptq_act_order,
+                                 own_h=True)
     else:
         q, scale = quantize_weight_per_channel(w, 8)
     del w

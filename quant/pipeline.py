@@ -92,14 +92,14 @@ def quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int,
     chosen = [smooth_group(layer, g, stats, cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
                            candidates.get(g.name, 0)) for g in spec.groups]
     rotate = {g.name: r for g, (_, _, _, r) in zip(spec.groups, chosen) if r}
+    del stats  # what is kept is in `chosen`: the statistics of a variant not chosen (rotated or not) go now
     for j, g in enumerate(spec.groups):
         s, static, st, r = chosen[j]
         chosen[j] = None  # type: ignore[call-overload]  # each group's statistics go once it is rounded
-        stats.pop(g.name, None)
-        stats.pop(g.name + ROTATED, None)
         if cfg.gptq_sequential and j > 0 and g.experts is None and cfg.traits.hessian_rounding:
             # this group's input with the groups before it already rounded; the folds are in the
             # weights now, so these statistics are of x / s already (and of x H where rotated)
+            del st  # its X^T X goes before the fresh one is made
             fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r, hessian=hessian)
             st, s = fresh[g.name + ROTATED if r else g.name], torch.ones_like(s)
         convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), r)

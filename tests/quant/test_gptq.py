@@ -66,3 +66,24 @@ def test_refit_scales_per_output_channel_at_8_bits():
     assert s1.shape == (16,) and torch.equal(q0, q1)
     e0, e1 = (_hessian_error(w, q0, s[:, None], 64, h) for s in (s0, s1))
     assert (e1 <= e0 * (1 + 1e-9)).all()
+
+
+def test_wide_inputs_round_in_float32_as_well_and_a_handed_over_hessian_is_released():
+    """Past HESSIAN_F64_MAX_K input channels (7B's down projection: 11008) X^T X and GPTQ's work are
+    float32 (half the memory); the rounding still beats round-to-nearest on the output error, and a
+    Hessian handed over with own_h is emptied, not kept beside its factor."""
+    from quant.calibration import HESSIAN_F64_MAX_K, ActStats
+
+    k = HESSIAN_F64_MAX_K + 64
+    x = _correlated_inputs(256, k)
+    st = ActStats()
+    st.add(x)
+    assert st.xtx is not None and st.xtx.dtype == torch.float32
+    w = torch.randn(16, k) * 0.1
+    h = st.take_hessian()
+    assert st.xtx is None and h.dtype == torch.float32
+    ref = 2 * x.t().double() @ x.double() / x.shape[0]
+    q, s = gptq_quantize(w, h, own_h=True)
+    assert h.numel() == 0  # its memory went back once its Cholesky factor was had
+    r, rs = quantize_weight_per_channel(w)
+    assert _hessian_error(w, q, s[:, None], k, ref).mean() < 0.8 * _hessian_error(w, r, rs[:, None], k, ref).mean()
