@@ -11,7 +11,7 @@ does differently is a trait of quant.methods, not a branch on its name.
 from __future__ import annotations
 
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -123,14 +123,16 @@ ROTATED = "@rotated"  # suffix of a group's statistics taken of its rotated inpu
 
 
 def collect_stats(layer, groups, batches, keep_per_batch: int,
-                   rotate: dict[str, int] | None = None, plain: bool = True, hessian: bool = True) -> dict[str, ActStats]:
+                   rotate: dict[str, int] | None = None, plain: bool = True, hessian: bool = True,
+                   skip_hessian: Collection[str] = ()) -> dict[str, ActStats]:
     """Per group, statistics of its input. rotate: group name -> Hadamard block; those groups also get
     statistics of the rotated input under name + ROTATED (plain=False: only those). hessian=False: no
-    X^T X (round-to-nearest W8 never reads it; at 7B the down projection's is 970 MB)."""
+    X^T X (round-to-nearest W8 never reads it; at 7B the down projection's is 485 MB); skip_hessian:
+    the groups that get none either (quant.pipeline takes theirs after the smoothing choice)."""
     rotate = rotate or {}
-    stats = {g.name: ActStats(keep_per_batch=keep_per_batch, with_hessian=hessian)
+    stats = {g.name: ActStats(keep_per_batch=keep_per_batch, with_hessian=hessian and g.name not in skip_hessian)
              for g in groups if plain or g.name not in rotate}
-    stats |= {g.name + ROTATED: ActStats(keep_per_batch=keep_per_batch, with_hessian=hessian)
+    stats |= {g.name + ROTATED: ActStats(keep_per_batch=keep_per_batch, with_hessian=hessian and g.name not in skip_hessian)
               for g in groups if g.name in rotate}
 
     def record(g: Group):

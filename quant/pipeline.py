@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, arch_spec
+from .calibration import HESSIAN_F64_MAX_K
 from .config import QuantConfig
 from .layerwise import (ROTATED, QuantReport, capture_first_layer_inputs, collect_stats, convert_group, layer_scheme,
                         lm_head_group, needs_hessian, rotation_candidates, run_layer, smooth_group)
@@ -87,12 +88,19 @@ def quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int,
     """Decoder layer i in place: statistics, smoothing or rotation folded, weights rounded, QuantLinears in."""
     candidates = rotation_candidates(layer, spec, cfg)
     hessian = needs_hessian(cfg, layer_scheme(cfg, i))
-    stats = collect_stats(layer, spec.groups, batches, keep, candidates, hessian=hessian)
+    wide = {g.name for g in spec.groups if hessian and g.experts is None
+            and layer.get_submodule(g.linears[0]).in_features > HESSIAN_F64_MAX_K}
+    stats = collect_stats(layer, spec.groups, batches, keep, candidates, hessian=hessian, skip_hessian=wide)
     # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
     chosen = [smooth_group(layer, g, stats, cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
                            candidates.get(g.name, 0)) for g in spec.groups]
     rotate = {g.name: r for g, (_, _, _, r) in zip(spec.groups, chosen) if r}
     del stats  # what is kept is in `chosen`: the statistics of a variant not chosen (rotated or not) go now
+    for j, g in enumerate(spec.groups):
+        if g.name in wide:  # its Hessian now, of the one variant chosen (folds in the float weights)
+            s, static, _, r = chosen[j]
+            fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r)
+            chosen[j] = (torch.ones_like(s), static, fresh[g.name + ROTATED if r else g.name], r)
     for j, g in enumerate(spec.groups):
         s, static, st, r = chosen[j]
         chosen[j] = None  # type: ignore[call-overload]  # each group's statistics go once it is rounded

@@ -76,7 +76,8 @@ def group_error(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, s: torch.Te
     best = (float("inf"), 1.0)
     for clip in ((1.0,) if per_token else clips):
         static = None if per_token else static_act_scale(act_max, clip)
-        err = (fake_quant_act(xs, static) @ wq.t() - ref).pow(2).mean().item()
+        out = fake_quant_act(xs, static) @ wq.t()  # [T, N]; then in place: no more [T, N] temporaries
+        err = out.sub_(ref).pow_(2).mean().item()
         best = min(best, (err, clip))
     return best
 
@@ -102,7 +103,8 @@ def search_smoothing(
     weights reading x, concatenated. alpha=None (no smoothing) competes too.
     """
     ref = x @ w.t()  # [T, N]
-    w_absmax = w.abs().amax(dim=0)  # [K]
+    lo, hi = torch.aminmax(w, dim=0)
+    w_absmax = torch.maximum(hi, -lo)  # [K]: max |w| per column, without an [N, K] temporary
     candidates: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones_like(x_absmax))]
     if allow_smoothing:
         for a in alphas:
