@@ -20,7 +20,7 @@ ROWS = 1024  # weight rows rounded together (their working copies: ROWS x K each
 
 def _inverse_hessian_cholesky(h: torch.Tensor, damp: float, consume: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after damping; raises more damping until it is positive definite.
-    consume: h's memory is released (h.set_()) once its factor is had, so that at most two [K, K]
+    consume: h's memory is released (h set to an empty tensor) once its factor is had, so that at most two [K, K]
     tensors exist at once (K = 11008 at 7B: 485 MB each in float32)."""
     mean_diag = torch.diag(h).mean().clamp(min=1e-8)
     for attempt in range(6):
@@ -31,7 +31,7 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float, consume: bool = Fals
         except torch.linalg.LinAlgError:
             continue
         if consume:
-            h.set_()
+            h.set_(torch.empty(0, dtype=h.dtype).untyped_storage())  # h holds nothing now: its [K, K] memory goes
         hinv = torch.cholesky_inverse(a)
         del a
         return torch.linalg.cholesky(hinv, upper=True, out=hinv)
@@ -71,7 +71,7 @@ def gptq_quantize(
     refit: rounds of refitting the scales to the codes (refit_scales), each after the first followed
     by rounding again to the refit scales; 0: the scales stay as given.
     own_h: h is a tensor of hessian_dtype(K) the caller hands over: it is changed in place, not copied,
-    and emptied (h.set_()) before this returns (at 7B the down projection's H is 485 MB). The work is
+    and emptied (set to an empty tensor) before this returns (at 7B the down projection's H is 485 MB). The work is
     in hessian_dtype(K): float64 up to HESSIAN_F64_MAX_K input channels, float32 beyond, as GPTQ itself.
     Rows are rounded ROWS at a time (each row's rounding is independent), so the working copies are
     [ROWS, K], not [N, K]."""
@@ -81,7 +81,7 @@ def gptq_quantize(
     w = w.detach()
     n, k = w.shape
     dtype = hessian_dtype(k)
-    h = h if own_h and h.dtype == dtype else h.detach().to(dtype, copy=True)  # [K, K]; h itself: set_() frees it
+    h = h if own_h and h.dtype == dtype else h.detach().to(dtype, copy=True)  # [K, K]; h itself: emptying it frees it
     if scale is None:  # the float32 max, then float64: the same as the max of the float64 copy
         scale = w.abs().amax(dim=1).double().clamp(min=1e-8) / qmax  # [N]; fixed per output channel
     scale = scale.double()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ def quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int,
     candidates = rotation_candidates(layer, spec, cfg)
     hessian = needs_hessian(cfg, layer_scheme(cfg, i))
     wide = {g.name for g in spec.groups if hessian and g.experts is None
-            and layer.get_submodule(g.linears[0]).in_features > HESSIAN_F64_MAX_K}
+            and cast(nn.Linear, layer.get_submodule(g.linears[0])).in_features > HESSIAN_F64_MAX_K}
     stats = collect_stats(layer, spec.groups, batches, keep, candidates, hessian=hessian, skip_hessian=wide)
     # All folds first: the v->o and up->down folds rescale rows of linears another group rounds.
     chosen = [smooth_group(layer, g, stats, cfg, f"layers.{i}.{g.name}", report, layer_scheme(cfg, i),
