@@ -73,8 +73,7 @@ def gptq_quantize(
     own_h: h is a tensor of hessian_dtype(K) the caller hands over: it is changed in place, not copied,
     and emptied (set to an empty tensor) before this returns (at 7B the down projection's H is 485 MB). The work is
     in hessian_dtype(K): float64 up to HESSIAN_F64_MAX_K input channels, float32 beyond, as GPTQ itself.
-    Rows are rounded ROWS at a time (each row's rounding is independent), so the working copies are
-    [ROWS, K], not [N, K]."""
+    Rows are rounded ROWS at a time (each independent), so the working copies are [ROWS, K], not [N, K]."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     qmax = 2 ** (bits - 1) - 1
