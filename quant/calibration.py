@@ -110,15 +110,16 @@ class ActStats:
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / T  [K, K] (hessian_dtype(K)), a new tensor."""
         assert self.xtx is not None, "no activations were recorded"
-        h = self.xtx * 2.0
-        h /= max(self.tokens, 1)
-        return h
+        return self._scaled(self.xtx.clone())
 
     def take_hessian(self) -> torch.Tensor:
         """hessian(), made in the memory of X^T X, which these statistics no longer hold (at 7B the
         down projection's is 485 MB: no second copy)."""
         assert self.xtx is not None, "no activations were recorded"
         h, self.xtx = self.xtx, None
+        return self._scaled(h)
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:  # X^T X -> 2 X^T X / T, in place
         h *= 2.0
         h /= max(self.tokens, 1)
         return h

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, arch_spec
-from .calibration import HESSIAN_F64_MAX_K
+from .calibration import HESSIAN_F64_MAX_K, ActStats
 from .config import QuantConfig
 from .layerwise import (ROTATED, QuantReport, capture_first_layer_inputs, collect_stats, convert_group, layer_scheme,
                         lm_head_group, needs_hessian, rotation_candidates, run_layer, smooth_group)
@@ -100,8 +100,7 @@ def quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int,
     for j, g in enumerate(spec.groups):
         if g.name in wide:  # its Hessian now, of the one variant chosen (folds in the float weights)
             s, static, _, r = chosen[j]
-            fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r)
-            chosen[j] = (torch.ones_like(s), static, fresh[g.name + ROTATED if r else g.name], r)
+            chosen[j] = (torch.ones_like(s), static, _fresh_stats(layer, g, batches, keep, rotate, r, hessian), r)
     for j, g in enumerate(spec.groups):
         s, static, st, r = chosen[j]
         chosen[j] = None  # type: ignore[call-overload]  # each group's statistics go once it is rounded
@@ -109,10 +108,16 @@ def quantize_layer(i: int, layer: nn.Module, spec: ArchSpec, batches, keep: int,
             # this group's input with the groups before it already rounded; the folds are in the
             # weights now, so these statistics are of x / s already (and of x H where rotated)
             del st  # its X^T X goes before the fresh one is made
-            fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r, hessian=hessian)
-            st, s = fresh[g.name + ROTATED if r else g.name], torch.ones_like(s)
+            st, s = _fresh_stats(layer, g, batches, keep, rotate, r, hessian), torch.ones_like(s)
         convert_group(layer, g, st, s, static, cfg, layer_scheme(cfg, i), r)
         del st
+
+
+def _fresh_stats(layer: nn.Module, g, batches, keep: int, rotate: dict[str, int], r: int, hessian: bool) -> ActStats:
+    """Group g's input statistics taken now, of the variant chosen (rotated by r, or plain): the
+    smoothing folds are in the weights, so these are of x / s already (and of x H where rotated)."""
+    fresh = collect_stats(layer, [g], batches, keep, rotate, plain=not r, hessian=hessian)
+    return fresh[g.name + ROTATED if r else g.name]
 
 
 def _distill(model: nn.Module, teacher: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .int4 import expand_group_scale, group_absmax, quantize_weight_int4, search_w4_scale
+from .int4 import absmax, expand_group_scale, group_absmax, quantize_weight_int4, search_w4_scale
 from .kernels import QMAX, static_act_scale
 
 __all__ = ["smoothing_scales", "tie_kv_scales", "fake_quant_weight", "fake_quant_act",
@@ -103,8 +103,7 @@ def search_smoothing(
     weights reading x, concatenated. alpha=None (no smoothing) competes too.
     """
     ref = x @ w.t()  # [T, N]
-    lo, hi = torch.aminmax(w, dim=0)
-    w_absmax = torch.maximum(hi, -lo)  # [K]: max |w| per column, without an [N, K] temporary
+    w_absmax = absmax(w, 0)  # [K]: max |w| per column
     candidates: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones_like(x_absmax))]
     if allow_smoothing:
         for a in alphas:
